@@ -1,0 +1,40 @@
+"""jorbmp: concentrated computing. Resumable, multi-step batch workflows on one big machine.
+
+The public API is everything in ``__all__``; modules starting with ``_`` are internal.
+"""
+
+import logging
+
+from .checkpoint import JsonSerializer, NilSerializer, Serializer
+from .errors import CheckpointError, RateLimitError, Stopped
+from .processor import Processor
+from .progress import TqdmStatusListener
+from .ratelimit import AIMDRateLimiter
+from .run import FAILED, NEW, Job, Run
+from .state import KickRequest, State
+from .status import NilStatusListener, StatusCount, StatusListener
+
+logging.getLogger("jorbmp").addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAILED",
+    "NEW",
+    "AIMDRateLimiter",
+    "CheckpointError",
+    "Job",
+    "JsonSerializer",
+    "KickRequest",
+    "NilSerializer",
+    "NilStatusListener",
+    "Processor",
+    "RateLimitError",
+    "Run",
+    "Serializer",
+    "State",
+    "StatusCount",
+    "StatusListener",
+    "Stopped",
+    "TqdmStatusListener",
+]

@@ -1,0 +1,224 @@
+"""Backends: what runs the jobs of one state. The coordinator sees only `Backend` and `Sink`.
+
+- `ProcessPool` (in `jorbmp._pool`): ``kind="process"``, worker processes.
+- `AsyncBackend`: ``kind="async"``, tasks on the coordinator's event loop.
+- `ThreadBackend`: ``kind="thread"``, a thread pool in the coordinator.
+- `InlineBackend`: process states under ``inline=True``, run in the coordinator one
+  job at a time so that debuggers work.
+
+In-process backends still pass each context through an encode/decode round trip,
+so an exec that mutates its context and then raises leaves the job untouched, and
+a context that will not survive a checkpoint fails now, not at the next restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import msgspec
+
+from ._execute import execute, execute_async
+from ._protocol import Outcome
+from .run import Job
+
+
+class Sink(Protocol):
+    """Where a backend reports; implemented by the coordinator's per-state lane."""
+
+    def done(self, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
+        """These jobs ran (one outcome each, same order); their slot is free again."""
+
+    def unrun(self, jobs: list[Job[Any]]) -> None:
+        """These jobs were handed out but never ran: put them back at the front."""
+
+    def freed(self) -> None:
+        """Capacity became available without a job finishing (a worker is ready)."""
+
+    def fatal(self, exc: BaseException) -> None:
+        """The backend cannot go on (e.g. workers fail to start): end the run with ``exc``."""
+
+
+class Backend(ABC):
+    """Runs the jobs of one state, at most ``concurrency`` at once."""
+
+    #: Largest batch `submit` accepts; the coordinator sizes batches up to this.
+    max_batch = 1
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Acquire resources (processes, threads); called inside the running loop."""
+
+    @abstractmethod
+    def free(self) -> int:
+        """How many batches `submit` can take right now."""
+
+    @abstractmethod
+    def executing(self) -> int:
+        """How many jobs are executing right now (at most ``concurrency``)."""
+
+    @abstractmethod
+    def submit(self, jobs: list[Job[Any]]) -> None:
+        """Start executing ``jobs`` (at most `max_batch`) in one free slot."""
+
+    def check_timeouts(self, now: float) -> None:  # noqa: B027 - optional hook
+        """Abandon execs that exceeded the state's timeout (called by the housekeeping tick)."""
+
+    def pids(self) -> list[int]:
+        """Processes whose CPU and memory this state's metrics report."""
+        import os
+
+        return [os.getpid()]
+
+    @abstractmethod
+    def close(self, abandon: bool) -> None:
+        """Release resources; with ``abandon``, give up on executing jobs now."""
+
+
+class _InProcess(Backend):
+    """Shared parts of the backends that run execs inside the coordinator process."""
+
+    def __init__(
+        self,
+        state: str,
+        fn: Callable[..., Any],
+        ac: Any,
+        oc: Any,
+        job_type: Any,
+        concurrency: int,
+        sink: Sink,
+    ) -> None:
+        self.state, self.fn, self.ac, self.oc = state, fn, ac, oc
+        self.concurrency = concurrency
+        self.sink = sink
+        self.running = 0
+        self.closed = False
+        self.encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(job_type).decode
+
+    def copy(self, context: Any) -> Any:
+        return self._decode(self.encode(context))
+
+    def free(self) -> int:
+        return self.concurrency - self.running
+
+    def executing(self) -> int:
+        return self.running
+
+    def report(self, job: Job[Any], outcome: Outcome) -> None:
+        self.running -= 1
+        if not self.closed:
+            self.sink.done([job], [outcome])
+
+
+class AsyncBackend(_InProcess):
+    """``kind="async"``: each job is a task on the coordinator's loop."""
+
+    def __init__(self, *args: Any, timeout: float | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.timeout = timeout
+        self.tasks: set[asyncio.Task[Outcome]] = set()
+
+    def submit(self, jobs: list[Job[Any]]) -> None:
+        for job in jobs:
+            self.running += 1
+            coro = execute_async(
+                self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.encode,
+                self.timeout,
+            )  # fmt: skip
+            task = asyncio.get_running_loop().create_task(coro)
+            self.tasks.add(task)
+            task.add_done_callback(functools.partial(self._finished, job))
+
+    def _finished(self, job: Job[Any], task: asyncio.Task[Outcome]) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            self.running -= 1
+            return
+        self.report(job, task.result())
+
+    def close(self, abandon: bool) -> None:
+        self.closed = True
+        if abandon:
+            for task in self.tasks:
+                task.cancel()
+
+
+class ThreadBackend(_InProcess):
+    """``kind="thread"``: blocking execs in a pool of ``concurrency`` threads."""
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"jorbmp-{self.state}")
+
+    def submit(self, jobs: list[Job[Any]]) -> None:
+        for job in jobs:
+            self.running += 1
+            fut = self.pool.submit(
+                execute, self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.encode
+            )
+            fut.add_done_callback(functools.partial(self._finished_in_thread, job))
+
+    def _finished_in_thread(self, job: Job[Any], fut: Future[Outcome]) -> None:
+        if fut.cancelled():
+            return
+        # RuntimeError: the loop is closed, the run was abandoned while this exec ran.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.report, job, fut.result())
+
+    def close(self, abandon: bool) -> None:
+        self.closed = True
+        if hasattr(self, "pool"):
+            # A thread cannot be killed: when abandoning, running execs finish on their
+            # own and their results are dropped.
+            self.pool.shutdown(wait=not abandon, cancel_futures=True)
+
+
+class InlineRunner:
+    """The single slot all inline process states share: one job at a time, in the loop thread."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.backends: list[InlineBackend] = []
+
+
+class InlineBackend(_InProcess):
+    """A process state under ``inline=True``: its exec runs in the coordinator's thread."""
+
+    def __init__(self, *args: Any, runner: InlineRunner, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runner = runner
+        runner.backends.append(self)
+
+    def free(self) -> int:
+        return 0 if self.runner.busy or self.closed else 1
+
+    def submit(self, jobs: list[Job[Any]]) -> None:
+        (job,) = jobs
+        self.runner.busy = True
+        self.running += 1
+        # call_soon, not a direct call: the coordinator is in the middle of dispatching.
+        asyncio.get_running_loop().call_soon(self._run, job)
+
+    def _run(self, job: Job[Any]) -> None:
+        if self.closed:
+            self.running -= 1
+            self.runner.busy = False
+            return
+        outcome = execute(
+            self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.encode
+        )
+        self.runner.busy = False
+        # Offer the free slot to the other inline states first (round robin), so one
+        # state that keeps itself busy cannot starve the rest.
+        for other in self.runner.backends:
+            if other is not self and not other.closed:
+                other.sink.freed()
+        self.report(job, outcome)
+
+    def close(self, abandon: bool) -> None:
+        self.closed = True

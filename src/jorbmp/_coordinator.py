@@ -1,0 +1,445 @@
+"""The coordinator: the scheduling loop that moves jobs through states.
+
+::
+
+    Run.jobs ──> per-state FIFO queue (Lane.queue)
+                   │  Lane.pump(): batches sized to the queue, at most one per free slot
+                   ▼
+                 rate gate (RateGate.acquire; rate-limited states only, one job per token)
+                   │
+                   ▼
+                 Backend.submit ──> worker processes | asyncio tasks | threads | inline
+                   │
+                   ▼  Sink.done(jobs, outcomes)
+                 Coordinator.finish: decode + validate, then context, errors, kicks and
+                   │                 next state applied together (or not at all)
+                   ├──> back into a Lane's queue, or a terminal state
+                   ▼
+                 Serializer.job_changed ──(housekeeping tick)──> checkpoint flush
+                 status counters ─────────(housekeeping tick)──> StatusListener
+
+Everything here runs on one event loop thread, so transitions need no locks. Work
+is event-driven: a finished batch triggers its transitions and then one pump of
+every lane that gained jobs or slots. The housekeeping tick (every `TICK_SECONDS`)
+only does what is periodic: status, checkpoint flushes, timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from ._backends import Backend
+from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome
+from .checkpoint.base import Serializer
+from .ratelimit import RateGate, make_gate
+from .run import Job, Run, utcnow
+from .state import State
+from .status import SAMPLE_SECONDS, StateMetrics, StatusCount, StatusListener, notify
+
+log = logging.getLogger("jorbmp")
+
+# Period of the housekeeping tick; also the coalescing period of status updates
+# (so listeners get at most ~10 a second) and the resolution of timeouts.
+TICK_SECONDS = 0.1
+# Errors kept per job and state; a job retried forever must not grow without bound.
+# The first error is always kept (it is often the telling one), then the latest.
+MAX_ERRORS_PER_STATE = 100
+
+
+class Lane:
+    """One state's queue, backend and rate gate; also the backend's `Sink`."""
+
+    __slots__ = (
+        "backend",
+        "coord",
+        "count",
+        "gate",
+        "gate_task",
+        "metrics",
+        "name",
+        "queue",
+        "state",
+        "terminal",
+    )
+
+    def __init__(self, coord: Coordinator, state: State) -> None:
+        self.coord = coord
+        self.state = state
+        self.name = state.trigger_state
+        self.terminal = state.terminal
+        self.queue: deque[Job[Any]] = deque()
+        self.count = 0  # jobs in this state: queued, executing or waiting on retry_after
+        self.backend: Backend | None = None
+        self.gate: RateGate | None = (
+            None if self.terminal else make_gate(self.name, state.rate_limit)
+        )
+        self.gate_task: asyncio.Task[None] | None = None
+        self.metrics = StateMetrics()
+
+    def __repr__(self) -> str:
+        return f"<Lane {self.name!r} count={self.count} queued={len(self.queue)} {self.backend!r}>"
+
+    def pump(self) -> None:
+        """Hand queued jobs to free slots, oldest first."""
+        queue, backend = self.queue, self.backend
+        if not queue or backend is None or self.coord.stopping:
+            return
+        if self.gate is not None:
+            if self.gate_task is None and backend.free():
+                self.gate_task = asyncio.get_running_loop().create_task(self._gated())
+            return
+        # Guided batch sizes: big while the queue is deep (cheap per job), shrinking to
+        # one as it drains so that every slot gets a share of the tail.
+        spread = 2 * self.state.concurrency
+        while queue and backend.free():
+            n = min(backend.max_batch, max(1, len(queue) // spread))
+            backend.submit([queue.popleft() for _ in range(n)])
+
+    async def _gated(self) -> None:
+        assert self.gate is not None and self.backend is not None
+        try:
+            while self.queue and self.backend.free() and not self.coord.stopping:
+                await self.gate.acquire()
+                if self.coord.is_stopping():
+                    break
+                # Only this task takes from the queue or fills slots, so both still hold.
+                self.backend.submit([self.queue.popleft()])
+        finally:
+            self.gate_task = None
+
+    # Sink: called by the backend, usually from an event loop callback, where an
+    # exception would only be logged: a bug here must end the run, not hang it.
+
+    def done(self, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
+        try:
+            finish = self.coord.finish
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                finish(self, job, outcome)
+            self.coord.settle(self)
+        except Exception as exc:
+            self.coord.fail(exc)
+
+    def unrun(self, jobs: list[Job[Any]]) -> None:
+        self.queue.extendleft(reversed(jobs))
+        self.freed()
+
+    def freed(self) -> None:
+        try:
+            self.coord.settle(self)
+        except Exception as exc:
+            self.coord.fail(exc)
+
+    def fatal(self, exc: BaseException) -> None:
+        self.coord.fail(exc)
+
+
+class Coordinator:
+    """Executes one run once: owns its lanes, transitions, status and checkpoint flushes."""
+
+    def __init__(
+        self,
+        run: Run[Any, Any],
+        states: list[State],
+        make_backend: Callable[[State, Lane], Backend],
+        serializer: Serializer,
+        listener: StatusListener,
+        grace: float,
+    ) -> None:
+        self.run = run
+        self.serializer = serializer
+        self.listener = listener
+        self.grace = grace
+        self.make_backend = make_backend
+        self.lanes: dict[str, Lane] = {s.trigger_state: Lane(self, s) for s in states}
+        self.decode = msgspec.msgpack.Decoder(
+            run.job_type if run.job_type is not None else Any
+        ).decode
+        self.job_type_name = getattr(run.job_type, "__name__", "the job type")
+        self.active = 0  # jobs in non-terminal states; the run is complete at 0
+        self.stopping = False
+        self.abandoning = False
+        self.changed = True
+        self.pending: dict[Lane, None] = {}  # lanes to pump at the next settle (ordered set)
+        self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.tick: asyncio.TimerHandle | None = None
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def execute(self) -> str:
+        """Run until every job is terminal (returns "complete") or a stop ends it
+        ("stopped"); raises what made the run fail."""
+        loop = asyncio.get_running_loop()
+        lanes = self.lanes
+        for job in self.run.jobs.values():
+            lanes[job.state].count += 1
+        self.active = sum(lane.count for lane in lanes.values() if not lane.terminal)
+        self.serializer.begin(self.run)
+        try:
+            if self.active == 0:
+                notify(self.listener, self.snapshot())
+                self.listener.close()
+                return "complete"
+            try:
+                for lane in lanes.values():
+                    if not lane.terminal:
+                        lane.backend = self.make_backend(lane.state, lane)
+                        lane.backend.start()
+                for job in self.run.jobs.values():
+                    lane = lanes[job.state]
+                    if not lane.terminal:
+                        lane.queue.append(job)
+                notify(self.listener, self.snapshot())
+                self.changed = False
+                self.sample_time = loop.time()
+                for lane in lanes.values():
+                    lane.pump()
+                self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
+                return await self.done
+            finally:
+                if self.tick is not None:
+                    self.tick.cancel()
+                self.shutdown()
+        finally:
+            self.serializer.end()
+
+    def shutdown(self) -> None:
+        """Release everything, write the final checkpoint and the final status."""
+        abandon = self.abandoning or not self.done.done() or self.done.exception() is not None
+        for lane in self.lanes.values():
+            if lane.gate_task is not None:
+                lane.gate_task.cancel()
+        for handle in self.delayed.values():
+            handle.cancel()
+        try:
+            for lane in self.lanes.values():
+                if lane.backend is not None:
+                    lane.backend.close(abandon)
+        finally:
+            try:
+                self.serializer.flush(self.run, final=True)
+            finally:
+                notify(self.listener, self.snapshot())
+                try:
+                    self.listener.close()
+                except Exception:
+                    log.exception("status listener %r failed to close", self.listener)
+
+    def housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        try:
+            for lane in self.lanes.values():
+                if lane.backend is not None:
+                    lane.backend.check_timeouts(now)
+            if now - self.sample_time >= SAMPLE_SECONDS:
+                self.sample_time = now
+                for lane in self.lanes.values():
+                    if lane.backend is not None:
+                        lane.metrics.sample(lane.backend.pids())
+                self.changed = True  # CPU and rates moved even if no job did
+            if self.changed:
+                self.changed = False
+                notify(self.listener, self.snapshot())
+            self.serializer.flush(self.run)
+        except Exception as exc:
+            self.fail(exc)
+            return
+        self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
+
+    def snapshot(self) -> list[StatusCount]:
+        now = asyncio.get_running_loop().time()
+        return [
+            lane.metrics.snapshot(
+                lane.name,
+                lane.terminal,
+                lane.count,
+                lane.backend.executing() if lane.backend is not None else 0,
+                now,
+            )
+            for lane in self.lanes.values()
+        ]
+
+    def settle(self, lane: Lane) -> None:
+        """After any event: pump the lanes that gained jobs or slots, then check for the end."""
+        pending = self.pending
+        pending[lane] = None
+        while pending:
+            ready = next(iter(pending))
+            del pending[ready]
+            ready.pump()
+        if self.done.done():
+            return
+        if self.active == 0:
+            self.done.set_result("complete")
+        elif self.stopping and self.executing() == 0:
+            self.done.set_result("stopped")
+
+    def executing(self) -> int:
+        return sum(lane.backend.executing() for lane in self.lanes.values() if lane.backend)
+
+    # -- stopping -------------------------------------------------------------------
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+    def request_stop(self) -> None:
+        """Stop dispatching; let in-flight execs finish within the grace period."""
+        if self.stopping or self.done.done():
+            return
+        self.stopping = True
+        log.info("stopping: waiting up to %gs for %d executing jobs", self.grace, self.executing())
+        for lane in self.lanes.values():
+            if lane.gate_task is not None:
+                lane.gate_task.cancel()
+        if self.executing() == 0:
+            self.done.set_result("stopped")
+        else:
+            asyncio.get_running_loop().call_later(self.grace, self.abandon)
+
+    def abandon(self) -> None:
+        """Give up on executing jobs now; they stay in their prior state."""
+        self.stopping = True
+        if not self.done.done():
+            self.abandoning = True
+            self.done.set_result("stopped")
+
+    def fail(self, exc: BaseException) -> None:
+        self.stopping = True
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    # -- transitions ----------------------------------------------------------------
+
+    def finish(self, lane: Lane, job: Job[Any], o: Outcome) -> None:
+        """Apply one exec's outcome to its job: all of it, or (on a problem) none of it."""
+        lane.metrics.observe(o.seconds, o.code != 0 or o.error is not None)
+        self.changed = True
+        if o.code == FAILED_ATTEMPT:
+            self.failed_attempt(lane, job, o.error or "failed")
+            return
+        decode = self.decode
+        try:
+            context = decode(o.context)
+        except msgspec.ValidationError as exc:
+            self.failed_attempt(
+                lane, job, f"exec of state {lane.name!r} returned a context that is not a "
+                f"valid {self.job_type_name}: {exc}",
+            )  # fmt: skip
+            return
+        rate_limited = o.code == RATE_LIMITED
+        target = lane if rate_limited else self.lanes.get(o.next_state)
+        if target is None:
+            self.failed_attempt(
+                lane, job, f"exec of state {lane.name!r} returned unknown next state "
+                f"{o.next_state!r}",
+            )  # fmt: skip
+            return
+        kicks: list[tuple[Lane, Any]] = []
+        for state, raw in o.kicks or ():
+            kick_lane = self.lanes.get(state)
+            if kick_lane is None:
+                self.failed_attempt(
+                    lane, job, f"exec of state {lane.name!r} kicked a job into unknown "
+                    f"state {state!r}",
+                )  # fmt: skip
+                return
+            try:
+                kicks.append((kick_lane, decode(raw)))
+            except msgspec.ValidationError as exc:
+                self.failed_attempt(
+                    lane, job, f"exec of state {lane.name!r} kicked a job whose context is "
+                    f"not a valid {self.job_type_name}: {exc}",
+                )  # fmt: skip
+                return
+        # Validated: from here on nothing can fail, so the transition is atomic.
+        job.context = context
+        if o.error is not None:
+            self.record_error(job, lane.name, o.error)
+        for kick_lane, kick_context in kicks:
+            self.kick(job, kick_lane, kick_context)
+        gate = lane.gate
+        if rate_limited:
+            if gate is not None:
+                gate.backoff()
+            if o.retry_after:
+                self.retry_later(lane, job, o.retry_after)
+            else:
+                self.move(job, lane, lane)
+            return
+        if gate is not None:
+            gate.success()
+        job.retries = 0
+        self.move(job, lane, target)
+
+    def failed_attempt(self, lane: Lane, job: Job[Any], error: str) -> None:
+        """Record a failed attempt: retry in the same state, or after max_retries move on."""
+        self.record_error(job, lane.name, error)
+        job.retries += 1
+        limit = lane.state.max_retries
+        if limit is not None and job.retries > limit:
+            job.retries = 0
+            if self.debug:
+                log.debug("job %s: %d failed attempts in %r", job.id, limit + 1, lane.name)
+            self.move(job, lane, self.lanes[lane.state.error_state])
+        else:
+            self.move(job, lane, lane)
+
+    def move(self, job: Job[Any], src: Lane, dst: Lane) -> None:
+        """Put a job in ``dst`` (the back of its queue if it has work to do)."""
+        job.last_update = utcnow()
+        if dst is not src:
+            if self.debug:
+                log.debug("job %s: %s -> %s", job.id, src.name, dst.name)
+            src.count -= 1
+            dst.count += 1
+            job.state = dst.name
+            if dst.terminal:
+                self.active -= 1
+        if not dst.terminal:
+            dst.queue.append(job)
+            self.pending[dst] = None
+        self.serializer.job_changed(job)
+
+    def kick(self, parent: Job[Any], lane: Lane, context: Any) -> None:
+        """Create a job kicked by ``parent``; its id counts every kick the parent made."""
+        jobs = self.run.jobs
+        while (job_id := f"{parent.id}->{parent.kicks}") in jobs:
+            parent.kicks += 1  # never replace an existing job, whatever happened before
+        parent.kicks += 1
+        child: Job[Any] = Job(id=job_id, context=context, state=lane.name, parent=parent.id)
+        jobs[job_id] = child
+        lane.count += 1
+        if not lane.terminal:
+            self.active += 1
+            lane.queue.append(child)
+            self.pending[lane] = None
+        if self.debug:
+            log.debug("job %s: kicked %s into %r", parent.id, job_id, lane.name)
+        self.serializer.job_changed(child)
+
+    def retry_later(self, lane: Lane, job: Job[Any], delay: float) -> None:
+        """Keep a rate-limited job out of the queue for ``delay`` seconds (Retry-After)."""
+        job.last_update = utcnow()
+        self.serializer.job_changed(job)
+        loop = asyncio.get_running_loop()
+        self.delayed[job.id] = loop.call_later(delay, self.release, lane, job)
+
+    def release(self, lane: Lane, job: Job[Any]) -> None:
+        del self.delayed[job.id]
+        lane.queue.append(job)
+        self.settle(lane)
+
+    @staticmethod
+    def record_error(job: Job[Any], state: str, text: str) -> None:
+        errors = job.state_errors.setdefault(state, [])
+        if len(errors) >= MAX_ERRORS_PER_STATE:
+            del errors[1]
+        errors.append(text)

@@ -1,0 +1,129 @@
+"""Running one exec call and turning whatever happens into an `Outcome`.
+
+Shared by worker processes, the inline runner, threads and async tasks, so every
+kind of state interprets return values, errors and exceptions the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from ._protocol import FAILED_ATTEMPT, OK, RATE_LIMITED, Outcome
+from .errors import RateLimitError
+from .state import KickRequest
+
+RETURN_SHAPE = "(jc, next_state), (jc, next_state, kicks) or (jc, next_state, kicks, error)"
+
+
+def describe(exc: BaseException) -> str:
+    """The text recorded for an exception: ``"TypeName: message"``."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _failed(error: str, started: float, trace: str | None = None) -> Outcome:
+    return Outcome(FAILED_ATTEMPT, error=error, seconds=time.perf_counter() - started, trace=trace)
+
+
+def from_exception(state: str, exc: BaseException, started: float) -> Outcome:
+    """The outcome of an exec that raised ``exc``."""
+    if isinstance(exc, RateLimitError):
+        return Outcome(
+            RATE_LIMITED,
+            error=describe(exc),
+            retry_after=exc.retry_after,
+            seconds=time.perf_counter() - started,
+        )
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return _failed(describe(exc), started, trace)
+
+
+def interpret(state: str, ret: Any, encode: Callable[[Any], bytes], started: float) -> Outcome:
+    """Check an exec's return value against the contract and encode it."""
+    seconds = time.perf_counter() - started
+    if not isinstance(ret, (tuple, list)) or not 2 <= len(ret) <= 4:
+        got = f"a {len(ret)}-tuple" if isinstance(ret, (tuple, list)) else type(ret).__name__
+        return _failed(f"exec of state {state!r} returned {got}; expected {RETURN_SHAPE}", started)
+    jc, next_state = ret[0], ret[1]
+    kicks = ret[2] if len(ret) > 2 else None
+    error = ret[3] if len(ret) > 3 else None
+    if not isinstance(next_state, str):
+        return _failed(
+            f"exec of state {state!r} returned next_state of type {type(next_state).__name__}; "
+            "expected str",
+            started,
+        )
+    if error is not None and not isinstance(error, (str, BaseException)):
+        return _failed(
+            f"exec of state {state!r} returned an error of type {type(error).__name__}; "
+            "expected str, Exception or None",
+            started,
+        )
+    try:
+        context = msgspec.Raw(encode(jc))
+        encoded_kicks: list[tuple[str, msgspec.Raw]] | None = None
+        if kicks:
+            encoded_kicks = []
+            for kick in kicks:
+                if not isinstance(kick, KickRequest) or not isinstance(kick.state, str):
+                    return _failed(
+                        f"exec of state {state!r} returned a kick of type "
+                        f"{type(kick).__name__}; expected KickRequest(context, state)",
+                        started,
+                    )
+                encoded_kicks.append((kick.state, msgspec.Raw(encode(kick.context))))
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+        return _failed(
+            f"exec of state {state!r} returned a context that cannot be encoded: {exc}", started
+        )
+    code = OK
+    retry_after = None
+    text = None
+    if isinstance(error, RateLimitError):
+        code, retry_after = RATE_LIMITED, error.retry_after
+    if isinstance(error, BaseException):
+        text = describe(error)
+    elif error:
+        text = error
+    return Outcome(code, context, next_state, encoded_kicks, text, retry_after, seconds)
+
+
+def execute(
+    state: str, fn: Callable[..., Any], ac: Any, oc: Any, jc: Any, encode: Callable[[Any], bytes]
+) -> Outcome:
+    """Call a blocking exec and interpret the result."""
+    started = time.perf_counter()
+    try:
+        ret = fn(ac, oc, jc)
+    except Exception as exc:
+        return from_exception(state, exc, started)
+    return interpret(state, ret, encode, started)
+
+
+async def execute_async(
+    state: str,
+    fn: Callable[..., Awaitable[Any]],
+    ac: Any,
+    oc: Any,
+    jc: Any,
+    encode: Callable[[Any], bytes],
+    timeout: float | None,
+) -> Outcome:
+    """Await an async exec (abandoned after ``timeout`` seconds) and interpret the result."""
+    started = time.perf_counter()
+    try:
+        if timeout is None:
+            ret = await fn(ac, oc, jc)
+        else:
+            ret = await asyncio.wait_for(fn(ac, oc, jc), timeout)
+    except asyncio.TimeoutError:
+        return _failed(f"timed out after {timeout:g}s", started)
+    except Exception as exc:
+        return from_exception(state, exc, started)
+    return interpret(state, ret, encode, started)

@@ -1,0 +1,38 @@
+"""Exceptions a user can catch or raise."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "RateLimitError", "Stopped"]
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read, does not fit the run's types, or is in use elsewhere.
+
+    The message names the file and the reason. A checkpoint that raised this is never
+    overwritten by jorbmp.
+    """
+
+
+class RateLimitError(Exception):
+    """Raised (or returned as the error) by an exec that hit a remote rate limit.
+
+    The job is retried in the same state without counting a failed attempt, the
+    state's `AIMDRateLimiter` (if any) backs off, and with ``retry_after`` (seconds,
+    e.g. from an HTTP 429 ``Retry-After``) the job waits at least that long.
+    """
+
+    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keep retry_after when the exception crosses a process boundary.
+        return (type(self), (self.message, self.retry_after))
+
+
+class Stopped(Exception):
+    """`Processor.exec` was stopped by `Processor.stop()` before every job was terminal.
+
+    The final checkpoint has been written; executing the run again resumes it.
+    """

@@ -1,0 +1,303 @@
+"""`Processor`: validates the states, then executes runs against them.
+
+The processor is the public face; the scheduling loop lives in
+`jorbmp._coordinator` and the worker pools in `jorbmp._pool`. This module decides
+which backend runs each state, owns signal handling (Ctrl-C, SIGTERM) and turns the
+way a run ended into a return value or an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from multiprocessing.context import BaseContext
+from types import FrameType
+from typing import Any, Generic, TypeVar
+
+from ._backends import AsyncBackend, Backend, InlineBackend, InlineRunner, ThreadBackend
+from ._coordinator import Coordinator, Lane
+from ._pool import ProcessPool
+from ._protocol import WorkerSpec
+from .checkpoint.base import NilSerializer, Serializer
+from .errors import Stopped
+from .ratelimit import make_gate
+from .run import FAILED, Run
+from .state import KINDS, State, is_coroutine_function
+from .status import NilStatusListener, StatusListener
+
+__all__ = ["Processor"]
+
+log = logging.getLogger("jorbmp")
+
+AC = TypeVar("AC")
+OC = TypeVar("OC")
+JC = TypeVar("JC")
+
+# Seconds a graceful stop waits for executing jobs before abandoning them. Long
+# enough for typical API calls and builds to finish; a second Ctrl-C skips it.
+DEFAULT_GRACE_PERIOD = 30.0
+# Signals handled like Ctrl-C while `Processor.exec` runs in the main thread.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Processor(Generic[AC, OC, JC]):
+    """Executes runs against a list of states (jorb's Processor).
+
+    ``ac`` (app context: clients, handles) is passed to every exec; for process
+    states it reaches each worker once, at start. ``ac_factory`` builds it inside each
+    worker instead (and once here), for contexts that cannot be pickled. ``inline=True``
+    (or ``JORBMP_INLINE=1``) runs process states in this process, one job at a time, so
+    that ``breakpoint()`` works.
+    """
+
+    def __init__(
+        self,
+        ac: AC,
+        states: Sequence[State],
+        serializer: Serializer | None = None,
+        status_listener: StatusListener | None = None,
+        *,
+        ac_factory: Callable[[], AC] | None = None,
+        mp_context: BaseContext | str | None = None,
+        inline: bool = False,
+        grace_period: float = DEFAULT_GRACE_PERIOD,
+    ) -> None:
+        self.ac = ac
+        self.states = validate_states(states)
+        self.serializer = serializer if serializer is not None else NilSerializer()
+        self.status_listener = (
+            status_listener if status_listener is not None else NilStatusListener()
+        )
+        if ac_factory is not None:
+            _check_picklable(ac_factory, "ac_factory")
+        self.ac_factory = ac_factory
+        if mp_context is None or isinstance(mp_context, str):
+            mp_context = multiprocessing.get_context(mp_context)
+        self.mp_context = mp_context
+        self.inline = inline or os.environ.get("JORBMP_INLINE", "").lower() in ("1", "true", "yes")
+        if grace_period < 0:
+            raise ValueError(f"grace_period must be >= 0, got {grace_period}")
+        self.grace_period = grace_period
+        self._local_ac: Any = None
+        self._local_ac_built = False
+        self._lock = threading.Lock()
+        self._coordinator: Coordinator | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested = False
+        self._interrupts = 0
+
+    def __repr__(self) -> str:
+        names = ", ".join(s.trigger_state for s in self.states)
+        return f"<Processor states=[{names}] {self.serializer!r}>"
+
+    # -- public ---------------------------------------------------------------------
+
+    def exec(self, run: Run[OC, JC]) -> None:
+        """Execute ``run`` until every job is terminal.
+
+        Raises `Stopped` after `stop`, ``KeyboardInterrupt`` after Ctrl-C or SIGTERM
+        (the final checkpoint is written in both cases).
+        """
+        loop = asyncio.new_event_loop()
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            loop.run_until_complete(self._execute(run))
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    async def exec_async(self, run: Run[OC, JC]) -> None:
+        """`exec` inside an application's running event loop (no signal handlers are
+        installed; cancelling this coroutine abandons executing jobs, writes the
+        checkpoint and re-raises)."""
+        await self._execute(run)
+
+    def stop(self) -> None:
+        """Stop gracefully, from any thread: no new dispatches, executing jobs get the
+        grace period to finish, the checkpoint is written, then `exec` raises `Stopped`."""
+        with self._lock:
+            self._stop_requested = True
+            coordinator, loop = self._coordinator, self._loop
+        if coordinator is not None and loop is not None:
+            # RuntimeError: the loop closed, the run already ended.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(coordinator.request_stop)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs between bytecodes of the main thread: only schedule work, so a
+        # checkpoint write in progress is never interrupted halfway.
+        self._interrupts += 1
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._interrupt)
+
+    def _interrupt(self) -> None:
+        coordinator = self._coordinator
+        if coordinator is None:
+            return
+        if self._interrupts == 1:
+            log.warning("interrupted: finishing executing jobs (interrupt again to abandon them)")
+            coordinator.request_stop()
+        else:
+            coordinator.abandon()
+
+    async def _execute(self, run: Run[OC, JC]) -> None:
+        self._check_run(run)
+        with self._lock:
+            if self._coordinator is not None:
+                raise RuntimeError("this processor is already executing a run")
+            self._loop = asyncio.get_running_loop()
+            self._interrupts = 0
+            runner = InlineRunner()
+            coordinator = Coordinator(
+                run,
+                self.states,
+                lambda state, lane: self._make_backend(state, lane, run, runner),
+                self.serializer,
+                self.status_listener,
+                self.grace_period,
+            )
+            self._coordinator = coordinator
+            if self._stop_requested:
+                coordinator.request_stop()
+        run._executing = True
+        try:
+            outcome = await coordinator.execute()
+        finally:
+            run._executing = False
+            with self._lock:
+                self._coordinator = None
+                self._loop = None
+                self._stop_requested = False
+        if outcome == "stopped":
+            left = sum(1 for job in run.jobs.values() if not self._terminal(job.state))
+            if self._interrupts:
+                raise KeyboardInterrupt
+            raise Stopped(f"run {run.name!r} stopped with {left} jobs not terminal")
+
+    def _terminal(self, state: str) -> bool:
+        return any(s.trigger_state == state and s.terminal for s in self.states)
+
+    def _check_run(self, run: Run[OC, JC]) -> None:
+        if run._executing:
+            raise RuntimeError(f"run {run.name!r} is already being executed")
+        declared = {s.trigger_state for s in self.states}
+        stray = [job for job in run.jobs.values() if job.state not in declared]
+        if stray:
+            ids = ", ".join(repr(job.id) for job in stray[:5])
+            more = f" and {len(stray) - 5} more" if len(stray) > 5 else ""
+            raise ValueError(
+                f"run {run.name!r}: job {ids}{more} in state {stray[0].state!r}, "
+                "which no State declares"
+            )
+
+    def _coordinator_ac(self) -> Any:
+        """The AC for execs that run in this process (async, thread and inline states)."""
+        if self.ac_factory is None:
+            return self.ac
+        if not self._local_ac_built:
+            self._local_ac = self.ac_factory()
+            self._local_ac_built = True
+        return self._local_ac
+
+    def _make_backend(
+        self, state: State, lane: Lane, run: Run[OC, JC], runner: InlineRunner
+    ) -> Backend:
+        assert state.exec is not None
+        kind = state.resolved_kind()
+        job_type: Any = run.job_type if run.job_type is not None else Any
+        name, fn, oc = state.trigger_state, state.exec, run.overall
+        if kind == "process" and not self.inline:
+            ac = None if self.ac_factory is not None else self.ac
+            spec = WorkerSpec(name, fn, ac, self.ac_factory, oc, job_type)
+            return ProcessPool(spec, state.concurrency, self.mp_context, lane, state.timeout)
+        ac = self._coordinator_ac()
+        if kind == "process":
+            return InlineBackend(name, fn, ac, oc, job_type, 1, lane, runner=runner)
+        if kind == "async":
+            return AsyncBackend(
+                name, fn, ac, oc, job_type, state.concurrency, lane, timeout=state.timeout
+            )
+        return ThreadBackend(name, fn, ac, oc, job_type, state.concurrency, lane)
+
+
+def _check_picklable(fn: object, what: str) -> None:
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise ValueError(
+            f"{what} {fn!r} cannot be pickled by reference, so worker processes cannot "
+            f"run it ({type(exc).__name__}: {exc}); define it at module level "
+            "(not a lambda, closure or nested function)"
+        ) from None
+
+
+def validate_states(states: Sequence[State]) -> list[State]:
+    """Check the states (``ValueError`` naming the state) and add `FAILED` if needed."""
+    result = list(states)
+    names: set[str] = set()
+    for state in result:
+        name = state.trigger_state
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"state {name!r}: trigger_state must be a non-empty string")
+        if name in names:
+            raise ValueError(f"state {name!r} is declared twice (duplicate trigger_state)")
+        names.add(name)
+    for state in result:
+        name = state.trigger_state
+        if state.kind not in KINDS:
+            raise ValueError(f"state {name!r}: kind must be one of {KINDS}, got {state.kind!r}")
+        if state.terminal:
+            continue
+        if state.exec is None:
+            raise ValueError(f"state {name!r} is not terminal and has no exec")
+        if not callable(state.exec):
+            raise ValueError(f"state {name!r}: exec must be callable")
+        if not isinstance(state.concurrency, int) or state.concurrency < 1:
+            raise ValueError(f"state {name!r}: concurrency must be >= 1, got {state.concurrency}")
+        if state.max_retries is not None and state.max_retries < 0:
+            raise ValueError(f"state {name!r}: max_retries must be >= 0 or None")
+        is_coro = is_coroutine_function(state.exec)
+        kind = state.resolved_kind()
+        if is_coro and kind != "async":
+            raise ValueError(
+                f"state {name!r}: exec is a coroutine function but kind={kind!r}; "
+                "use kind='async' (or 'auto')"
+            )
+        if kind == "async" and not is_coro:
+            raise ValueError(f"state {name!r}: kind='async' needs an async def exec")
+        if kind == "process":
+            _check_picklable(state.exec, f"state {name!r}: exec")
+        if state.timeout is not None:
+            if kind == "thread":
+                raise ValueError(
+                    f"state {name!r}: timeout is supported for process and async states "
+                    "(a thread cannot be interrupted)"
+                )
+            if state.timeout <= 0:
+                raise ValueError(f"state {name!r}: timeout must be > 0, got {state.timeout}")
+        make_gate(name, state.rate_limit)
+        if state.error_state not in names and state.error_state != FAILED:
+            raise ValueError(
+                f"state {name!r}: error_state {state.error_state!r} is not a declared state"
+            )
+    needs_failed = any(not s.terminal and s.error_state == FAILED for s in result)
+    if needs_failed and FAILED not in names:
+        result.append(State(FAILED, terminal=True))
+    return result

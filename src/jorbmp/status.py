@@ -1,0 +1,135 @@
+"""Status: the per-state snapshot (`StatusCount`) listeners receive, and how it is measured.
+
+Listeners only read frozen snapshots; the coordinator owns the live counters
+(`StateMetrics`) and samples process CPU and memory with psutil at most once per
+`SAMPLE_SECONDS`, so a status update costs the coordinator little.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import msgspec
+import psutil
+
+__all__ = ["NilStatusListener", "StatusCount", "StatusListener"]
+
+log = logging.getLogger("jorbmp")
+
+# Window over which jobs_per_second is measured: long enough to smooth batches of
+# results, short enough to show a state slowing down within seconds.
+RATE_WINDOW_SECONDS = 5.0
+# psutil sampling period: reading /proc for every worker costs ~20-50 us each.
+SAMPLE_SECONDS = 1.0
+
+
+class StatusCount(msgspec.Struct, frozen=True):
+    """One state's line in a status update. Counts are exact; metrics are measured."""
+
+    state: str
+    completed: int = 0  # jobs now in this state (terminal states only)
+    executing: int = 0
+    waiting: int = 0
+    terminal: bool = False
+    processed: int = 0  # execs finished in this state
+    errors: int = 0  # execs that raised, were rate limited, or returned an error
+    mean_seconds: float = 0.0  # mean exec wall time
+    jobs_per_second: float = 0.0  # over the last few seconds
+    cpu_percent: float = 0.0  # the state's workers (or the coordinator for async/thread)
+    rss_bytes: int = 0
+
+
+class StatusListener:
+    """Receives status updates: exact at the start and end, coalesced (<= ~10/s) between.
+
+    ``status_update`` gets one `StatusCount` per state, in the order the states were
+    given. ``close`` is called once when the run ends, however it ends.
+    """
+
+    def status_update(self, counts: list[StatusCount]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The run is over (complete, stopped or failed)."""
+
+
+class NilStatusListener(StatusListener):
+    """Ignores every update."""
+
+    def status_update(self, counts: list[StatusCount]) -> None:
+        pass
+
+
+class StateMetrics:
+    """Live counters for one state, turned into a `StatusCount` on demand."""
+
+    __slots__ = ("_cpu", "_procs", "_rss", "_samples", "errors", "processed", "total_seconds")
+
+    def __init__(self) -> None:
+        self.processed = 0
+        self.errors = 0
+        self.total_seconds = 0.0
+        self._samples: deque[tuple[float, int]] = deque()
+        self._procs: dict[int, psutil.Process] = {}
+        self._cpu = 0.0
+        self._rss = 0
+
+    def observe(self, seconds: float, error: bool) -> None:
+        self.processed += 1
+        self.total_seconds += seconds
+        if error:
+            self.errors += 1
+
+    def rate(self, now: float) -> float:
+        samples = self._samples
+        samples.append((now, self.processed))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_SECONDS:
+            samples.popleft()
+        t0, n0 = samples[0]
+        return (self.processed - n0) / (now - t0) if now > t0 else 0.0
+
+    def sample(self, pids: list[int]) -> None:
+        """Refresh CPU% and RSS over ``pids`` (psutil; cpu_percent since the last sample)."""
+        cpu = 0.0
+        rss = 0
+        live: dict[int, psutil.Process] = {}
+        for pid in pids:
+            proc = self._procs.get(pid)
+            try:
+                if proc is None:
+                    proc = psutil.Process(pid)
+                    proc.cpu_percent(None)  # first call only primes the counter
+                else:
+                    cpu += proc.cpu_percent(None)
+                rss += proc.memory_info().rss
+                live[pid] = proc
+            except psutil.Error:
+                continue
+        self._procs = live
+        self._cpu, self._rss = cpu, rss
+
+    def snapshot(
+        self, state: str, terminal: bool, count: int, executing: int, now: float
+    ) -> StatusCount:
+        return StatusCount(
+            state=state,
+            completed=count if terminal else 0,
+            executing=executing,
+            waiting=0 if terminal else count - executing,
+            terminal=terminal,
+            processed=self.processed,
+            errors=self.errors,
+            mean_seconds=self.total_seconds / self.processed if self.processed else 0.0,
+            jobs_per_second=self.rate(now),
+            cpu_percent=self._cpu,
+            rss_bytes=self._rss,
+        )
+
+
+def notify(listener: StatusListener, counts: list[StatusCount]) -> None:
+    """Call a listener; one that raises is logged, never fatal to the run."""
+    try:
+        listener.status_update(counts)
+    except Exception:
+        log.exception("status listener %r raised; the run goes on", listener)
