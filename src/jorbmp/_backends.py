@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ._execute import execute, execute_async
+from ._execute import ContextCodec, execute, execute_async
 from ._protocol import Outcome
 from .run import Job
 
@@ -97,11 +97,11 @@ class _InProcess(Backend):
         self.sink = sink
         self.running = 0
         self.closed = False
-        self.encode = msgspec.msgpack.Encoder().encode
+        self.codec = ContextCodec(job_type)
         self._decode = msgspec.msgpack.Decoder(job_type).decode
 
     def copy(self, context: Any) -> Any:
-        return self._decode(self.encode(context))
+        return self._decode(self.codec.encode(context))
 
     def free(self) -> int:
         return self.concurrency - self.running
@@ -127,7 +127,7 @@ class AsyncBackend(_InProcess):
         for job in jobs:
             self.running += 1
             coro = execute_async(
-                self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.encode,
+                self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.codec,
                 self.timeout,
             )  # fmt: skip
             task = asyncio.get_running_loop().create_task(coro)
@@ -159,7 +159,7 @@ class ThreadBackend(_InProcess):
         for job in jobs:
             self.running += 1
             fut = self.pool.submit(
-                execute, self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.encode
+                execute, self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.codec
             )
             fut.add_done_callback(functools.partial(self._finished_in_thread, job))
 
@@ -209,9 +209,7 @@ class InlineBackend(_InProcess):
             self.running -= 1
             self.runner.busy = False
             return
-        outcome = execute(
-            self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.encode
-        )
+        outcome = execute(self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.codec)
         self.runner.busy = False
         # Offer the free slot to the other inline states first (round robin), so one
         # state that keeps itself busy cannot starve the rest.

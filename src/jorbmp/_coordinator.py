@@ -325,6 +325,12 @@ class Coordinator:
         if o.code == FAILED_ATTEMPT:
             self.failed_attempt(lane, job, o.error or "failed")
             return
+        rate_limited = o.code == RATE_LIMITED
+        if rate_limited and not o.next_state:
+            # RateLimitError raised: nothing returned to apply.
+            self.record_error(job, lane.name, o.error or "RateLimitError")
+            self.rate_limited(lane, job, o.retry_after)
+            return
         decode = self.decode
         try:
             context = decode(o.context)
@@ -334,7 +340,6 @@ class Coordinator:
                 f"valid {self.job_type_name}: {exc}",
             )  # fmt: skip
             return
-        rate_limited = o.code == RATE_LIMITED
         target = lane if rate_limited else self.lanes.get(o.next_state)
         if target is None:
             self.failed_attempt(
@@ -365,19 +370,22 @@ class Coordinator:
             self.record_error(job, lane.name, o.error)
         for kick_lane, kick_context in kicks:
             self.kick(job, kick_lane, kick_context)
-        gate = lane.gate
         if rate_limited:
-            if gate is not None:
-                gate.backoff()
-            if o.retry_after:
-                self.retry_later(lane, job, o.retry_after)
-            else:
-                self.move(job, lane, lane)
+            self.rate_limited(lane, job, o.retry_after)
             return
-        if gate is not None:
-            gate.success()
+        if lane.gate is not None:
+            lane.gate.success()
         job.retries = 0
         self.move(job, lane, target)
+
+    def rate_limited(self, lane: Lane, job: Job[Any], retry_after: float | None) -> None:
+        """A RateLimitError: back the limiter off and retry, without a failed attempt."""
+        if lane.gate is not None:
+            lane.gate.backoff()
+        if retry_after:
+            self.retry_later(lane, job, retry_after)
+        else:
+            self.move(job, lane, lane)
 
     def failed_attempt(self, lane: Lane, job: Job[Any], error: str) -> None:
         """Record a failed attempt: retry in the same state, or after max_retries move on."""

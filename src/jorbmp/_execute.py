@@ -21,6 +21,30 @@ from .state import KickRequest
 RETURN_SHAPE = "(jc, next_state), (jc, next_state, kicks) or (jc, next_state, kicks, error)"
 
 
+class ContextCodec:
+    """Encodes the contexts an exec returns, after checking they are of the run's job type.
+
+    The coordinator decodes every context against the job type anyway; the
+    ``isinstance`` check here also catches an object of another class whose fields
+    happen to decode (a different Struct with all-default fields, say).
+    """
+
+    __slots__ = ("encode", "job_type")
+
+    def __init__(self, job_type: Any) -> None:
+        self.encode = msgspec.msgpack.Encoder().encode
+        self.job_type: type | None = job_type if isinstance(job_type, type) else None
+
+    def dump(self, state: str, value: Any, what: str) -> msgspec.Raw:
+        job_type = self.job_type
+        if job_type is not None and not isinstance(value, job_type):
+            raise TypeError(
+                f"exec of state {state!r} {what} that is not a valid {job_type.__name__}: "
+                f"got {type(value).__name__}"
+            )
+        return msgspec.Raw(self.encode(value))
+
+
 def describe(exc: BaseException) -> str:
     """The text recorded for an exception: ``"TypeName: message"``."""
     text = str(exc)
@@ -44,7 +68,7 @@ def from_exception(state: str, exc: BaseException, started: float) -> Outcome:
     return _failed(describe(exc), started, trace)
 
 
-def interpret(state: str, ret: Any, encode: Callable[[Any], bytes], started: float) -> Outcome:
+def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outcome:
     """Check an exec's return value against the contract and encode it."""
     seconds = time.perf_counter() - started
     if not isinstance(ret, (tuple, list)) or not 2 <= len(ret) <= 4:
@@ -66,7 +90,7 @@ def interpret(state: str, ret: Any, encode: Callable[[Any], bytes], started: flo
             started,
         )
     try:
-        context = msgspec.Raw(encode(jc))
+        context = codec.dump(state, jc, "returned a context")
         encoded_kicks: list[tuple[str, msgspec.Raw]] | None = None
         if kicks:
             encoded_kicks = []
@@ -77,8 +101,11 @@ def interpret(state: str, ret: Any, encode: Callable[[Any], bytes], started: flo
                         f"{type(kick).__name__}; expected KickRequest(context, state)",
                         started,
                     )
-                encoded_kicks.append((kick.state, msgspec.Raw(encode(kick.context))))
-    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+                context_of_kick = codec.dump(state, kick.context, "kicked a job whose context is")
+                encoded_kicks.append((kick.state, context_of_kick))
+    except TypeError as exc:
+        return _failed(str(exc), started)
+    except (ValueError, msgspec.EncodeError) as exc:
         return _failed(
             f"exec of state {state!r} returned a context that cannot be encoded: {exc}", started
         )
@@ -95,7 +122,7 @@ def interpret(state: str, ret: Any, encode: Callable[[Any], bytes], started: flo
 
 
 def execute(
-    state: str, fn: Callable[..., Any], ac: Any, oc: Any, jc: Any, encode: Callable[[Any], bytes]
+    state: str, fn: Callable[..., Any], ac: Any, oc: Any, jc: Any, codec: ContextCodec
 ) -> Outcome:
     """Call a blocking exec and interpret the result."""
     started = time.perf_counter()
@@ -103,7 +130,7 @@ def execute(
         ret = fn(ac, oc, jc)
     except Exception as exc:
         return from_exception(state, exc, started)
-    return interpret(state, ret, encode, started)
+    return interpret(state, ret, codec, started)
 
 
 async def execute_async(
@@ -112,7 +139,7 @@ async def execute_async(
     ac: Any,
     oc: Any,
     jc: Any,
-    encode: Callable[[Any], bytes],
+    codec: ContextCodec,
     timeout: float | None,
 ) -> Outcome:
     """Await an async exec (abandoned after ``timeout`` seconds) and interpret the result."""
@@ -126,4 +153,4 @@ async def execute_async(
         return _failed(f"timed out after {timeout:g}s", started)
     except Exception as exc:
         return from_exception(state, exc, started)
-    return interpret(state, ret, encode, started)
+    return interpret(state, ret, codec, started)

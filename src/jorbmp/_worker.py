@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from ._execute import describe, execute
+from ._execute import ContextCodec, describe, execute
 from ._protocol import SLOT_INDEX, SLOT_STARTED, Startup, WorkerSpec
 
 
@@ -32,7 +32,7 @@ def worker_main(conn: Connection, spec: WorkerSpec, slot: Any) -> None:
         conn.send_bytes(encoder.encode(Startup(f"ac_factory failed in a worker: {describe(exc)}")))
         return
     conn.send_bytes(encoder.encode(Startup()))
-    fn, oc, state, encode = spec.exec, spec.overall, spec.state, encoder.encode
+    fn, oc, state, codec = spec.exec, spec.overall, spec.state, ContextCodec(spec.job_type)
     while True:
         try:
             data = conn.recv_bytes()
@@ -43,7 +43,7 @@ def worker_main(conn: Connection, spec: WorkerSpec, slot: Any) -> None:
         for i, jc in enumerate(decoder.decode(data)):
             slot[SLOT_INDEX] = i
             slot[SLOT_STARTED] = time.monotonic()
-            outcomes.append(execute(state, fn, ac, oc, jc, encode))
+            outcomes.append(execute(state, fn, ac, oc, jc, codec))
         slot[SLOT_STARTED] = 0.0
         try:
             conn.send_bytes(encoder.encode(outcomes))

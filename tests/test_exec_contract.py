@@ -1,0 +1,268 @@
+"""The exec contract: return shapes, errors, retries, kicks and atomic transitions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import msgspec
+import pytest
+
+from jorbmp import (
+    FAILED,
+    KickRequest,
+    NilStatusListener,
+    Processor,
+    RateLimitError,
+    Run,
+    State,
+    StatusCount,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class JC(msgspec.Struct):
+    count: int = 0
+    tag: str = ""
+    pid: int = 0
+
+
+class Other(msgspec.Struct):
+    something: str = "x"
+
+
+def run_of(n: int, state: str = "new") -> Run[None, JC]:
+    run: Run[None, JC] = Run("contract")
+    for i in range(n):
+        run.add_job(JC(tag=str(i)), state=state)
+    return run
+
+
+def two_tuple(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    return jc, "done"
+
+
+def three_tuple_no_kicks(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    return jc, "done", None
+
+
+def four_tuple_str_error(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    return jc, "parked", [], "remote said no"
+
+
+def returns_int(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    return 42
+
+
+def returns_five(ac: Any, oc: Any, jc: JC) -> Any:
+    return jc, "done", None, None, None
+
+
+def returns_bad_state_type(ac: Any, oc: Any, jc: JC) -> Any:
+    return jc, 7
+
+
+def returns_other_type(ac: Any, oc: Any, jc: JC) -> Any:
+    return Other(), "done"
+
+
+def kicks_unknown_state(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    return jc, "done", [KickRequest(JC(tag="kid"), "done"), KickRequest(JC(), "nowhere")]
+
+
+def kicks_bad_context(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    return jc, "done", [KickRequest(JC(tag="ok"), "done"), KickRequest(Other(), "done")]
+
+
+def kick_not_a_request(ac: Any, oc: Any, jc: JC) -> Any:
+    return jc, "done", ["not a kick"]
+
+
+def rate_limit_returned(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    if jc.count == 1:
+        return jc, "done", None, RateLimitError("slow down", retry_after=0.5)
+    return jc, "done"
+
+
+def record_pid(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.pid = os.getpid()
+    return jc, "done"
+
+
+async def async_record_pid(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.pid = os.getpid()
+    return jc, "done"
+
+
+def states(fn: Any, **kw: Any) -> list[State]:
+    return [State("new", fn, **kw), State("parked", terminal=True), State("done", terminal=True)]
+
+
+@pytest.mark.parametrize("fn", [two_tuple, three_tuple_no_kicks])
+def test_short_return_shapes(fn: Any) -> None:
+    run = run_of(3)
+    Processor(None, states(fn)).exec(run)
+    assert all(j.state == "done" and j.context.count == 1 for j in run.jobs.values())
+
+
+def test_returned_string_error_is_recorded_and_transition_applied() -> None:
+    run = run_of(2)
+    Processor(None, states(four_tuple_str_error, max_retries=0)).exec(run)
+    for job in run.jobs.values():
+        assert job.state == "parked"
+        assert job.context.count == 1
+        assert job.state_errors == {"new": ["remote said no"]}
+
+
+@pytest.mark.parametrize(
+    ("fn", "text"),
+    [
+        (returns_int, "returned int"),
+        (returns_five, "returned a 5-tuple"),
+        (returns_bad_state_type, "next_state of type int"),
+        (returns_other_type, "not a valid JC"),
+        (kicks_unknown_state, "unknown state 'nowhere'"),
+        (kicks_bad_context, "not a valid JC"),
+        (kick_not_a_request, "expected KickRequest"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_malformed_returns_are_failed_attempts_and_nothing_applies(
+    fn: Any, text: str, kind: str
+) -> None:
+    run = run_of(1)
+    Processor(None, states(fn, max_retries=1, kind=kind)).exec(run)
+    job = run.jobs["0"]
+    assert job.state == FAILED
+    assert job.context.count == 0  # atomic: not even the context changed
+    assert len(job.state_errors["new"]) == 2
+    assert text in job.state_errors["new"][0], job.state_errors
+    assert list(run.jobs) == ["0"]  # no kick was applied either
+
+
+def test_returned_rate_limit_error_waits_retry_after_without_failing() -> None:
+    run = run_of(1)
+    start = time.monotonic()
+    Processor(None, states(rate_limit_returned, max_retries=0, kind="thread")).exec(run)
+    assert time.monotonic() - start >= 0.5
+    job = run.jobs["0"]
+    assert job.state == "done"
+    assert job.context.count == 2
+    assert job.state_errors == {"new": ["RateLimitError: slow down"]}
+
+
+def test_max_retries_none_retries_until_success(tmp_path: Any) -> None:
+    run = run_of(1)
+    Processor(None, states(fail_until_file_count, max_retries=None, kind="thread")).exec(run)
+    assert run.jobs["0"].state == "done"
+    assert len(run.jobs["0"].state_errors["new"]) == 5
+
+
+_attempts = {"n": 0}
+
+
+def fail_until_file_count(ac: Any, oc: Any, jc: JC) -> Any:
+    _attempts["n"] += 1
+    if _attempts["n"] <= 5:
+        raise OSError("transient")
+    return jc, "done"
+
+
+def test_error_state_can_be_a_declared_state() -> None:
+    run = run_of(1)
+    proc = Processor(
+        None,
+        [
+            State("new", returns_int, max_retries=0, error_state="parked"),
+            State("parked", terminal=True),
+            State("done", terminal=True),
+        ],
+    )
+    assert FAILED not in [s.trigger_state for s in proc.states]
+    proc.exec(run)
+    assert run.jobs["0"].state == "parked"
+
+
+def test_process_state_runs_in_workers_async_and_thread_in_coordinator() -> None:
+    for fn, kind, same in [
+        (record_pid, "process", False),
+        (async_record_pid, "auto", True),
+        (record_pid, "thread", True),
+    ]:
+        run = run_of(2)
+        Processor(None, states(fn, kind=kind, concurrency=2)).exec(run)
+        pids = {j.context.pid for j in run.jobs.values()}
+        assert (pids == {os.getpid()}) is same, (kind, pids)
+
+
+def test_inline_runs_process_states_in_the_coordinator(monkeypatch: Any) -> None:
+    run = run_of(3)
+    Processor(None, states(record_pid, concurrency=2), inline=True).exec(run)
+    assert {j.context.pid for j in run.jobs.values()} == {os.getpid()}
+    monkeypatch.setenv("JORBMP_INLINE", "1")
+    run = run_of(3)
+    Processor(None, states(record_pid, concurrency=2)).exec(run)
+    assert {j.context.pid for j in run.jobs.values()} == {os.getpid()}
+
+
+def test_add_job_while_executing_raises() -> None:
+    run = run_of(1)
+    seen: list[str] = []
+
+    class Adder(NilStatusListener):
+        def status_update(self, counts: list[StatusCount]) -> None:
+            try:
+                run.add_job(JC())
+            except RuntimeError as exc:
+                seen.append(str(exc))
+
+    Processor(None, states(two_tuple), None, Adder()).exec(run)
+    assert seen and "while a processor is executing" in seen[0]
+    run.add_job(JC())  # fine again afterwards
+    assert list(run.jobs) == ["0", "1"]
+
+
+def test_job_fields_and_ids() -> None:
+    run: Run[None, JC] = Run("ids")
+    assert run.add_job(JC()) == "0"
+    assert run.add_job(JC(), state="middle") == "1"
+    assert run.job_type is JC
+    job = run.jobs["1"]
+    assert (job.id, job.state, job.state_errors, job.parent) == ("1", "middle", {}, None)
+    assert job.last_update.tzinfo is not None
+    assert "middle=1" in repr(run) and "new=1" in repr(run)
+
+
+def test_unknown_job_state_in_run_is_rejected_clearly() -> None:
+    run = run_of(1, state="typo")
+    with pytest.raises(ValueError, match="'typo'"):
+        Processor(None, states(two_tuple)).exec(run)
+
+
+def test_exec_async_inside_a_running_loop() -> None:
+    async def main() -> Run[None, JC]:
+        run = run_of(4)
+        await Processor(None, states(two_tuple, concurrency=2)).exec_async(run)
+        return run
+
+    run = asyncio.run(main())
+    assert run.counts() == {"done": 4}
+
+
+def test_logging_is_silent_by_default_and_debug_names_jobs(caplog: Any) -> None:
+    assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("jorbmp").handlers)
+    with caplog.at_level(logging.DEBUG, logger="jorbmp"):
+        Processor(None, states(two_tuple, kind="thread")).exec(run_of(1))
+    assert any("job 0: new -> done" in r.getMessage() for r in caplog.records)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records)
