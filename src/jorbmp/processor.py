@@ -142,10 +142,12 @@ class Processor(Generic[AC, OC, JC]):
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs between bytecodes of the main thread: only schedule work, so a
         # checkpoint write in progress is never interrupted halfway.
-        self._interrupts += 1
         loop = self._loop
-        if loop is not None:
-            loop.call_soon_threadsafe(self._interrupt)
+        if loop is None or self._coordinator is None:
+            # Starting up or already finishing: nothing to drain, behave like Python.
+            raise KeyboardInterrupt
+        self._interrupts += 1
+        loop.call_soon_threadsafe(self._interrupt)
 
     def _interrupt(self) -> None:
         coordinator = self._coordinator
