@@ -11,11 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from chaos_coordinator import JC, KICK_EVERY, serializer
 
 import jorbmp
-
-sys.path.insert(0, str(Path(__file__).parent))
-from chaos_coordinator import KICK_EVERY, JC, serializer  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "chaos_coordinator.py"
 JOBS = 3000
