@@ -118,10 +118,15 @@ class Lane:
 
     def done(self, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
         try:
-            finish = self.coord.finish
+            coord = self.coord
+            # One timestamp per batch: datetime.now() per job would cost more than
+            # the rest of a no-op transition.
+            coord.now = utcnow()
+            coord.changed = True
+            finish = coord.finish
             for job, outcome in zip(jobs, outcomes, strict=True):
                 finish(self, job, outcome)
-            self.coord.settle(self)
+            coord.settle(self)
         except Exception as exc:
             self.coord.fail(exc)
 
@@ -168,6 +173,7 @@ class Coordinator:
         self.pending: dict[Lane, None] = {}  # lanes to pump at the next settle (ordered set)
         self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.now = utcnow()  # the time of the batch being applied (see Lane.done)
         self.tick: asyncio.TimerHandle | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -321,7 +327,6 @@ class Coordinator:
     def finish(self, lane: Lane, job: Job[Any], o: Outcome) -> None:
         """Apply one exec's outcome to its job: all of it, or (on a problem) none of it."""
         lane.metrics.observe(o.seconds, o.code != 0 or o.error is not None)
-        self.changed = True
         if o.code == FAILED_ATTEMPT:
             self.failed_attempt(lane, job, o.error or "failed")
             return
@@ -402,7 +407,7 @@ class Coordinator:
 
     def move(self, job: Job[Any], src: Lane, dst: Lane) -> None:
         """Put a job in ``dst`` (the back of its queue if it has work to do)."""
-        job.last_update = utcnow()
+        job.last_update = self.now
         if dst is not src:
             if self.debug:
                 log.debug("job %s: %s -> %s", job.id, src.name, dst.name)
@@ -422,7 +427,9 @@ class Coordinator:
         while (job_id := f"{parent.id}->{parent.kicks}") in jobs:
             parent.kicks += 1  # never replace an existing job, whatever happened before
         parent.kicks += 1
-        child: Job[Any] = Job(id=job_id, context=context, state=lane.name, parent=parent.id)
+        child: Job[Any] = Job(
+            id=job_id, context=context, state=lane.name, parent=parent.id, last_update=self.now
+        )
         jobs[job_id] = child
         lane.count += 1
         if not lane.terminal:
@@ -435,7 +442,7 @@ class Coordinator:
 
     def retry_later(self, lane: Lane, job: Job[Any], delay: float) -> None:
         """Keep a rate-limited job out of the queue for ``delay`` seconds (Retry-After)."""
-        job.last_update = utcnow()
+        job.last_update = self.now
         self.serializer.job_changed(job)
         loop = asyncio.get_running_loop()
         self.delayed[job.id] = loop.call_later(delay, self.release, lane, job)
