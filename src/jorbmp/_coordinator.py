@@ -174,6 +174,7 @@ class Coordinator:
         self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.now = utcnow()  # the time of the batch being applied (see Lane.done)
+        self.sample_time = 0.0  # loop time of the last psutil sample
         self.tick: asyncio.TimerHandle | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -204,7 +205,7 @@ class Coordinator:
                         lane.queue.append(job)
                 notify(self.listener, self.snapshot())
                 self.changed = False
-                self.sample_time = loop.time()
+                self.sample_processes()  # primes psutil's CPU counters
                 for lane in lanes.values():
                     lane.pump()
                 self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
@@ -225,6 +226,7 @@ class Coordinator:
         for handle in self.delayed.values():
             handle.cancel()
         try:
+            self.sample_processes()  # CPU since the last sample, for the final update
             for lane in self.lanes.values():
                 if lane.backend is not None:
                     lane.backend.close(abandon)
@@ -246,10 +248,7 @@ class Coordinator:
                 if lane.backend is not None:
                     lane.backend.check_timeouts(now)
             if now - self.sample_time >= SAMPLE_SECONDS:
-                self.sample_time = now
-                for lane in self.lanes.values():
-                    if lane.backend is not None:
-                        lane.metrics.sample(lane.backend.pids())
+                self.sample_processes()
                 self.changed = True  # CPU and rates moved even if no job did
             if self.changed:
                 self.changed = False
@@ -259,6 +258,12 @@ class Coordinator:
             self.fail(exc)
             return
         self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
+
+    def sample_processes(self) -> None:
+        self.sample_time = asyncio.get_running_loop().time()
+        for lane in self.lanes.values():
+            if lane.backend is not None:
+                lane.metrics.sample(lane.backend.pids())
 
     def snapshot(self) -> list[StatusCount]:
         now = asyncio.get_running_loop().time()
