@@ -30,7 +30,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 
 bench: $(STAMP)
-	$(PY) benchmarks/cpu_scaling.py
+	$(PY) -m jorbmp.bench
+
+bench-quick: $(STAMP)
+	$(PY) -m jorbmp.bench --quick
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -37,8 +37,6 @@ __all__ = ["Processor"]
 log = logging.getLogger("jorbmp")
 
 AC = TypeVar("AC")
-OC = TypeVar("OC")
-JC = TypeVar("JC")
 
 # Seconds a graceful stop waits for executing jobs before abandoning them. Long
 # enough for typical API calls and builds to finish; a second Ctrl-C skips it.
@@ -47,7 +45,7 @@ DEFAULT_GRACE_PERIOD = 30.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Processor(Generic[AC, OC, JC]):
+class Processor(Generic[AC]):
     """Executes runs against a list of states (jorb's Processor).
 
     ``ac`` (app context: clients, handles) is passed to every exec; for process
@@ -99,7 +97,7 @@ class Processor(Generic[AC, OC, JC]):
 
     # -- public ---------------------------------------------------------------------
 
-    def exec(self, run: Run[OC, JC]) -> None:
+    def exec(self, run: Run[Any, Any]) -> None:
         """Execute ``run`` until every job is terminal.
 
         Raises `Stopped` after `stop`, ``KeyboardInterrupt`` after Ctrl-C or SIGTERM
@@ -120,7 +118,7 @@ class Processor(Generic[AC, OC, JC]):
             finally:
                 loop.close()
 
-    async def exec_async(self, run: Run[OC, JC]) -> None:
+    async def exec_async(self, run: Run[Any, Any]) -> None:
         """`exec` inside an application's running event loop (no signal handlers are
         installed; cancelling this coroutine abandons executing jobs, writes the
         checkpoint and re-raises)."""
@@ -159,7 +157,7 @@ class Processor(Generic[AC, OC, JC]):
         else:
             coordinator.abandon()
 
-    async def _execute(self, run: Run[OC, JC]) -> None:
+    async def _execute(self, run: Run[Any, Any]) -> None:
         self._check_run(run)
         with self._lock:
             if self._coordinator is not None:
@@ -196,7 +194,7 @@ class Processor(Generic[AC, OC, JC]):
     def _terminal(self, state: str) -> bool:
         return any(s.trigger_state == state and s.terminal for s in self.states)
 
-    def _check_run(self, run: Run[OC, JC]) -> None:
+    def _check_run(self, run: Run[Any, Any]) -> None:
         if run._executing:
             raise RuntimeError(f"run {run.name!r} is already being executed")
         declared = {s.trigger_state for s in self.states}
@@ -219,7 +217,7 @@ class Processor(Generic[AC, OC, JC]):
         return self._local_ac
 
     def _make_backend(
-        self, state: State, lane: Lane, run: Run[OC, JC], runner: InlineRunner
+        self, state: State, lane: Lane, run: Run[Any, Any], runner: InlineRunner
     ) -> Backend:
         assert state.exec is not None
         kind = state.resolved_kind()
