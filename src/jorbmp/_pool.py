@@ -38,8 +38,9 @@ log = logging.getLogger("jorbmp")
 
 # Largest batch of jobs sent to one worker in one message. Bigger batches amortise
 # pipe and encoding overhead for tiny jobs; smaller ones return results sooner and
-# lose less work when a worker dies. Batches are also sized to the queue (see Lane).
-MAX_BATCH = 64
+# lose less work when a worker dies. The coordinator sizes batches below this by
+# the queue's depth and the state's mean exec time (see Lane.batch_limit).
+MAX_BATCH = 256
 # Workers that die before they are ready, in a row, before the run gives up: a worker
 # that cannot start (bad ac_factory, import error under spawn) would otherwise be
 # replaced forever.
