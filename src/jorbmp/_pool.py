@@ -1,11 +1,17 @@
 """The worker-process pool of one process state (`ProcessPool`).
 
-One pool per state, ``concurrency`` workers each with its own pipe; the protocol is
-described in `jorbmp._protocol`. The pool never blocks the coordinator on a busy
-worker (a worker holds at most one batch) and never hangs on a dead one: both the
-pipe and the process sentinel are watched by the event loop, so a worker that
-exits, is killed or segfaults is noticed at once, its job is charged with the
-failure, the rest of its batch goes back to the queue, and a replacement starts.
+One pool per state, ``concurrency`` workers, each with its own socket (framing in
+`jorbmp._comms`, conversation in `jorbmp._protocol`). The pool never blocks the
+coordinator on a busy worker and never hangs on a dead one: the socket and the
+process sentinel are both watched by the event loop, so a worker that exits, is
+killed or segfaults is noticed at once, the job it was running is charged with the
+failure, the rest of its work goes back to the front of the queue, and a
+replacement starts.
+
+While a state's jobs are short (mean under `PIPELINE_SECONDS`), each worker holds
+a second batch queued behind the one it runs, so it never waits a round trip for
+work; long jobs get one batch per worker, so a free worker can always take the
+next job.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import logging
 import multiprocessing
 import time
-from multiprocessing.connection import Connection
+from collections import deque
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -22,6 +28,7 @@ import msgspec
 
 from . import _fds
 from ._backends import Backend, Sink
+from ._comms import CoordinatorEnd, socket_pair
 from ._protocol import (
     FAILED_ATTEMPT,
     SLOT_INDEX,
@@ -37,10 +44,14 @@ from .run import Job
 log = logging.getLogger("jorbmp")
 
 # Largest batch of jobs sent to one worker in one message. Bigger batches amortise
-# pipe and encoding overhead for tiny jobs; smaller ones return results sooner and
-# lose less work when a worker dies. The coordinator sizes batches below this by
+# the cost of a message for tiny jobs; smaller ones return results sooner and send
+# less work back when a worker dies. The coordinator sizes batches below this by
 # the queue's depth and the state's mean exec time (see Lane.batch_limit).
 MAX_BATCH = 256
+# Mean exec time under which workers get a second batch queued behind the running
+# one. Above it the round trip is negligible and queueing would only make a job
+# wait behind another instead of going to the next free worker.
+PIPELINE_SECONDS = 0.005
 # Workers that die before they are ready, in a row, before the run gives up: a worker
 # that cannot start (bad ac_factory, import error under spawn) would otherwise be
 # replaced forever.
@@ -50,19 +61,19 @@ EXIT_WAIT = 2.0
 
 
 class _Worker:
-    __slots__ = ("conn", "jobs", "kill_reason", "process", "ready", "slot")
+    __slots__ = ("batches", "kill_reason", "link", "process", "ready", "slot")
 
-    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Connection, slot: Any):
+    def __init__(self, process: multiprocessing.process.BaseProcess, slot: Any) -> None:
         self.process = process
-        self.conn = conn
         self.slot = slot
-        self.jobs: list[Job[Any]] | None = None
+        self.link: CoordinatorEnd
+        self.batches: deque[list[Job[Any]]] = deque()  # sent, results not back yet
         self.ready = False
         self.kill_reason: str | None = None
 
 
 class ProcessPool(Backend):
-    """``kind="process"``: ``concurrency`` worker processes, each fed batches over a pipe."""
+    """``kind="process"``: ``concurrency`` worker processes, each fed batches over a socket."""
 
     max_batch = MAX_BATCH
 
@@ -80,19 +91,19 @@ class ProcessPool(Backend):
         self.sink = sink
         self.timeout = timeout
         self.workers: list[_Worker] = []
-        self.idle: list[_Worker] = []
-        self.busy = 0
         self.closing = False
         self.startup_failures = 0
         self.spawned = 0
+        self.mean_seconds: float | None = None  # recent mean exec time
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_outcomes = msgspec.msgpack.Decoder(list[Outcome]).decode
         self._decode_startup = msgspec.msgpack.Decoder(Startup).decode
 
     def __repr__(self) -> str:
+        ready = sum(w.ready for w in self.workers)
         return (
-            f"<ProcessPool {self.spec.state!r} workers={len(self.workers)} "
-            f"idle={len(self.idle)} busy={self.busy}>"
+            f"<ProcessPool {self.spec.state!r} workers={len(self.workers)} ready={ready} "
+            f"executing={self.executing()} depth={self._depth()}>"
         )
 
     def start(self) -> None:
@@ -101,7 +112,7 @@ class ProcessPool(Backend):
             self._spawn()
 
     def _spawn(self) -> None:
-        parent, child = self.ctx.Pipe(duplex=True)
+        parent, child = socket_pair()
         slot = self.ctx.RawArray("d", SLOT_SIZE)
         self.spawned += 1
         process = self.ctx.Process(  # type: ignore[attr-defined]
@@ -109,7 +120,7 @@ class ProcessPool(Backend):
             args=(child, self.spec, slot),
             name=f"jorbmp-{self.spec.state}-{self.spawned}",
         )
-        _fds.register(parent.fileno())  # before start: the child must not keep it either
+        _fds.register(parent.fileno())  # before start: a forked child must not keep it
         try:
             process.start()
         except Exception as exc:
@@ -123,50 +134,47 @@ class ProcessPool(Backend):
                 "ac_factory= to build the app context in each worker)"
             ) from exc
         child.close()  # the worker holds the only other end: EOF means it is gone
-        worker = _Worker(process, parent, slot)
+        worker = _Worker(process, slot)
+        worker.link = CoordinatorEnd(
+            parent,
+            self.loop,
+            lambda data: self._guard(self._message, worker, data),
+            lambda: self._guard(self._lost, worker),
+        )
         self.workers.append(worker)
-        self.loop.add_reader(parent.fileno(), self._readable, worker)
-        self.loop.add_reader(process.sentinel, self._exited, worker)
+        self.loop.add_reader(process.sentinel, self._guard, self._exited, worker)
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        # Event-loop callbacks: the loop would only log an exception, so anything
+        # unexpected must end the run here instead of leaving it waiting forever.
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.sink.fatal(exc)
+
+    def _depth(self) -> int:
+        mean = self.mean_seconds
+        return 2 if mean is not None and mean < PIPELINE_SECONDS else 1
 
     def free(self) -> int:
-        return 0 if self.closing else len(self.idle)
+        if self.closing:
+            return 0
+        depth = self._depth()
+        return sum(max(0, depth - len(w.batches)) for w in self.workers if w.ready)
 
     def executing(self) -> int:
-        return self.busy
+        return sum(1 for w in self.workers if w.batches)
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self.workers if w.process.pid is not None]
 
     def submit(self, jobs: list[Job[Any]]) -> None:
-        worker = self.idle.pop()
-        worker.jobs = jobs
-        self.busy += 1
-        try:
-            worker.conn.send_bytes(self._encode([job.context for job in jobs]))
-        except OSError:
-            # Died just now; its jobs never started. Deferred: we are inside a pump.
-            self.loop.call_soon(self._exited, worker)
+        # The ready worker with the least work: an idle one if there is one.
+        worker = min((w for w in self.workers if w.ready), key=lambda w: len(w.batches))
+        worker.batches.append(jobs)
+        worker.link.send(self._encode([job.context for job in jobs]))
 
-    def _readable(self, worker: _Worker) -> None:
-        # Called by the event loop, which would only log an exception: anything
-        # unexpected here must end the run instead of leaving it waiting forever.
-        try:
-            self._receive(worker)
-        except Exception as exc:
-            self.sink.fatal(exc)
-
-    def _exited(self, worker: _Worker) -> None:
-        try:
-            self._lost(worker)
-        except Exception as exc:
-            self.sink.fatal(exc)
-
-    def _receive(self, worker: _Worker) -> None:
-        try:
-            data = worker.conn.recv_bytes()
-        except (EOFError, OSError):
-            self._lost(worker)
-            return
+    def _message(self, worker: _Worker, data: bytes) -> None:
         if not worker.ready:
             startup = self._decode_startup(data)
             if startup.error is not None:
@@ -174,32 +182,36 @@ class ProcessPool(Backend):
                 return
             worker.ready = True
             self.startup_failures = 0
-            self.idle.append(worker)
             self.sink.freed()
             return
-        jobs, worker.jobs = worker.jobs, None
-        self.busy -= 1
-        self.idle.append(worker)
-        assert jobs is not None
-        self.sink.done(jobs, self._decode_outcomes(data))
+        jobs = worker.batches.popleft()
+        outcomes = self._decode_outcomes(data)
+        batch_mean = sum(o.seconds for o in outcomes) / len(outcomes)
+        mean = self.mean_seconds
+        self.mean_seconds = batch_mean if mean is None else 0.8 * mean + 0.2 * batch_mean
+        self.sink.done(jobs, outcomes)
+
+    def _exited(self, worker: _Worker) -> None:
+        # Results the worker sent before it died may still sit in the socket: take
+        # them first, so that only the job it died in is charged.
+        worker.link.drain()
+        self._lost(worker)
 
     def _lost(self, worker: _Worker) -> None:
         """A worker is gone: charge its current job, requeue the rest, replace it."""
         if worker not in self.workers:
-            return  # already handled (EOF and sentinel both fire)
+            return  # already handled (EOF and sentinel both report it)
         self.workers.remove(worker)
-        if worker in self.idle:
-            self.idle.remove(worker)
-        self.loop.remove_reader(worker.conn.fileno())
+        worker.link.close()
+        _fds.unregister(worker.link.fd)
         self.loop.remove_reader(worker.process.sentinel)
         worker.process.join(EXIT_WAIT)
         if worker.process.exitcode is None:
             worker.process.kill()
             worker.process.join()
-        _fds.unregister(worker.conn.fileno())
-        worker.conn.close()
         reason = worker.kill_reason or f"worker died (exit code {worker.process.exitcode})"
-        jobs, worker.jobs = worker.jobs, None
+        batches = list(worker.batches)
+        worker.batches.clear()
         if self.closing:
             return
         log.debug("state %r: %s (pid %s)", self.spec.state, reason, worker.process.pid)
@@ -214,37 +226,41 @@ class ProcessPool(Backend):
                 )
                 return
         self._spawn()
-        if not jobs:
+        if not batches:
             return
-        self.busy -= 1
+        current, later = batches[0], [job for batch in batches[1:] for job in batch]
         if worker.slot[SLOT_STARTED] == 0.0:
-            # Died before starting the batch or after finishing it: no job to blame.
-            self.sink.unrun(jobs)
+            # Died before starting its batch or after finishing it: nobody to blame.
+            self.sink.unrun(current + later)
             return
-        i = min(int(worker.slot[SLOT_INDEX]), len(jobs) - 1)
-        # Jobs before i ran but their results died with the worker: they run again
+        i = min(int(worker.slot[SLOT_INDEX]), len(current) - 1)
+        # Jobs before i ran, but their results died with the worker: they run again
         # (at-least-once), without being charged.
-        self.sink.unrun(jobs[:i] + jobs[i + 1 :])
-        self.sink.done([jobs[i]], [Outcome(FAILED_ATTEMPT, error=reason)])
+        self.sink.unrun(current[:i] + current[i + 1 :] + later)
+        self.sink.done([current[i]], [Outcome(FAILED_ATTEMPT, error=reason)])
 
     def check_timeouts(self, now: float) -> None:
         if self.timeout is None:
             return
         for worker in self.workers:
             started = worker.slot[SLOT_STARTED]
-            if worker.jobs and started and now - started > self.timeout and not worker.kill_reason:
+            if (
+                worker.batches
+                and started
+                and now - started > self.timeout
+                and not worker.kill_reason
+            ):
                 worker.kill_reason = f"timed out after {self.timeout:g}s (worker killed)"
                 worker.process.kill()
 
     def close(self, abandon: bool) -> None:
         self.closing = True
         for worker in self.workers:
-            self.loop.remove_reader(worker.conn.fileno())
             self.loop.remove_reader(worker.process.sentinel)
             if abandon:
                 worker.process.kill()
-            _fds.unregister(worker.conn.fileno())
-            worker.conn.close()  # EOF: an idle worker exits at once
+            _fds.unregister(worker.link.fd)
+            worker.link.close()  # EOF: an idle worker exits at once
         deadline = time.monotonic() + EXIT_WAIT
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -252,4 +268,3 @@ class ProcessPool(Backend):
                 worker.process.kill()
                 worker.process.join()
         self.workers.clear()
-        self.idle.clear()
