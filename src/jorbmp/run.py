@@ -6,6 +6,7 @@ coordinator and the serializers build on these types.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
@@ -24,8 +25,20 @@ JC = TypeVar("JC")
 OC = TypeVar("OC")
 
 
+# The shared timestamp of the current millisecond (see `utcnow`).
+_now_tick = -1
+_now = datetime.now(timezone.utc)
+
+
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    """The current UTC time to the millisecond, as one object shared by every caller
+    within that millisecond: a million jobs added in a loop share a few hundred
+    datetimes instead of holding 48 bytes each, and it is cheaper than datetime.now()."""
+    global _now_tick, _now
+    tick = time.monotonic_ns() >> 20  # ~1.05 ms
+    if tick != _now_tick:
+        _now_tick, _now = tick, datetime.now(timezone.utc)
+    return _now
 
 
 # gc=False: a run can hold millions of jobs; keeping them out of the cyclic garbage
