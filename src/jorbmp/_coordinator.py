@@ -188,7 +188,8 @@ class Coordinator:
         self.stopping = False
         self.abandoning = False
         self.changed = True
-        self.pending: dict[Lane, None] = {}  # lanes to pump at the next settle (ordered set)
+        self.pending: dict[Lane, None] = {}  # lanes to pump next (an ordered set)
+        self.pump_scheduled = False
         self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.now = utcnow()  # the time of the batch being applied (see Lane.done)
@@ -297,19 +298,32 @@ class Coordinator:
         ]
 
     def settle(self, lane: Lane) -> None:
-        """After any event: pump the lanes that gained jobs or slots, then check for the end."""
-        pending = self.pending
-        pending[lane] = None
-        while pending:
-            ready = next(iter(pending))
-            del pending[ready]
-            ready.pump()
+        """After any event: schedule a pump of the lanes that gained jobs or slots, then
+        check for the end."""
+        self.pending[lane] = None
+        if not self.pump_scheduled:
+            # Pump on the next loop iteration, not now: results from other workers
+            # that are ready at the same time join the queues first, so batches fill
+            # up and each message carries more jobs.
+            self.pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self.pump_pending)
         if self.done.done():
             return
         if self.active == 0:
             self.done.set_result("complete")
         elif self.stopping and self.executing() == 0:
             self.done.set_result("stopped")
+
+    def pump_pending(self) -> None:
+        self.pump_scheduled = False
+        pending = self.pending
+        try:
+            while pending:
+                lane = next(iter(pending))
+                del pending[lane]
+                lane.pump()
+        except Exception as exc:
+            self.fail(exc)
 
     def executing(self) -> int:
         return sum(lane.backend.executing() for lane in self.lanes.values() if lane.backend)
