@@ -90,6 +90,32 @@ class Run(Generic[OC, JC]):
         self.jobs[job_id] = Job(id=job_id, context=context, state=state)
         return job_id
 
+    def redrive(
+        self, from_state: str, to_state: str, error_contains: str | None = None
+    ) -> list[str]:
+        """Move the jobs in ``from_state`` (only those with an error containing
+        ``error_contains``, if given) to ``to_state``, resetting their retry counts.
+
+        The jorb way to patch a run: park failures in a terminal state, fix the code,
+        send them back. Returns the ids of the jobs moved.
+        """
+        if self._executing:
+            raise RuntimeError(f"run {self.name!r}: cannot redrive while a processor executes it")
+        moved = []
+        now = utcnow()
+        for job in self.jobs.values():
+            if job.state != from_state:
+                continue
+            if error_contains is not None and not any(
+                error_contains in text for texts in job.state_errors.values() for text in texts
+            ):
+                continue
+            job.state = to_state
+            job.retries = 0
+            job.last_update = now
+            moved.append(job.id)
+        return moved
+
     def counts(self) -> dict[str, int]:
         """Number of jobs per state."""
         return dict(Counter(job.state for job in self.jobs.values()))

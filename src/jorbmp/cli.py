@@ -1,0 +1,130 @@
+"""``python -m jorbmp status|redrive``: inspect and patch checkpoints from the shell.
+
+Both commands read checkpoints without the user's Python types (contexts decode as
+plain JSON-like data), so they work on any run, and loading one never runs code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from .checkpoint.base import CheckpointLock, Serializer
+from .errors import CheckpointError
+from .run import Run
+
+# Error groups shown by `status`, and example job ids per group.
+TOP_ERRORS = 10
+EXAMPLE_IDS = 5
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def open_checkpoint(path: str | Path) -> Serializer:
+    """A serializer for the checkpoint at ``path``, its format told by its first bytes."""
+    from .checkpoint import JsonSerializer
+
+    path = Path(path)
+    with open(path, "rb") as f:  # FileNotFoundError when there is none
+        head = f.read(32)
+    if head.startswith(SQLITE_MAGIC):
+        from .checkpoint.sqlite import SqliteSerializer
+
+        return SqliteSerializer(path)
+    try:
+        from .checkpoint.journal import FILE_MAGIC, JournalSerializer
+    except ImportError:  # pragma: no cover - built without the journal format
+        pass
+    else:
+        if head.startswith(FILE_MAGIC):
+            return JournalSerializer(path)
+    return JsonSerializer(path)
+
+
+def summarize(run: Run[Any, Any]) -> dict[str, Any]:
+    """Per-state counts and the most common errors (grouped by text) of a run."""
+    counts = Counter(job.state for job in run.jobs.values())
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for job in run.jobs.values():
+        for state, texts in job.state_errors.items():
+            for text in dict.fromkeys(texts):  # a job counts once per distinct error
+                groups[(state, text)].append(job.id)
+    top = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:TOP_ERRORS]
+    return {
+        "name": run.name,
+        "jobs": len(run.jobs),
+        "states": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "errors": [
+            {"state": state, "error": text, "jobs": len(ids), "examples": ids[:EXAMPLE_IDS]}
+            for (state, text), ids in top
+        ],
+    }
+
+
+def _print_summary(path: Path, summary: dict[str, Any]) -> None:
+    print(f"run {summary['name']!r} in {path}: {summary['jobs']} jobs")
+    width = max((len(s) for s in summary["states"]), default=5)
+    for state, n in summary["states"].items():
+        print(f"  {state.ljust(width)}  {n}")
+    if summary["errors"]:
+        print("most common errors:")
+        for e in summary["errors"]:
+            examples = ", ".join(e["examples"])
+            print(f"  {e['jobs']:>6} jobs  in {e['state']!r}: {e['error']}  (e.g. {examples})")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    run = open_checkpoint(path).deserialize()
+    summary = summarize(run)
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        print()
+    else:
+        _print_summary(path, summary)
+    return 0
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    path = Path(args.checkpoint)
+    serializer = open_checkpoint(path)
+    lock = CheckpointLock(path)
+    lock.acquire()  # refuses while a processor executes this checkpoint
+    try:
+        run = serializer.deserialize()
+        moved = run.redrive(args.from_state, args.to_state, args.error_contains)
+        if moved and not args.dry_run:
+            serializer.serialize(run)
+    finally:
+        lock.release()
+    verb = "would move" if args.dry_run else "moved"
+    print(f"{verb} {len(moved)} jobs from {args.from_state!r} to {args.to_state!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jorbmp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    status = sub.add_parser("status", help="per-state counts and the most common errors")
+    status.add_argument("checkpoint")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(fn=cmd_status)
+    redrive = sub.add_parser("redrive", help="move jobs from one state to another")
+    redrive.add_argument("checkpoint")
+    redrive.add_argument("--from", dest="from_state", required=True, metavar="STATE")
+    redrive.add_argument("--to", dest="to_state", required=True, metavar="STATE")
+    redrive.add_argument("--error-contains", metavar="TEXT", help="only jobs with such an error")
+    redrive.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    redrive.set_defaults(fn=cmd_redrive)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except FileNotFoundError as exc:
+        print(f"jorbmp: no checkpoint at {exc.filename or args.checkpoint}", file=sys.stderr)
+    except CheckpointError as exc:
+        print(f"jorbmp: {exc}", file=sys.stderr)
+    return 2
