@@ -40,6 +40,9 @@ class Sink(Protocol):
     def freed(self) -> None:
         """Capacity became available without a job finishing (a worker is ready)."""
 
+    def halting(self) -> bool:
+        """The run is stopping (or a stop signal just arrived): start no new workers."""
+
     def fatal(self, exc: BaseException) -> None:
         """The backend cannot go on (e.g. workers fail to start): end the run with ``exc``."""
 

@@ -161,6 +161,9 @@ class Lane:
     def fatal(self, exc: BaseException) -> None:
         self.coord.fail(exc)
 
+    def halting(self) -> bool:
+        return self.coord.stopping or self.coord.signalled
+
 
 class Coordinator:
     """Executes one run once: owns its lanes, transitions, status and checkpoint flushes."""
@@ -186,6 +189,7 @@ class Coordinator:
         self.job_type_name = getattr(run.job_type, "__name__", "the job type")
         self.active = 0  # jobs in non-terminal states; the run is complete at 0
         self.stopping = False
+        self.signalled = False  # set by the processor's signal handler, synchronously
         self.abandoning = False
         self.changed = True
         self.pending: dict[Lane, None] = {}  # lanes to pump next (an ordered set)

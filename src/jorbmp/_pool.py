@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import signal
 import time
 from collections import deque
 from multiprocessing.context import BaseContext
@@ -209,10 +210,17 @@ class ProcessPool(Backend):
         if worker.process.exitcode is None:
             worker.process.kill()
             worker.process.join()
-        reason = worker.kill_reason or f"worker died (exit code {worker.process.exitcode})"
+        code = worker.process.exitcode
+        reason = worker.kill_reason or f"worker died (exit code {code})"
         batches = list(worker.batches)
         worker.batches.clear()
         if self.closing:
+            return
+        # Stopping: a worker killed by the stop signal itself (a Ctrl-C or SIGTERM sent
+        # to the whole process group) did nothing wrong; its jobs are not charged.
+        stop_signals = (-signal.SIGTERM, -signal.SIGINT)
+        if self.sink.halting() and batches and code in stop_signals:
+            self.sink.unrun([job for batch in batches for job in batch])
             return
         log.debug("state %r: %s (pid %s)", self.spec.state, reason, worker.process.pid)
         if not worker.ready:
@@ -225,7 +233,8 @@ class ProcessPool(Backend):
                     )
                 )
                 return
-        self._spawn()
+        if not self.sink.halting():
+            self._spawn()  # no replacement while stopping: nothing new is dispatched
         if not batches:
             return
         current, later = batches[0], [job for batch in batches[1:] for job in batch]

@@ -89,6 +89,7 @@ class Processor(Generic[AC]):
         self._coordinator: Coordinator | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested = False
+        self._in_exec = False
         self._interrupts = 0
 
     def __repr__(self) -> str:
@@ -103,6 +104,13 @@ class Processor(Generic[AC]):
         Raises `Stopped` after `stop`, ``KeyboardInterrupt`` after Ctrl-C or SIGTERM
         (the final checkpoint is written in both cases).
         """
+        self._enter()
+        try:
+            self._exec_in_new_loop(run)
+        finally:
+            self._leave()
+
+    def _exec_in_new_loop(self, run: Run[Any, Any]) -> None:
         loop = asyncio.new_event_loop()
         previous: dict[signal.Signals, Any] = {}
         if threading.current_thread() is threading.main_thread():
@@ -122,12 +130,21 @@ class Processor(Generic[AC]):
         """`exec` inside an application's running event loop (no signal handlers are
         installed; cancelling this coroutine abandons executing jobs, writes the
         checkpoint and re-raises)."""
-        await self._execute(run)
+        self._enter()
+        try:
+            await self._execute(run)
+        finally:
+            self._leave()
 
     def stop(self) -> None:
         """Stop gracefully, from any thread: no new dispatches, executing jobs get the
-        grace period to finish, the checkpoint is written, then `exec` raises `Stopped`."""
+        grace period to finish, the checkpoint is written, then `exec` raises `Stopped`.
+
+        Does nothing when no `exec` is in progress (a stop never carries over to the
+        next run); a stop that arrives while `exec` is starting is honoured."""
         with self._lock:
+            if not self._in_exec:
+                return
             self._stop_requested = True
             coordinator, loop = self._coordinator, self._loop
         if coordinator is not None and loop is not None:
@@ -137,6 +154,18 @@ class Processor(Generic[AC]):
 
     # -- internals ------------------------------------------------------------------
 
+    def _enter(self) -> None:
+        with self._lock:
+            if self._in_exec:
+                raise RuntimeError("this processor is already executing a run")
+            self._in_exec = True
+            self._stop_requested = False
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._in_exec = False
+            self._stop_requested = False
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs between bytecodes of the main thread: only schedule work, so a
         # checkpoint write in progress is never interrupted halfway.
@@ -145,6 +174,9 @@ class Processor(Generic[AC]):
             # Starting up or already finishing: nothing to drain, behave like Python.
             raise KeyboardInterrupt
         self._interrupts += 1
+        # Mark it now, not in the scheduled callback: the same signal sent to the
+        # process group may kill workers, and their deaths must not be charged.
+        self._coordinator.signalled = True
         loop.call_soon_threadsafe(self._interrupt)
 
     def _interrupt(self) -> None:
@@ -160,8 +192,6 @@ class Processor(Generic[AC]):
     async def _execute(self, run: Run[Any, Any]) -> None:
         self._check_run(run)
         with self._lock:
-            if self._coordinator is not None:
-                raise RuntimeError("this processor is already executing a run")
             self._loop = asyncio.get_running_loop()
             self._interrupts = 0
             runner = InlineRunner()
@@ -184,7 +214,6 @@ class Processor(Generic[AC]):
             with self._lock:
                 self._coordinator = None
                 self._loop = None
-                self._stop_requested = False
         if outcome == "stopped":
             left = sum(1 for job in run.jobs.values() if not self._terminal(job.state))
             if self._interrupts:
