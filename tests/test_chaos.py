@@ -31,7 +31,7 @@ def start(path: Path, fmt: str) -> subprocess.Popen[str]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("fmt", ["json"])
+@pytest.mark.parametrize("fmt", ["json", "journal", "sqlite"])
 def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"chaos.{fmt}"
     rng = random.Random(fmt)

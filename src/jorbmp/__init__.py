@@ -5,7 +5,13 @@ The public API is everything in ``__all__``; modules starting with ``_`` are int
 
 import logging
 
-from .checkpoint import JsonSerializer, NilSerializer, Serializer
+from .checkpoint import (
+    JournalSerializer,
+    JsonSerializer,
+    NilSerializer,
+    Serializer,
+    SqliteSerializer,
+)
 from .errors import CheckpointError, RateLimitError, Stopped
 from .processor import Processor
 from .progress import TqdmStatusListener
@@ -24,6 +30,7 @@ __all__ = [
     "AIMDRateLimiter",
     "CheckpointError",
     "Job",
+    "JournalSerializer",
     "JsonSerializer",
     "KickRequest",
     "NilSerializer",
@@ -32,6 +39,7 @@ __all__ = [
     "RateLimitError",
     "Run",
     "Serializer",
+    "SqliteSerializer",
     "State",
     "StatusCount",
     "StatusListener",

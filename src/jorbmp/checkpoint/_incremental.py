@@ -1,0 +1,142 @@
+"""What the incremental formats (journal, SQLite) share: dirty jobs, batches, one writer.
+
+::
+
+    coordinator thread                           writer thread (one, started lazily)
+    ──────────────────                           ───────────────────────────────────
+    job_changed(job): dirty[job.id] = job  O(1)
+    flush(): every `interval`, if the writer is idle,
+             encode the dirty jobs ──── write ──>  append / commit / compact, fsync
+    flush(final=True): wait, hand off the rest, wait again
+
+Jobs are mutable and belong to the coordinator thread, so they are encoded there;
+the writer only sees bytes (or rows) and does the I/O. At most one write is in
+flight: while the writer is busy, changed jobs stay in the dirty set, where repeated
+changes of a job coalesce, so a slow disk makes batches bigger, never a queue longer.
+A write that fails makes its jobs dirty again; the error fails the run (as a failed
+`JsonSerializer` write does), and the final flush tries once more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from pathlib import Path
+from typing import Any
+
+from ..run import Job, Run
+from .base import Serializer
+
+__all__ = ["IncrementalSerializer"]
+
+log = logging.getLogger("jorbmp")
+
+
+class IncrementalSerializer(Serializer):
+    """Base of formats that write only what changed, from a background writer thread.
+
+    Subclasses set ``path`` and ``interval``, call `_reset_batches` in `begin`, implement
+    `_prepare` and call `_stop_writer` in `end`.
+    """
+
+    path: Path
+    interval: float
+    _thread_name = "jorbmp-checkpoint"
+
+    _dirty: dict[str, Job[Any]]
+    _last_flush: float
+    _writer: ThreadPoolExecutor | None = None
+    _pending: Future[None] | None = None
+    _pending_jobs: dict[str, Job[Any]]
+    _active = False  # between begin and end
+
+    def _reset_batches(self) -> None:
+        self._dirty = {}
+        self._pending_jobs = {}
+        self._pending = None
+        self._last_flush = time.monotonic()
+
+    @property
+    def _urgent(self) -> bool:
+        """Write at the next flush, whether jobs changed and the interval passed or not."""
+        return False
+
+    def _prepare(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
+        """Coordinator thread: encode ``jobs`` (changed since the last write) and return
+        what the writer thread must do to store them."""
+        raise NotImplementedError
+
+    def job_changed(self, job: Job[Any]) -> None:
+        self._dirty[job.id] = job
+
+    def flush(self, run: Run[Any, Any], final: bool = False) -> None:
+        if not self._active:
+            return  # not executing (begin failed or was never called)
+        if not self._settle(final):
+            return  # the writer is busy: let the batch grow
+        urgent = self._urgent
+        if not self._dirty and not urgent:
+            return
+        now = time.monotonic()
+        if not final and not urgent and now - self._last_flush < self.interval:
+            return
+        self._last_flush = now
+        jobs, self._dirty = self._dirty, {}
+        try:
+            write = self._prepare(run, jobs)
+        except BaseException:
+            self._dirty = {**jobs, **self._dirty}
+            raise
+        if self._writer is None:
+            # Started at the first write, after the processor forked its first workers.
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix=self._thread_name)
+        self._pending_jobs = jobs
+        self._pending = self._writer.submit(write)
+        if final:
+            self._settle(final=True, retry=False)
+
+    def _settle(self, final: bool, retry: bool = True) -> bool:
+        """Collect the write in flight, waiting for it when ``final``; False if it is
+        still running. A failed write's jobs become dirty again; its error is raised,
+        except on a final flush that may still ``retry``."""
+        pending = self._pending
+        if pending is None:
+            return True
+        if not pending.done():
+            if not final:
+                return False
+            wait_for([pending])
+        self._pending = None
+        jobs, self._pending_jobs = self._pending_jobs, {}
+        failed = pending.exception()
+        if failed is not None:
+            self._dirty = {**jobs, **self._dirty}
+            if not (final and retry):
+                raise failed
+            log.error("%s: checkpoint write failed (%s); retrying", self.path, failed)
+        return True
+
+    def _stop_writer(self, last: Callable[[], None] | None = None) -> None:
+        """Wait for the write in flight, run ``last`` on the writer thread (if it was
+        started) and stop it. Errors are logged: this runs in `end`, after the final flush
+        has reported them."""
+        writer, self._writer = self._writer, None
+        self._active = False
+        if writer is None:
+            return
+        try:
+            if self._pending is not None:
+                wait_for([self._pending])
+                failed = self._pending.exception()
+                if failed is not None:
+                    log.error("%s: checkpoint write failed: %s", self.path, failed)
+                self._pending = None
+            if last is not None:
+                error = writer.submit(last).exception()
+                if error is not None:
+                    log.error("%s: closing the checkpoint failed: %s", self.path, error)
+        finally:
+            writer.shutdown(wait=True)

@@ -1,0 +1,399 @@
+"""`JournalSerializer`: an append-only journal of changed jobs, compacted into snapshots.
+
+The checkpoint is one file::
+
+    header    b"\\x89jorbmp journal\\n"  u32 version                       20 bytes
+    record    b"\\xa5JR\\x5a"  u32 length  u32 crc32  msgpack payload
+    record    ...
+
+A record's payload is a `_Begin` (run name, overall context, next id) or a `_Jobs`
+(a batch of whole jobs, each replacing any earlier copy with its id, plus the run's
+next id). The crc covers the marker, the length and the payload. A file is always
+a *snapshot* (the header, one `_Begin`, then every job in chunks of
+`SNAPSHOT_CHUNK_JOBS`), written to a temporary file and renamed into place, followed
+by *journal* records appended as the run executes: one record per flush, holding
+the jobs that changed since the previous one. Replaying the records in order
+rebuilds the run.
+
+Who does what while a processor executes:
+
+- `job_changed` (coordinator thread, after every transition and kick) only notes the
+  job in an ordered set of dirty jobs: O(1), whatever the size of the run.
+- `flush` (coordinator thread, every housekeeping tick) encodes the dirty jobs into
+  one record at most every ``interval`` seconds, and hands it to a single writer
+  thread that appends it and fsyncs. While the writer is busy, `flush` hands it
+  nothing new and jobs keep collecting in the dirty set, so a slow disk makes
+  batches bigger instead of queueing memory. The final flush waits for the disk.
+- When a record would make the journal part bigger than the snapshot part (and
+  than `COMPACT_MIN_BYTES`), `flush` encodes a whole new snapshot instead; the writer
+  writes it beside the file, fsyncs, renames it over the file and appends to the new
+  file from then on. The file stays below about twice a snapshot, and compacting
+  costs O(run) once per O(run) journal bytes: O(1) per transition.
+
+Crash safety: every flush is one record, so a transition (a job, its kicks and the
+jobs it changed) is in the file entirely or not at all. A crash while appending
+leaves a torn last record, which loading ignores (the next `begin` writes a fresh
+snapshot, so nothing is ever appended after it). A crash while compacting leaves
+either the old file or the new one, both complete. A damaged record *followed by
+intact records* is not a crash artefact: loading raises `CheckpointError` naming the
+byte offset, and `begin` refuses to overwrite the file. (A damaged *last* record
+cannot be told from a torn write, and is ignored like one.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, Generic, TypeVar, Union
+
+import msgspec
+
+from .. import _fds
+from ..errors import CheckpointError
+from ..run import Job, Run
+from ._incremental import IncrementalSerializer
+from .base import CheckpointLock, write_atomic
+
+__all__ = ["JournalSerializer"]
+
+log = logging.getLogger("jorbmp")
+
+OC = TypeVar("OC")
+JC = TypeVar("JC")
+
+JOURNAL_VERSION = 1
+FILE_MAGIC = b"\x89jorbmp journal\n"
+_FILE_HEADER = struct.Struct("<16sI")  # magic, version
+RECORD_MAGIC = b"\xa5JR\x5a"
+_RECORD_HEAD = struct.Struct("<4sI")  # marker, payload length; then the crc
+_CRC = struct.Struct("<I")
+RECORD_HEADER_SIZE = _RECORD_HEAD.size + _CRC.size
+MAX_RECORD_BYTES = 0xFFFFFFFF
+
+# Jobs per record in a snapshot. A snapshot is made atomic by its rename, not by its
+# records, so it can be chunked: smaller chunks bound the memory a load needs at once,
+# bigger ones cost fewer record headers. 10,000 jobs are about 0.5-1 MB.
+SNAPSHOT_CHUNK_JOBS = 10_000
+# The file is compacted when a record would make its journal part bigger than its
+# snapshot part and than this.
+# Compacting more often costs more O(run) snapshots; less often makes the file (and a
+# reload) bigger. 1 MiB keeps small runs from compacting every few flushes.
+COMPACT_MIN_BYTES = 1 << 20
+
+
+class _Begin(msgspec.Struct, Generic[OC], tag="begin"):
+    """The first record of every file: the run without its jobs."""
+
+    name: str
+    next_id: int
+    overall: OC
+
+
+class _Jobs(msgspec.Struct, Generic[JC], tag="jobs"):
+    """Whole jobs, each replacing the copy with its id; a snapshot chunk or one flush."""
+
+    next_id: int
+    jobs: list[Job[JC]]
+
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def _frame(payload: bytes) -> bytes:
+    """One record: marker, length and crc32 (of marker, length and payload), payload."""
+    if len(payload) > MAX_RECORD_BYTES:
+        raise ValueError(f"journal record of {len(payload)} bytes is too big")
+    head = _RECORD_HEAD.pack(RECORD_MAGIC, len(payload))
+    return head + _CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + payload
+
+
+def _check_record(data: memoryview, offset: int) -> tuple[int, str | None]:
+    """(end of the record at ``offset``, None) if it is intact, else (-1, what is wrong)."""
+    size = len(data)
+    if size - offset < RECORD_HEADER_SIZE:
+        return -1, f"{size - offset} bytes, too short for a record header"
+    marker, length = _RECORD_HEAD.unpack_from(data, offset)
+    if marker != RECORD_MAGIC:
+        return -1, "no record marker"
+    start = offset + RECORD_HEADER_SIZE
+    end = start + length
+    if end > size:
+        return -1, f"a {length}-byte record runs past the end of the file"
+    (crc,) = _CRC.unpack_from(data, offset + _RECORD_HEAD.size)
+    if zlib.crc32(data[start:end], zlib.crc32(data[offset : offset + _RECORD_HEAD.size])) != crc:
+        return -1, "checksum mismatch"
+    return end, None
+
+
+def _next_valid_record(data: memoryview, raw: bytes, start: int) -> int | None:
+    """Offset of the first intact record at or after ``start``, if any."""
+    offset = raw.find(RECORD_MAGIC, start)
+    while offset != -1:
+        if _check_record(data, offset)[1] is None:
+            return offset
+        offset = raw.find(RECORD_MAGIC, offset + 1)
+    return None
+
+
+def _sniff(data: bytes) -> str:
+    """A hint about what a file that is not a journal is."""
+    if data.startswith(b"SQLite format 3\0"):
+        return " (it is an SQLite database: use SqliteSerializer)"
+    if data.lstrip()[:1] == b"{":
+        return " (it looks like JSON: use JsonSerializer)"
+    return ""
+
+
+_JOB_INDEX = re.compile(r"\$\.jobs\[(\d+)\]")
+
+
+def _job_id_at(payload: memoryview, message: str) -> str:
+    """`` (job 'id')`` for the job a msgspec error path like ``$.jobs[3]...`` points at."""
+    match = _JOB_INDEX.search(message)
+    if match is None:
+        return ""
+    try:
+        job = msgspec.msgpack.decode(payload)["jobs"][int(match.group(1))]
+        return f" (job {job['id']!r})"
+    except Exception:
+        return ""
+
+
+class JournalSerializer(IncrementalSerializer):
+    """The run as a snapshot plus an append-only journal of changed jobs, in one file.
+
+    Cost per transition does not grow with the run: `job_changed` notes the job, each
+    flush (at most every ``interval`` seconds) appends one record with the jobs that
+    changed, written and fsynced by a background thread, and the file is compacted
+    into a fresh snapshot whenever the journal part outgrows the snapshot part (and
+    ``compact_min_bytes``). After a crash, a reload has every record that reached the
+    file; a torn last record is ignored.
+
+    ``compactions``, ``snapshot_bytes`` and ``journal_bytes`` describe the file while
+    a processor executes the run.
+    """
+
+    _thread_name = "jorbmp-journal"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        overall_type: Any = None,
+        job_type: Any = None,
+        *,
+        interval: float = 0.2,
+        compact_min_bytes: int = COMPACT_MIN_BYTES,
+    ) -> None:
+        self.path: Path = Path(path)
+        self.overall_type = overall_type if overall_type is not None else Any
+        self.job_type = job_type
+        self.interval = interval
+        self.compact_min_bytes = compact_min_bytes
+        job: Any = job_type if job_type is not None else Any
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decoder = msgspec.msgpack.Decoder(
+            Union[_Begin[self.overall_type], _Jobs[job]]  # type: ignore[name-defined]  # noqa: UP007
+        )
+        self._lock = CheckpointLock(self.path)
+        self._known_good = False  # the file on disk was read or written by us
+        self._reset_batches()
+        # Owned by whoever writes: the coordinator thread until `begin` returns, then
+        # the writer thread; read by the coordinator only while no write is pending.
+        self._fd: int | None = None
+        self._size = 0  # bytes of intact records: where the next one goes
+        self.compactions = 0
+        self.snapshot_bytes = 0
+        self.journal_bytes = 0
+
+    def __repr__(self) -> str:
+        state = (
+            f" snapshot={self.snapshot_bytes}B journal={self.journal_bytes}B "
+            f"dirty={len(self._dirty)} compactions={self.compactions}"
+            if self._active
+            else ""
+        )
+        return f"JournalSerializer({str(self.path)!r}){state}"
+
+    # -- reading --------------------------------------------------------------------
+
+    def deserialize(self) -> Run[Any, Any]:
+        raw = self.path.read_bytes()  # FileNotFoundError propagates, as the contract says
+        run = self._replay(raw)
+        self._known_good = True
+        return run
+
+    def _replay(self, raw: bytes) -> Run[Any, Any]:
+        path = self.path
+        if not raw:
+            raise CheckpointError(f"{path}: checkpoint file is empty")
+        if len(raw) < _FILE_HEADER.size or not raw.startswith(FILE_MAGIC):
+            raise CheckpointError(f"{path}: not a jorbmp journal{_sniff(raw)}")
+        _, version = _FILE_HEADER.unpack_from(raw)
+        if version != JOURNAL_VERSION:
+            raise CheckpointError(
+                f"{path}: journal format {version} is not supported "
+                f"(this jorbmp reads format {JOURNAL_VERSION})"
+            )
+        data = memoryview(raw)
+        decode = self._decoder.decode
+        run: Run[Any, Any] | None = None
+        offset = _FILE_HEADER.size
+        while offset < len(raw):
+            end, problem = _check_record(data, offset)
+            if problem is not None:
+                following = _next_valid_record(data, raw, offset + 1)
+                if following is not None:
+                    raise CheckpointError(
+                        f"{path}: corrupt record at byte {offset} ({problem}); intact "
+                        f"records follow at byte {following}, so this is damage, not a "
+                        "write torn by a crash"
+                    )
+                log.warning(
+                    "%s: ignoring %d bytes at byte %d (%s): a write torn by a crash",
+                    path, len(raw) - offset, offset, problem,
+                )  # fmt: skip
+                break
+            payload = data[offset + RECORD_HEADER_SIZE : end]
+            try:
+                record = decode(payload)
+            except msgspec.ValidationError as exc:
+                raise CheckpointError(
+                    f"{path}: record at byte {offset} does not fit the types{_job_id_at(payload, str(exc))}: {exc}"  # noqa: E501
+                ) from None
+            except msgspec.DecodeError as exc:
+                raise CheckpointError(
+                    f"{path}: record at byte {offset} is not a jorbmp record: {exc}"
+                ) from None
+            if isinstance(record, _Begin):
+                if run is not None:
+                    raise CheckpointError(f"{path}: a second run record at byte {offset}")
+                run = Run(record.name, record.overall, self.job_type)
+                run.next_id = record.next_id
+            else:
+                if run is None:
+                    raise CheckpointError(f"{path}: jobs before the run record, at byte {offset}")
+                jobs = run.jobs
+                for job in record.jobs:
+                    jobs[job.id] = job
+                run.next_id = record.next_id
+            offset = end
+        if run is None:
+            raise CheckpointError(f"{path}: the journal holds no run record")
+        return run
+
+    # -- writing --------------------------------------------------------------------
+
+    def _snapshot(self, run: Run[Any, Any]) -> list[bytes]:
+        """The whole run as the chunks of a new file."""
+        encode = self._encode
+        chunks = [
+            _FILE_HEADER.pack(FILE_MAGIC, JOURNAL_VERSION),
+            _frame(encode(_Begin(run.name, run.next_id, run.overall))),
+        ]
+        jobs = list(run.jobs.values())
+        for i in range(0, len(jobs), SNAPSHOT_CHUNK_JOBS):
+            chunks.append(_frame(encode(_Jobs(run.next_id, jobs[i : i + SNAPSHOT_CHUNK_JOBS]))))
+        return chunks
+
+    def _check_overwritable(self) -> None:
+        if self._known_good:
+            return
+        try:
+            self.deserialize()
+        except FileNotFoundError:
+            pass
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"refusing to overwrite a checkpoint that cannot be read: {exc}"
+            ) from None
+
+    def serialize(self, run: Run[Any, Any]) -> None:
+        """Write the whole run now, as a fresh snapshot (not while a processor executes
+        the run with this serializer)."""
+        if self._active:
+            raise RuntimeError(f"{self!r}: a processor is executing a run with it")
+        self._check_overwritable()
+        write_atomic(self.path, self._snapshot(run))
+        self._known_good = True
+
+    def _replace(self, chunks: list[bytes]) -> None:
+        """Writer: make ``chunks`` the whole file (atomically) and append to it from now on."""
+        write_atomic(self.path, chunks)
+        self._close_fd()  # the old file is gone: never append to it again
+        self._size = self.snapshot_bytes = sum(len(chunk) for chunk in chunks)
+        self.journal_bytes = 0
+        self._open_fd()
+
+    def _open_fd(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        _fds.register(fd)  # a forked worker must not keep a replaced file alive
+        self._fd = fd
+
+    def _compact(self, chunks: list[bytes]) -> None:
+        self._replace(chunks)
+        self.compactions += 1
+
+    def _append(self, record: bytes) -> None:
+        """Writer: append one record at the end of the intact records, then fsync."""
+        if self._fd is None:
+            self._open_fd()  # reopening after a compaction failed to
+        fd = self._fd
+        assert fd is not None
+        offset = self._size
+        # A failed earlier write may have left part of a record there: cut it off
+        # first, so that nothing is ever appended after a torn record.
+        if os.fstat(fd).st_size != offset:
+            os.ftruncate(fd, offset)
+        view = memoryview(record)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+        _fdatasync(fd)
+        self._size = offset
+        self.journal_bytes += len(record)
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            _fds.unregister(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    # -- processor hooks ------------------------------------------------------------
+
+    def begin(self, run: Run[Any, Any]) -> None:
+        self._lock.acquire()
+        try:
+            self._check_overwritable()
+            # A fresh snapshot: the file is compact, and any torn tail is gone.
+            self._replace(self._snapshot(run))
+            self._known_good = True
+            self._reset_batches()
+            self._active = True
+        except BaseException:
+            self._close_fd()
+            self._lock.release()
+            raise
+
+    def _prepare(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
+        record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()))))
+        # Read without a lock: the writer is idle whenever this runs.
+        if self.journal_bytes + len(record) > max(self.compact_min_bytes, self.snapshot_bytes):
+            # The journal part would outgrow the snapshot part: write a new snapshot
+            # (it has the changed jobs too). A snapshot costs O(run), but only after
+            # O(run) bytes of journal, so compaction is O(1) per transition.
+            return partial(self._compact, self._snapshot(run))
+        return partial(self._append, record)
+
+    def end(self) -> None:
+        try:
+            self._stop_writer()
+        finally:
+            self._close_fd()
+            self._lock.release()
