@@ -266,3 +266,37 @@ def test_logging_is_silent_by_default_and_debug_names_jobs(caplog: Any) -> None:
         Processor(None, states(two_tuple, kind="thread")).exec(run_of(1))
     assert any("job 0: new -> done" in r.getMessage() for r in caplog.records)
     assert all(r.levelno == logging.DEBUG for r in caplog.records)
+
+
+def exits(ac: Any, oc: Any, jc: JC) -> Any:
+    raise SystemExit(3)
+
+
+async def async_exits(ac: Any, oc: Any, jc: JC) -> Any:
+    raise SystemExit(3)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    ("fn", "kind", "inline"),
+    [(exits, "thread", False), (async_exits, "async", False), (exits, "process", True),
+     (exits, "process", False)],
+)  # fmt: skip
+def test_sys_exit_in_an_exec_is_a_failed_attempt(fn: Any, kind: str, inline: bool) -> None:
+    run = run_of(1)
+    Processor(None, states(fn, kind=kind, max_retries=1), inline=inline).exec(run)
+    job = run.jobs["0"]
+    assert job.state == FAILED
+    assert job.state_errors == {"new": ["SystemExit: 3"] * 2}
+
+
+def test_raised_traceback_is_logged_at_debug(caplog: Any) -> None:
+    with caplog.at_level(logging.DEBUG, logger="jorbmp"):
+        Processor(None, states(returns_then_raises, max_retries=0)).exec(run_of(1))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Traceback (most recent call last)" in text
+    assert "returns_then_raises" in text and "KeyError: 'missing'" in text
+
+
+def returns_then_raises(ac: Any, oc: Any, jc: JC) -> Any:
+    return {}["missing"]

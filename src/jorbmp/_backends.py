@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ._execute import ContextCodec, execute, execute_async
+from ._execute import ContextCodec, execute, execute_async, from_exception
 from ._protocol import Outcome
 from .run import Job
 
@@ -142,7 +142,11 @@ class AsyncBackend(_InProcess):
         if task.cancelled():
             self.running -= 1
             return
-        self.report(job, task.result())
+        exc = task.exception()
+        # An exotic BaseException escaped the exec: still a failed attempt, never a
+        # job left "executing" forever.
+        outcome = task.result() if exc is None else from_exception(self.state, exc, 0.0)
+        self.report(job, outcome)
 
     def close(self, abandon: bool) -> None:
         self.closed = True
@@ -169,9 +173,11 @@ class ThreadBackend(_InProcess):
     def _finished_in_thread(self, job: Job[Any], fut: Future[Outcome]) -> None:
         if fut.cancelled():
             return
+        exc = fut.exception()
+        outcome = fut.result() if exc is None else from_exception(self.state, exc, 0.0)
         # RuntimeError: the loop is closed, the run was abandoned while this exec ran.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.report, job, fut.result())
+            self.loop.call_soon_threadsafe(self.report, job, outcome)
 
     def close(self, abandon: bool) -> None:
         self.closed = True

@@ -214,6 +214,7 @@ class Coordinator:
         self.serializer.begin(self.run)
         try:
             if self.active == 0:
+                self.serializer.flush(self.run, final=True)
                 notify(self.listener, self.snapshot())
                 self.listener.close()
                 return "complete"
@@ -369,6 +370,8 @@ class Coordinator:
         """Apply one exec's outcome to its job: all of it, or (on a problem) none of it."""
         lane.metrics.observe(o.seconds, o.code != 0 or o.error is not None)
         if o.code == FAILED_ATTEMPT:
+            if o.trace is not None and self.debug:
+                log.debug("job %s: exec of state %r raised\n%s", job.id, lane.name, o.trace)
             self.failed_attempt(lane, job, o.error or "failed")
             return
         rate_limited = o.code == RATE_LIMITED

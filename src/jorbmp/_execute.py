@@ -51,8 +51,13 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _elapsed(started: float) -> float:
+    """Seconds since ``started`` (a perf_counter value; 0.0 means unknown)."""
+    return time.perf_counter() - started if started else 0.0
+
+
 def _failed(error: str, started: float, trace: str | None = None) -> Outcome:
-    return Outcome(FAILED_ATTEMPT, error=error, seconds=time.perf_counter() - started, trace=trace)
+    return Outcome(FAILED_ATTEMPT, error=error, seconds=_elapsed(started), trace=trace)
 
 
 def from_exception(state: str, exc: BaseException, started: float) -> Outcome:
@@ -62,7 +67,7 @@ def from_exception(state: str, exc: BaseException, started: float) -> Outcome:
             RATE_LIMITED,
             error=describe(exc),
             retry_after=exc.retry_after,
-            seconds=time.perf_counter() - started,
+            seconds=_elapsed(started),
         )
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return _failed(describe(exc), started, trace)
@@ -128,7 +133,7 @@ def execute(
     started = time.perf_counter()
     try:
         ret = fn(ac, oc, jc)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
         return from_exception(state, exc, started)
     return interpret(state, ret, codec, started)
 
@@ -151,6 +156,6 @@ async def execute_async(
             ret = await asyncio.wait_for(fn(ac, oc, jc), timeout)
     except asyncio.TimeoutError:
         return _failed(f"timed out after {timeout:g}s", started)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
         return from_exception(state, exc, started)
     return interpret(state, ret, codec, started)

@@ -158,7 +158,8 @@ class Serializer:
     # Processor hooks, all called from the coordinator's thread.
 
     def begin(self, run: Run[Any, Any]) -> None:
-        """The processor starts executing ``run``: lock the checkpoint, write it once."""
+        """The processor starts executing ``run``: lock the checkpoint and make sure the
+        file can be written (formats may write it now or defer to the first flush)."""
 
     def job_changed(self, job: Job[Any]) -> None:
         """A job was added or changed. Must be cheap: the real work happens in `flush`."""
