@@ -94,3 +94,34 @@ def test_acquire_waits_in_real_time() -> None:
 
     elapsed = asyncio.run(take(5))
     assert 0.15 <= elapsed < 1.0  # 4 waits of 50 ms after the first token
+
+
+def test_numeric_rate_is_steady_and_never_bursts() -> None:
+    from jorbmp.ratelimit import SteadyRate
+
+    gate = SteadyRate(20)
+
+    async def take(n: int) -> list[float]:
+        loop = asyncio.get_running_loop()
+        times = []
+        for i in range(n):
+            if i == 20:
+                await asyncio.sleep(0.01)  # late callers do not delay the grid
+            await gate.acquire()
+            times.append(loop.time())
+        return times
+
+    times = asyncio.run(take(41))
+    assert 1.95 <= times[-1] - times[0] < 2.1  # 40 intervals of 50 ms, no drift
+    worst = max(sum(1 for t in times if s <= t < s + 1.0) for s in times)
+    assert worst <= 21  # limit + burst in any one-second window
+
+    async def after_idle() -> float:
+        await asyncio.sleep(0.3)  # idle: the grid restarts instead of bursting
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await gate.acquire()
+        await gate.acquire()
+        return loop.time() - start
+
+    assert asyncio.run(after_idle()) >= 0.045

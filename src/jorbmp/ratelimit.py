@@ -133,12 +133,42 @@ class AIMDRateLimiter:
         )
 
 
+class SteadyRate:
+    """``rate_limit=<number>``: starts on a fixed grid of ``1/rate`` seconds, burst 1.
+
+    A plain token bucket capped at one token loses the time by which each timer fires
+    late, so 50/s drifts to ~48/s. Here start ``k`` is due at ``t0 + k/rate``: a late
+    start does not delay the next ones, yet any window of one second holds at most
+    ``rate + 1`` starts. After an idle spell the grid restarts, so idleness never
+    turns into a burst.
+    """
+
+    __slots__ = ("_next", "interval", "rate")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.interval = 1.0 / rate
+        self._next: float | None = None
+
+    async def acquire(self) -> None:
+        now = asyncio.get_running_loop().time()
+        due = self._next
+        if due is None or now - due > self.interval:
+            due = now  # idle for a while: restart the grid here
+        self._next = due + self.interval  # reserved before sleeping: waiters queue up
+        if due > now:
+            await asyncio.sleep(due - now)
+
+    def __repr__(self) -> str:
+        return f"<SteadyRate {self.rate:g}/s>"
+
+
 class RateGate:
     """What the coordinator awaits before each dispatch of a rate-limited state."""
 
     __slots__ = ("aimd", "limiter")
 
-    def __init__(self, limiter: AsyncLimiter | AIMDRateLimiter) -> None:
+    def __init__(self, limiter: AsyncLimiter | AIMDRateLimiter | SteadyRate) -> None:
         self.limiter = limiter
         self.aimd = limiter if isinstance(limiter, AIMDRateLimiter) else None
 
@@ -166,8 +196,7 @@ def make_gate(state_name: str, rate_limit: object) -> RateGate | None:
     if isinstance(rate_limit, (int, float)) and not isinstance(rate_limit, bool):
         if rate_limit <= 0:
             raise ValueError(f"state {state_name!r}: rate_limit must be > 0, got {rate_limit}")
-        # Burst 1: at most one execution per 1/rate seconds.
-        return RateGate(AsyncLimiter(1, 1.0 / rate_limit))
+        return RateGate(SteadyRate(float(rate_limit)))
     raise ValueError(
         f"state {state_name!r}: rate_limit must be None, a number, an aiolimiter.AsyncLimiter "
         f"or an AIMDRateLimiter, got {type(rate_limit).__name__}"
