@@ -83,8 +83,13 @@ def write_atomic(path: Path, chunks: list[bytes]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every OS allows it)."""
     with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -154,6 +159,23 @@ class Serializer:
     def serialize(self, run: Run[Any, Any]) -> None:
         """Write the whole run now."""
         raise NotImplementedError
+
+    # Set when this serializer read or wrote the file itself: it is known to be valid.
+    _known_good = False
+
+    def check_overwritable(self) -> None:
+        """Refuse (``CheckpointError``) to replace a checkpoint that cannot be read: the
+        file is left byte-for-byte as it is, for a person to look at."""
+        if self._known_good:
+            return
+        try:
+            self.deserialize()
+        except FileNotFoundError:
+            pass
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"refusing to overwrite a checkpoint that cannot be read: {exc}"
+            ) from None
 
     # Processor hooks, all called from the coordinator's thread.
 

@@ -301,24 +301,12 @@ class JournalSerializer(IncrementalSerializer):
             chunks.append(_frame(encode(_Jobs(run.next_id, jobs[i : i + SNAPSHOT_CHUNK_JOBS]))))
         return chunks
 
-    def _check_overwritable(self) -> None:
-        if self._known_good:
-            return
-        try:
-            self.deserialize()
-        except FileNotFoundError:
-            pass
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"refusing to overwrite a checkpoint that cannot be read: {exc}"
-            ) from None
-
     def serialize(self, run: Run[Any, Any]) -> None:
         """Write the whole run now, as a fresh snapshot (not while a processor executes
         the run with this serializer)."""
         if self._active:
             raise RuntimeError(f"{self!r}: a processor is executing a run with it")
-        self._check_overwritable()
+        self.check_overwritable()
         write_atomic(self.path, self._snapshot(run))
         self._known_good = True
 
@@ -370,7 +358,7 @@ class JournalSerializer(IncrementalSerializer):
     def begin(self, run: Run[Any, Any]) -> None:
         self._lock.acquire()
         try:
-            self._check_overwritable()
+            self.check_overwritable()
             # A fresh snapshot: the file is compact, and any torn tail is gone.
             self._replace(self._snapshot(run))
             self._known_good = True

@@ -63,6 +63,7 @@ class JsonSerializer(Serializer):
         return run
 
     def serialize(self, run: Run[Any, Any]) -> None:
+        self.check_overwritable()
         enc = self._encoder.encode
         header = enc(record_of(run, []))
         assert header.endswith(b"[]}")
@@ -76,13 +77,6 @@ class JsonSerializer(Serializer):
     def begin(self, run: Run[Any, Any]) -> None:
         self._lock.acquire()
         try:
-            if self.path.exists() and not self._known_good:
-                try:
-                    self.deserialize()
-                except CheckpointError as exc:
-                    raise CheckpointError(
-                        f"refusing to overwrite a checkpoint that cannot be read: {exc}"
-                    ) from None
             self.serialize(run)
         except BaseException:
             self._lock.release()

@@ -49,7 +49,7 @@ import msgspec
 from ..errors import CheckpointError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
-from .base import CheckpointLock
+from .base import CheckpointLock, fsync_dir
 
 __all__ = ["SqliteSerializer"]
 
@@ -147,12 +147,7 @@ def _rename_durably(tmp: Path, path: Path) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 class _RunRow(msgspec.Struct, Generic[OC]):
@@ -378,24 +373,12 @@ class SqliteSerializer(IncrementalSerializer):
             with contextlib.closing(self._connect(path)) as conn:
                 self._fill(conn, head, values)
 
-    def _check_overwritable(self) -> None:
-        if self._known_good:
-            return
-        try:
-            self.deserialize()
-        except FileNotFoundError:
-            pass
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"refusing to overwrite a checkpoint that cannot be read: {exc}"
-            ) from None
-
     def serialize(self, run: Run[Any, Any]) -> None:
         """Write the whole run now, in one transaction (not while a processor executes
         the run with this serializer)."""
         if self._active:
             raise RuntimeError(f"{self!r}: a processor is executing a run with it")
-        self._check_overwritable()
+        self.check_overwritable()
         self._write_all(self._head(run), self._values(list(run.jobs.values())), keep=False)
         self._known_good = True
 
@@ -427,7 +410,7 @@ class SqliteSerializer(IncrementalSerializer):
     def begin(self, run: Run[Any, Any]) -> None:
         self._lock.acquire()
         try:
-            self._check_overwritable()
+            self.check_overwritable()
         except BaseException:
             self._lock.release()
             raise
