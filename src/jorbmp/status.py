@@ -75,12 +75,6 @@ class StateMetrics:
         self._cpu = 0.0
         self._rss = 0
 
-    def observe(self, seconds: float, error: bool) -> None:
-        self.processed += 1
-        self.total_seconds += seconds
-        if error:
-            self.errors += 1
-
     def rate(self, now: float) -> float:
         samples = self._samples
         samples.append((now, self.processed))
