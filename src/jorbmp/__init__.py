@@ -16,6 +16,7 @@ from .errors import CheckpointError, RateLimitError, Stopped
 from .processor import Processor
 from .progress import TqdmStatusListener
 from .ratelimit import AIMDRateLimiter
+from .report import RunReport, StateReport
 from .run import FAILED, NEW, Job, Run
 from .state import KickRequest, State
 from .status import NilStatusListener, StatusCount, StatusListener
@@ -38,9 +39,11 @@ __all__ = [
     "Processor",
     "RateLimitError",
     "Run",
+    "RunReport",
     "Serializer",
     "SqliteSerializer",
     "State",
+    "StateReport",
     "StatusCount",
     "StatusListener",
     "Stopped",

@@ -38,6 +38,7 @@ from ._backends import Backend
 from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome
 from .checkpoint.base import Serializer
 from .ratelimit import RateGate, make_gate
+from .report import RunReport, build_report
 from .run import Job, Run, utcnow
 from .state import State
 from .status import SAMPLE_SECONDS, StateMetrics, StatusCount, StatusListener, notify
@@ -122,8 +123,11 @@ class Lane:
     async def _gated(self) -> None:
         assert self.gate is not None and self.backend is not None
         try:
+            loop = asyncio.get_running_loop()
             while self.queue and self.backend.free() and not self.coord.stopping:
+                waited_from = loop.time()
                 await self.gate.acquire()
+                self.metrics.rate_wait += loop.time() - waited_from
                 if self.coord.is_stopping():
                     break
                 # Only this task takes from the queue or fills slots, so both still hold.
@@ -197,8 +201,10 @@ class Coordinator:
         self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.now = utcnow()  # the time of the batch being applied (see Lane.done)
-        self.sample_time = 0.0  # loop time of the last psutil sample
+        self.started = asyncio.get_running_loop().time()
+        self.sample_time = self.started  # loop time of the last psutil sample
         self.tick: asyncio.TimerHandle | None = None
+        self.final_report: RunReport | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     # -- the loop -------------------------------------------------------------------
@@ -217,6 +223,7 @@ class Coordinator:
                 self.serializer.flush(self.run, final=True)
                 notify(self.listener, self.snapshot())
                 self.listener.close()
+                self.final_report = self.report("complete")
                 return "complete"
             try:
                 for lane in lanes.values():
@@ -241,9 +248,18 @@ class Coordinator:
         finally:
             self.serializer.end()
 
+    def ended(self) -> str:
+        """How the run ended: "complete", "stopped", or "failed" (an error, or the
+        awaiting task was cancelled, which cancels `done` too)."""
+        done = self.done
+        if not done.done() or done.cancelled() or done.exception() is not None:
+            return "failed"
+        return done.result()
+
     def shutdown(self) -> None:
         """Release everything, write the final checkpoint and the final status."""
-        abandon = self.abandoning or not self.done.done() or self.done.exception() is not None
+        outcome = self.ended()
+        abandon = self.abandoning or outcome == "failed"
         for lane in self.lanes.values():
             if lane.gate_task is not None:
                 lane.gate_task.cancel()
@@ -259,6 +275,7 @@ class Coordinator:
                 self.serializer.flush(self.run, final=True)
             finally:
                 notify(self.listener, self.snapshot())
+                self.final_report = self.report(outcome)
                 try:
                     self.listener.close()
                 except Exception:
@@ -284,13 +301,15 @@ class Coordinator:
         self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
 
     def sample_processes(self) -> None:
-        self.sample_time = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        seconds, self.sample_time = now - self.sample_time, now
         for lane in self.lanes.values():
             if lane.backend is not None:
-                lane.metrics.sample(lane.backend.pids())
+                lane.metrics.sample(lane.backend.pids(), seconds)
 
     def snapshot(self) -> list[StatusCount]:
         now = asyncio.get_running_loop().time()
+        elapsed = now - self.started
         return [
             lane.metrics.snapshot(
                 lane.name,
@@ -298,9 +317,20 @@ class Coordinator:
                 lane.count,
                 lane.backend.executing() if lane.backend is not None else 0,
                 now,
+                lane.state.concurrency * elapsed,
             )
             for lane in self.lanes.values()
         ]
+
+    def report(self, outcome: str) -> RunReport:
+        """The end-of-run report: per-state figures, the bottleneck and a hint."""
+        wall = asyncio.get_running_loop().time() - self.started
+        rows: list[tuple[StatusCount, int, str]] = [
+            (count, lane.state.concurrency, "" if lane.terminal else lane.state.resolved_kind())
+            for count, lane in zip(self.snapshot(), self.lanes.values(), strict=True)
+        ]
+        cpu = [lane.metrics.cpu_seconds for lane in self.lanes.values()]
+        return build_report(self.run.name, outcome, wall, rows, cpu)
 
     def settle(self, lane: Lane) -> None:
         """After any event: schedule a pump of the lanes that gained jobs or slots, then
@@ -371,6 +401,7 @@ class Coordinator:
         metrics = lane.metrics  # counted inline: this runs once per exec
         metrics.processed += 1
         metrics.total_seconds += o.seconds
+        metrics.recent.append(o.seconds)
         if o.code or o.error is not None:
             metrics.errors += 1
         if o.code == FAILED_ATTEMPT:

@@ -28,6 +28,7 @@ from ._protocol import WorkerSpec
 from .checkpoint.base import NilSerializer, Serializer
 from .errors import Stopped
 from .ratelimit import make_gate
+from .report import RunReport
 from .run import FAILED, Run
 from .state import KINDS, State, is_coroutine_function
 from .status import NilStatusListener, StatusListener
@@ -91,6 +92,7 @@ class Processor(Generic[AC]):
         self._stop_requested = False
         self._in_exec = False
         self._interrupts = 0
+        self.last_report: RunReport | None = None  # of the latest exec, however it ended
 
     def __repr__(self) -> str:
         names = ", ".join(s.trigger_state for s in self.states)
@@ -102,7 +104,8 @@ class Processor(Generic[AC]):
         """Execute ``run`` until every job is terminal.
 
         Raises `Stopped` after `stop`, ``KeyboardInterrupt`` after Ctrl-C or SIGTERM
-        (the final checkpoint is written in both cases).
+        (the final checkpoint is written in both cases). However it ends, the run's
+        `RunReport` is then in `last_report`.
         """
         self._enter()
         try:
@@ -207,10 +210,12 @@ class Processor(Generic[AC]):
             if self._stop_requested:
                 coordinator.request_stop()
         run._executing = True
+        self.last_report = None
         try:
             outcome = await coordinator.execute()
         finally:
             run._executing = False
+            self.last_report = coordinator.final_report
             with self._lock:
                 self._coordinator = None
                 self._loop = None

@@ -22,6 +22,9 @@ log = logging.getLogger("jorbmp")
 RATE_WINDOW_SECONDS = 5.0
 # psutil sampling period: reading /proc for every worker costs ~20-50 us each.
 SAMPLE_SECONDS = 1.0
+# Exec times kept per state for the p95: recent enough to follow a change, enough
+# samples for the tail to mean something, cheap to sort ten times a second.
+P95_WINDOW = 1000
 
 
 class StatusCount(msgspec.Struct, frozen=True):
@@ -38,6 +41,9 @@ class StatusCount(msgspec.Struct, frozen=True):
     jobs_per_second: float = 0.0  # over the last few seconds
     cpu_percent: float = 0.0  # the state's workers (or the coordinator for async/thread)
     rss_bytes: int = 0
+    p95_seconds: float = 0.0  # 95th percentile of recent exec wall times
+    rate_wait_seconds: float = 0.0  # time spent waiting on the state's rate limiter
+    utilisation: float = 0.0  # busy slot-seconds / (concurrency x elapsed), 0..1
 
 
 class StatusListener:
@@ -64,16 +70,41 @@ class NilStatusListener(StatusListener):
 class StateMetrics:
     """Live counters for one state, turned into a `StatusCount` on demand."""
 
-    __slots__ = ("_cpu", "_procs", "_rss", "_samples", "errors", "processed", "total_seconds")
+    __slots__ = (
+        "_cpu",
+        "_p95",
+        "_p95_at",
+        "_procs",
+        "_rss",
+        "_samples",
+        "cpu_seconds",
+        "errors",
+        "processed",
+        "rate_wait",
+        "recent",
+        "total_seconds",
+    )
 
     def __init__(self) -> None:
         self.processed = 0
         self.errors = 0
-        self.total_seconds = 0.0
+        self.total_seconds = 0.0  # busy slot-seconds: the sum of exec wall times
+        self.recent: deque[float] = deque(maxlen=P95_WINDOW)  # exec wall times
+        self.rate_wait = 0.0
+        self.cpu_seconds = 0.0  # CPU time of the state's processes, from the samples
         self._samples: deque[tuple[float, int]] = deque()
         self._procs: dict[int, psutil.Process] = {}
         self._cpu = 0.0
         self._rss = 0
+        self._p95 = 0.0
+        self._p95_at = -1  # `processed` when _p95 was computed
+
+    def p95(self) -> float:
+        if self._p95_at != self.processed and self.recent:
+            ordered = sorted(self.recent)
+            self._p95 = ordered[int(0.95 * (len(ordered) - 1))]
+            self._p95_at = self.processed
+        return self._p95
 
     def rate(self, now: float) -> float:
         samples = self._samples
@@ -83,8 +114,9 @@ class StateMetrics:
         t0, n0 = samples[0]
         return (self.processed - n0) / (now - t0) if now > t0 else 0.0
 
-    def sample(self, pids: list[int]) -> None:
-        """Refresh CPU% and RSS over ``pids`` (psutil; cpu_percent since the last sample)."""
+    def sample(self, pids: list[int], seconds: float) -> None:
+        """Refresh CPU% and RSS over ``pids`` (psutil; cpu_percent since the last sample,
+        ``seconds`` ago)."""
         cpu = 0.0
         rss = 0
         live: dict[int, psutil.Process] = {}
@@ -102,10 +134,18 @@ class StateMetrics:
                 continue
         self._procs = live
         self._cpu, self._rss = cpu, rss
+        self.cpu_seconds += cpu / 100 * seconds
 
     def snapshot(
-        self, state: str, terminal: bool, count: int, executing: int, now: float
+        self,
+        state: str,
+        terminal: bool,
+        count: int,
+        executing: int,
+        now: float,
+        capacity_seconds: float,
     ) -> StatusCount:
+        """``capacity_seconds``: concurrency x time since the run started."""
         return StatusCount(
             state=state,
             completed=count if terminal else 0,
@@ -118,6 +158,11 @@ class StateMetrics:
             jobs_per_second=self.rate(now),
             cpu_percent=self._cpu,
             rss_bytes=self._rss,
+            p95_seconds=self.p95(),
+            rate_wait_seconds=self.rate_wait,
+            utilisation=min(1.0, self.total_seconds / capacity_seconds)
+            if capacity_seconds
+            else 0.0,
         )
 
 

@@ -1,0 +1,133 @@
+"""The end-of-run report: what each state did, which one limited the run, and a hint.
+
+After `Processor.exec` (however it ended) it is in `Processor.last_report`;
+``print(report)`` shows it as a table.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+from .status import StatusCount
+
+__all__ = ["RunReport", "StateReport"]
+
+# A state busy at least this share of the run (utilisation) is called saturated.
+SATURATED = 0.8
+# A state that waited on its rate limit for at least this share of the run is
+# limited by the rate, not by its workers.
+RATE_BOUND = 0.5
+
+
+class StateReport(msgspec.Struct, frozen=True):
+    """One state's figures over the whole run."""
+
+    state: str
+    kind: str  # "process", "async", "thread", or "" for a terminal state
+    terminal: bool
+    jobs: int  # jobs in this state at the end
+    execs: int
+    errors: int
+    mean_seconds: float
+    p95_seconds: float
+    concurrency: int
+    utilisation: float  # busy slot-seconds / (concurrency x wall), 0..1
+    cpu_percent: float  # mean over the run, of the state's processes
+    rate_wait_seconds: float
+
+
+class RunReport(msgspec.Struct, frozen=True):
+    """The figures of one `Processor.exec`, frozen when it ended."""
+
+    run: str
+    outcome: str  # "complete" or "stopped"
+    wall_seconds: float
+    states: list[StateReport]
+    bottleneck: str | None  # the working state with the highest utilisation
+    hint: str
+
+    def __str__(self) -> str:
+        head = (
+            f"run {self.run!r} {self.outcome} in {self.wall_seconds:.1f}s",
+            ("state", "jobs", "execs", "errors", "mean", "p95", "busy", "cpu", "rate wait"),
+        )
+        rows = [
+            (
+                s.state,
+                str(s.jobs),
+                "" if s.terminal else str(s.execs),
+                "" if s.terminal else str(s.errors),
+                "" if s.terminal else _seconds(s.mean_seconds),
+                "" if s.terminal else _seconds(s.p95_seconds),
+                "" if s.terminal else f"{s.utilisation:.0%} of {s.concurrency}",
+                "" if s.terminal else f"{s.cpu_percent:.0f}%",
+                "" if s.terminal or not s.rate_wait_seconds else _seconds(s.rate_wait_seconds),
+            )
+            for s in self.states
+        ]
+        table = [head[1], *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(head[1]))]
+        lines = [head[0]]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                  for r in table]  # fmt: skip
+        lines.append(self.hint)
+        return "\n".join(lines)
+
+
+def _seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f}s"
+    return f"{seconds * 1000:.1f}ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f}us"
+
+
+def build_report(
+    run: str,
+    outcome: str,
+    wall: float,
+    rows: list[tuple[StatusCount, int, str]],
+    cpu_seconds: list[float],
+) -> RunReport:
+    """Turn the final status (one ``(count, concurrency, kind)`` per state) into a report."""
+    states = [
+        StateReport(
+            state=c.state,
+            kind=kind,
+            terminal=c.terminal,
+            jobs=c.completed if c.terminal else c.executing + c.waiting,
+            execs=c.processed,
+            errors=c.errors,
+            mean_seconds=c.mean_seconds,
+            p95_seconds=c.p95_seconds,
+            concurrency=concurrency,
+            utilisation=c.utilisation,
+            cpu_percent=100 * cpu / wall if wall > 0 else 0.0,
+            rate_wait_seconds=c.rate_wait_seconds,
+        )
+        for (c, concurrency, kind), cpu in zip(rows, cpu_seconds, strict=True)
+    ]
+    working = [s for s in states if not s.terminal and s.execs]
+    if not working:
+        return RunReport(run, outcome, wall, states, None, "nothing was executed")
+    busiest = max(working, key=lambda s: s.utilisation)
+    return RunReport(run, outcome, wall, states, busiest.state, _hint(busiest, wall))
+
+
+def _hint(s: StateReport, wall: float) -> str:
+    name, busy = repr(s.state), f"{s.utilisation:.0%}"
+    if wall > 0 and s.rate_wait_seconds >= RATE_BOUND * wall:
+        return (
+            f"state {name} waited {s.rate_wait_seconds:.1f}s on its rate limit "
+            f"({s.rate_wait_seconds / wall:.0%} of the run): the limit sets the pace"
+        )
+    if s.utilisation < SATURATED:
+        return (
+            f"no state was saturated (busiest: {name}, {busy} busy): jobs were waiting "
+            "on something else (start-up, the coordinator, or too few jobs to overlap)"
+        )
+    where = f"state {name} was busy {busy} of the run at concurrency {s.concurrency}"
+    cores = os.cpu_count() or 1
+    if s.kind == "process" and s.concurrency >= cores:
+        return f"{where}, as many workers as cores: add cores or make its exec cheaper"
+    return f"{where}: raise its concurrency"
