@@ -126,10 +126,23 @@ def test_nil_listener_accepts_updates() -> None:
 
 def test_tqdm_listener_draws_one_bar_per_state_and_closes() -> None:
     out = io.StringIO()
-    listener = TqdmStatusListener(file=out)
+    listener = TqdmStatusListener(file=out, plain=False)
     Processor(None, STATES, None, listener).exec(make_run(20))
     text = out.getvalue()
     for name in ("new", "middle", "done", FAILED):
         assert name in text
     assert "10/20" in text  # terminal bars: arrived out of all jobs
+    assert "\r" in text
     assert listener.bars == []
+
+
+def test_tqdm_listener_writes_plain_lines_when_not_a_terminal() -> None:
+    out = io.StringIO()  # not a tty: plain lines, no carriage returns
+    listener = TqdmStatusListener(file=out)
+    Processor(None, STATES, None, listener).exec(make_run(20))
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert 2 <= len(lines) <= 4  # the first update, then the last one (a short run)
+    assert lines[-1].startswith("[jorbmp")
+    assert "new 20 done 0 exec 0 wait" in lines[-1]
+    assert "done 10/20 | failed 10/20" in lines[-1]
