@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import pty
+import select
 import time
 from typing import Any
 
@@ -146,3 +149,26 @@ def test_tqdm_listener_writes_plain_lines_when_not_a_terminal() -> None:
     assert lines[-1].startswith("[jorbmp")
     assert "new 20 done 0 exec 0 wait" in lines[-1]
     assert "done 10/20 | failed 10/20" in lines[-1]
+
+
+def test_tqdm_listener_draws_bars_on_a_terminal_that_reports_no_size() -> None:
+    leader, follower = pty.openpty()  # a fresh pty reports 0 columns and 0 rows
+    try:
+        with open(follower, "w", closefd=False) as tty:
+            listener = TqdmStatusListener(file=tty)
+            Processor(None, STATES, None, listener).exec(make_run(20))
+            tty.flush()
+        data = b""
+        while True:
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if not ready:
+                break
+            data += os.read(leader, 65536)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    text = data.decode(errors="replace")
+    assert listener.plain is False
+    for name in ("new", "middle", "done", FAILED):
+        assert f"{name}" in text
+    assert "10/20" in text

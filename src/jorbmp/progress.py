@@ -7,6 +7,8 @@ seconds and a last one at the end instead.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from typing import IO, Any
@@ -25,6 +27,13 @@ def _fmt_seconds(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.1f}s"
     return f"{seconds * 1000:.0f}ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f}us"
+
+
+def _terminal_columns(out: IO[str]) -> int:
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _plain_line(elapsed: float, counts: list[StatusCount]) -> str:
@@ -85,6 +94,13 @@ class TqdmStatusListener(StatusListener):
             return
         if not self.bars:
             width = max(len(c.state) for c in counts)
+            sizing: dict[str, Any] = {"dynamic_ncols": True}
+            if _terminal_columns(self._out()) <= 0:
+                # A terminal that reports no size (some ptys): tqdm would hide every
+                # bar beyond its 0 rows, so give it a fixed size.
+                size = shutil.get_terminal_size()
+                sizing = {"ncols": size.columns, "nrows": max(size.lines, len(counts) + 1)}
+            sizing.update(self.tqdm_kwargs)
             self.bars = [
                 tqdm(
                     desc=c.state.ljust(width),
@@ -92,9 +108,8 @@ class TqdmStatusListener(StatusListener):
                     position=i,
                     leave=True,
                     file=self._out(),
-                    dynamic_ncols=True,
                     unit="job",
-                    **self.tqdm_kwargs,
+                    **sizing,
                 )
                 for i, c in enumerate(counts)
             ]
