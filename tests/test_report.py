@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -11,6 +14,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import jorbmp
 from jorbmp import FAILED, Processor, Run, RunReport, State, Stopped
 
 pytestmark = pytest.mark.timeout(60)
@@ -133,3 +137,24 @@ def _ppid(pid: str) -> int:
             return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
         return -1
+
+
+@pytest.mark.parametrize("fmt", ["JsonSerializer", "JournalSerializer", "SqliteSerializer"])
+def test_report_is_stored_in_the_checkpoint_and_shown_by_status(tmp_path: Any, fmt: str) -> None:
+    path = tmp_path / "run.ck"
+    cls = getattr(jorbmp, fmt)
+    states = [State("new", cheap, concurrency=2), State("done", terminal=True)]
+    proc = Processor(None, states, cls(path, job_type=JC))
+    proc.exec(make_run(30))
+    loaded = cls(path, job_type=JC).deserialize()
+    assert loaded.report is not None
+    assert msgspec.convert(loaded.report, RunReport) == proc.last_report
+    out = subprocess.run([sys.executable, "-m", "jorbmp", "status", str(path), "--json"],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["report"]["outcome"] == "complete"
+    assert data["report"]["states"][0]["execs"] == 30
+    text = subprocess.run([sys.executable, "-m", "jorbmp", "status", str(path)],
+                          capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+    assert "latest execution:" in text and "run 'report' complete" in text

@@ -272,10 +272,10 @@ class Coordinator:
                     lane.backend.close(abandon)
         finally:
             try:
+                self.store_report(outcome)
                 self.serializer.flush(self.run, final=True)
             finally:
                 notify(self.listener, self.snapshot())
-                self.final_report = self.report(outcome)
                 try:
                     self.listener.close()
                 except Exception:
@@ -321,6 +321,15 @@ class Coordinator:
             )
             for lane in self.lanes.values()
         ]
+
+    def store_report(self, outcome: str) -> None:
+        """Keep the report for the processor and in the run (so in the checkpoint)."""
+        try:
+            self.final_report = self.report(outcome)
+            self.run.report = msgspec.to_builtins(self.final_report)
+            self.serializer.run_changed()
+        except Exception:  # a report is never worth losing the final checkpoint
+            log.exception("could not build the run report")
 
     def report(self, outcome: str) -> RunReport:
         """The end-of-run report: per-state figures, the bottleneck and a hint."""

@@ -13,8 +13,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from .checkpoint.base import CheckpointLock, Serializer
 from .errors import CheckpointError
+from .report import RunReport
 from .run import Run
 
 # Error groups shown by `status`, and example job ids per group.
@@ -55,6 +58,7 @@ def summarize(run: Run[Any, Any]) -> dict[str, Any]:
                 groups[(state, text)].append(job.id)
     top = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:TOP_ERRORS]
     return {
+        "report": run.report,
         "name": run.name,
         "jobs": len(run.jobs),
         "states": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
@@ -75,6 +79,14 @@ def _print_summary(path: Path, summary: dict[str, Any]) -> None:
         for e in summary["errors"]:
             examples = ", ".join(e["examples"])
             print(f"  {e['jobs']:>6} jobs  in {e['state']!r}: {e['error']}  (e.g. {examples})")
+    if summary["report"] is not None:
+        print("latest execution:")
+        try:
+            report = msgspec.convert(summary["report"], RunReport)
+        except msgspec.ValidationError:
+            print("  (a report this version cannot read)")
+        else:
+            print("  " + str(report).replace("\n", "\n  "))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -73,6 +73,9 @@ class Run(Generic[OC, JC]):
         self.job_type = job_type
         self.jobs: dict[str, Job[JC]] = {}
         self.next_id = 0
+        # The summary of the latest execution (a RunReport as plain data), stored in
+        # the checkpoint so that `python -m jorbmp status` can show it later.
+        self.report: dict[str, Any] | None = None
         # Set by the processor while it executes this run.
         self._executing = False
 

@@ -72,12 +72,17 @@ class IncrementalSerializer(Serializer):
     def job_changed(self, job: Job[Any]) -> None:
         self._dirty[job.id] = job
 
+    _run_dirty = False
+
+    def run_changed(self) -> None:
+        self._run_dirty = True
+
     def flush(self, run: Run[Any, Any], final: bool = False) -> None:
         if not self._active:
             return  # not executing (begin failed or was never called)
         if not self._settle(final):
             return  # the writer is busy: let the batch grow
-        urgent = self._urgent
+        urgent = self._urgent or self._run_dirty
         if not self._dirty and not urgent:
             return
         now = time.monotonic()
@@ -85,6 +90,7 @@ class IncrementalSerializer(Serializer):
             return
         self._last_flush = now
         jobs, self._dirty = self._dirty, {}
+        self._run_dirty = False  # the record written now carries the run's fields
         try:
             write = self._prepare(run, jobs)
         except BaseException:

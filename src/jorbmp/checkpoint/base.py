@@ -35,7 +35,8 @@ class RunRecord(msgspec.Struct, Generic[OC, JC]):
     name: str
     next_id: int
     overall: OC
-    jobs: list[Job[JC]]
+    report: dict[str, Any] | None = None
+    jobs: list[Job[JC]] = msgspec.field(default_factory=list)
 
 
 def record_of(run: Run[Any, Any], jobs: list[Job[Any]] | None = None) -> RunRecord[Any, Any]:
@@ -44,6 +45,7 @@ def record_of(run: Run[Any, Any], jobs: list[Job[Any]] | None = None) -> RunReco
         run.name,
         run.next_id,
         run.overall,
+        run.report,
         jobs if jobs is not None else list(run.jobs.values()),
     )
 
@@ -61,6 +63,7 @@ def run_of(record: RunRecord[Any, Any], job_type: Any, path: Path) -> Run[Any, A
             raise CheckpointError(f"{path}: job id {job.id!r} appears twice")
         run.jobs[job.id] = job
     run.next_id = record.next_id
+    run.report = record.report
     return run
 
 
@@ -185,6 +188,9 @@ class Serializer:
 
     def job_changed(self, job: Job[Any]) -> None:
         """A job was added or changed. Must be cheap: the real work happens in `flush`."""
+
+    def run_changed(self) -> None:
+        """The run's own fields (its report) changed: include them in the next flush."""
 
     def flush(self, run: Run[Any, Any], final: bool = False) -> None:
         """Write what changed if the format's interval has passed (always when ``final``)."""

@@ -93,6 +93,7 @@ class _Begin(msgspec.Struct, Generic[OC], tag="begin"):
     name: str
     next_id: int
     overall: OC
+    report: dict[str, Any] | None = None
 
 
 class _Jobs(msgspec.Struct, Generic[JC], tag="jobs"):
@@ -100,6 +101,7 @@ class _Jobs(msgspec.Struct, Generic[JC], tag="jobs"):
 
     next_id: int
     jobs: list[Job[JC]]
+    report: dict[str, Any] | None = None  # the run's report
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -275,6 +277,7 @@ class JournalSerializer(IncrementalSerializer):
                     raise CheckpointError(f"{path}: a second run record at byte {offset}")
                 run = Run(record.name, record.overall, self.job_type)
                 run.next_id = record.next_id
+                run.report = record.report
             else:
                 if run is None:
                     raise CheckpointError(f"{path}: jobs before the run record, at byte {offset}")
@@ -282,6 +285,8 @@ class JournalSerializer(IncrementalSerializer):
                 for job in record.jobs:
                     jobs[job.id] = job
                 run.next_id = record.next_id
+                if record.report is not None:
+                    run.report = record.report
             offset = end
         if run is None:
             raise CheckpointError(f"{path}: the journal holds no run record")
@@ -294,7 +299,7 @@ class JournalSerializer(IncrementalSerializer):
         encode = self._encode
         chunks = [
             _FILE_HEADER.pack(FILE_MAGIC, JOURNAL_VERSION),
-            _frame(encode(_Begin(run.name, run.next_id, run.overall))),
+            _frame(encode(_Begin(run.name, run.next_id, run.overall, run.report))),
         ]
         jobs = list(run.jobs.values())
         for i in range(0, len(jobs), SNAPSHOT_CHUNK_JOBS):
@@ -370,7 +375,7 @@ class JournalSerializer(IncrementalSerializer):
             raise
 
     def _prepare(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
-        record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()))))
+        record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()), run.report)))
         # Read without a lock: the writer is idle whenever this runs.
         if self.journal_bytes + len(record) > max(self.compact_min_bytes, self.snapshot_bytes):
             # The journal part would outgrow the snapshot part: write a new snapshot

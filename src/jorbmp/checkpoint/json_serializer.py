@@ -85,6 +85,9 @@ class JsonSerializer(Serializer):
     def job_changed(self, job: Job[Any]) -> None:
         self._dirty = True
 
+    def run_changed(self) -> None:
+        self._dirty = True
+
     def flush(self, run: Run[Any, Any], final: bool = False) -> None:
         if self._dirty and (final or time.monotonic() - self._last_write >= self.interval):
             self.serialize(run)

@@ -79,7 +79,8 @@ _SCHEMA = (
         format INTEGER NOT NULL,
         name TEXT NOT NULL,
         overall TEXT NOT NULL,
-        next_id INTEGER NOT NULL
+        next_id INTEGER NOT NULL,
+        report TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS jobs (
         id TEXT PRIMARY KEY,
@@ -92,7 +93,10 @@ _SCHEMA = (
         last_update TEXT NOT NULL
     )""",
 )
-_PUT_RUN = "INSERT OR REPLACE INTO run (id, format, name, overall, next_id) VALUES (0, ?, ?, ?, ?)"
+_PUT_RUN = (
+    "INSERT OR REPLACE INTO run (id, format, name, overall, next_id, report) "
+    "VALUES (0, ?, ?, ?, ?, ?)"
+)
 _COLUMNS = "id, state, context, state_errors, parent, retries, kicks, last_update"
 _WIDTH = 8  # parameters per row
 
@@ -126,12 +130,12 @@ def _upsert(conn: sqlite3.Connection, values: list[Any]) -> None:
 # Rows come back as JSON documents, so one typed msgspec decode checks a whole job
 # and names the field that does not fit (``$.context.count``).
 _GET_RUN = """SELECT json_object('format', format, 'name', name, 'next_id', next_id,
-    'overall', json(overall)) FROM run"""
+    'overall', json(overall), 'report', json(report)) FROM run"""
 _GET_JOBS = """SELECT id, json_object('id', id, 'context', json(context), 'state', state,
     'state_errors', json(state_errors), 'parent', parent, 'last_update', last_update,
     'retries', retries, 'kicks', kicks) FROM jobs ORDER BY rowid"""
 
-_Head = tuple[int, str, str, int]
+_Head = tuple[int, str, str, int, str | None]
 
 
 def _companions(path: Path) -> tuple[Path, ...]:
@@ -155,6 +159,7 @@ class _RunRow(msgspec.Struct, Generic[OC]):
     name: str
     next_id: int
     overall: OC
+    report: dict[str, Any] | None = None
 
 
 def _sniff(path: Path) -> str:
@@ -262,6 +267,7 @@ class SqliteSerializer(IncrementalSerializer):
             raise CheckpointError(f"{path}: the run does not fit the types: {exc}") from None
         run: Run[Any, Any] = Run(head.name, head.overall, self.job_type)
         run.next_id = head.next_id
+        run.report = head.report
         jobs = run.jobs
         decode = self._job_decoder.decode
         for job_id, text in conn.execute(_GET_JOBS):
@@ -325,7 +331,8 @@ class SqliteSerializer(IncrementalSerializer):
             raise
 
     def _head(self, run: Run[Any, Any]) -> _Head:
-        return (SQLITE_FORMAT, run.name, self._encode(run.overall).decode(), run.next_id)
+        report = None if run.report is None else self._encode(run.report).decode()
+        return (SQLITE_FORMAT, run.name, self._encode(run.overall).decode(), run.next_id, report)
 
     @staticmethod
     def _fill(conn: sqlite3.Connection, head: _Head, values: list[Any]) -> None:
@@ -387,7 +394,7 @@ class SqliteSerializer(IncrementalSerializer):
         self._write_all(head, values, keep=True)
         self._need_full = False
 
-    def _store(self, values: list[Any], next_id: int) -> None:
+    def _store(self, values: list[Any], next_id: int, report: str | None) -> None:
         """Writer thread: store one batch of changed jobs, in one transaction."""
         if self._conn is None:
             self._conn = self._connect(self.path)
@@ -395,7 +402,7 @@ class SqliteSerializer(IncrementalSerializer):
 
         def body() -> None:
             _upsert(conn, values)
-            conn.execute("UPDATE run SET next_id = ?", (next_id,))
+            conn.execute("UPDATE run SET next_id = ?, report = ?", (next_id, report))
 
         self._transaction(conn, body)
 
@@ -432,7 +439,8 @@ class SqliteSerializer(IncrementalSerializer):
         if self._need_full:
             values = self._values(list(run.jobs.values()))
             return partial(self._store_all, self._head(run), values)
-        return partial(self._store, self._values(list(jobs.values())), run.next_id)
+        head = self._head(run)
+        return partial(self._store, self._values(list(jobs.values())), head[3], head[4])
 
     def end(self) -> None:
         try:
