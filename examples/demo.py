@@ -139,6 +139,7 @@ def main() -> int:
     files = [j.context for j in run.jobs.values() if j.context.name]
     raw, packed = sum(f.raw_bytes for f in files), sum(f.xz_bytes for f in files)
     errors = sum(len(e) for j in run.jobs.values() for e in j.state_errors.values())
+    print(f"\n{processor.last_report}")  # per-state figures, the bottleneck, a hint
     print(f"\nJobs per state: {run.counts()}")
     print(f"Bytes in: {raw:,}  out (xz): {packed:,}  ratio: {packed / max(raw, 1):.1%}")
     print(f"Errors recorded (then retried): {errors}  wall time: {wall:.1f}s")
