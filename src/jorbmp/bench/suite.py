@@ -73,13 +73,19 @@ def available_serializers() -> list[str]:
 # -- the measurements -------------------------------------------------------------------
 
 
+def bench_run(name: str, jobs: int, work: Work) -> Run[Work, Item]:
+    """A run of ``jobs`` tiny jobs in state "new"."""
+    run: Run[Work, Item] = Run(name, work, Item)
+    for n in range(jobs):
+        run.add_job(Item(n))
+    return run
+
+
 def pipeline_seconds(
     jobs: int, kind: str = "nil", listener: jorbmp.StatusListener | None = None
 ) -> float:
     """No-op 3-state pipeline (new -> middle -> done), process states, concurrency 2 each."""
-    run: Run[Work, Item] = Run("bench", Work(), Item)
-    for n in range(jobs):
-        run.add_job(Item(n))
+    run = bench_run("bench", jobs, Work())
     states = [
         State("new", _work.to_middle, concurrency=2),
         State("middle", _work.to_done, concurrency=2),
@@ -102,9 +108,7 @@ def pool_seconds(tasks: int) -> float:
 
 
 def cpu_jorbmp_seconds(jobs: int, spins: int, concurrency: int) -> float:
-    run: Run[Work, Item] = Run("cpu", Work(spins), Item)
-    for n in range(jobs):
-        run.add_job(Item(n))
+    run = bench_run("cpu", jobs, Work(spins))
     states = [
         State("new", _work.cpu_to_done, concurrency=concurrency),
         State("done", terminal=True),
@@ -130,9 +134,7 @@ def cpu_ppe_seconds(jobs: int, spins: int, workers: int) -> float:
 
 
 def fanout_seconds(parents: int) -> float:
-    run: Run[Work, Item] = Run("fanout", Work(), Item)
-    for n in range(parents):
-        run.add_job(Item(n))
+    run = bench_run("fanout", parents, Work())
     states = [
         State("new", _work.fan_out_10, concurrency=2),
         State("child", _work.to_done, concurrency=2),
@@ -158,9 +160,7 @@ def memory_probe(jobs: int, mode: str) -> None:
         items = [Item(n) for n in range(jobs)]
         print(json.dumps({"rss": proc.memory_info().rss - before, "n": len(items)}))
         return
-    run: Run[Work, Item] = Run("mem", Work(), Item)
-    for n in range(jobs):
-        run.add_job(Item(n))
+    run = bench_run("mem", jobs, Work())
     built = proc.memory_info().rss - before
     states = [
         State("new", _work.to_middle, concurrency=2),
@@ -393,9 +393,7 @@ def scenario_status(quick: bool, rounds: int) -> list[Row]:
 def scenario_ratelimit(quick: bool, rounds: int) -> list[Row]:
     rate, jobs = 50, (100 if quick else 200)
     calls: list[float] = []
-    run: Run[Work, Item] = Run("rate", Work(), Item)
-    for n in range(jobs):
-        run.add_job(Item(n))
+    run = bench_run("rate", jobs, Work())
     states = [
         State("new", _work.rate_limited_call, concurrency=8, rate_limit=rate),
         State("done", terminal=True),
