@@ -15,6 +15,10 @@ from .base import CheckpointLock, RunRecord, Serializer, record_of, run_of, writ
 
 __all__ = ["JsonSerializer"]
 
+# A snapshot write blocks the coordinator; the next one waits at least this many
+# times as long as the last took, so writing costs at most ~10% of a big run's time.
+WRITE_SPACING = 10.0
+
 
 class JsonSerializer(Serializer):
     """The run as one JSON document, one job per line (easy to grep, diff and edit).
@@ -43,6 +47,7 @@ class JsonSerializer(Serializer):
         self._lock = CheckpointLock(self.path)
         self._dirty = False
         self._last_write = 0.0
+        self._write_seconds = 0.0  # how long the latest write took
         self._known_good = False  # the file on disk was read or written by us
 
     def __repr__(self) -> str:
@@ -64,6 +69,7 @@ class JsonSerializer(Serializer):
 
     def serialize(self, run: Run[Any, Any]) -> None:
         self.check_overwritable()
+        started = time.monotonic()
         enc = self._encoder.encode
         header = enc(record_of(run, []))
         assert header.endswith(b"[]}")
@@ -73,6 +79,7 @@ class JsonSerializer(Serializer):
         self._known_good = True
         self._dirty = False
         self._last_write = time.monotonic()
+        self._write_seconds = self._last_write - started
 
     def begin(self, run: Run[Any, Any]) -> None:
         self._lock.acquire()
@@ -89,7 +96,11 @@ class JsonSerializer(Serializer):
         self._dirty = True
 
     def flush(self, run: Run[Any, Any], final: bool = False) -> None:
-        if self._dirty and (final or time.monotonic() - self._last_write >= self.interval):
+        # Writes happen on the coordinator's thread and grow with the run: space them
+        # so that they take at most 1/WRITE_SPACING of the time (a 1M-job run takes
+        # ~1 s to write), never more often than every `interval`.
+        wait = max(self.interval, WRITE_SPACING * self._write_seconds)
+        if self._dirty and (final or time.monotonic() - self._last_write >= wait):
             self.serialize(run)
 
     def end(self) -> None:
