@@ -7,7 +7,9 @@ slow jobs with the serializer class ``KIND`` (e.g. ``JournalSerializer``) at ``P
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from typing import Any
 import msgspec
 
 import jorbmp
-from jorbmp import KickRequest, Run, State
+from jorbmp import KickRequest, Processor, Run, State
 
 TESTS = Path(__file__).resolve().parent
 
@@ -149,6 +151,33 @@ def start_child(kind: str, path: Path, jobs: int) -> subprocess.Popen[bytes]:
         env=env,
         start_new_session=True,  # the test can clean up orphaned workers by group
     )
+
+
+def kill_9_then_resume(kind: str, path: Path, jobs: int = 400) -> None:
+    """SIGKILL a coordinator subprocess once the checkpoint shows progress, then resume
+    the run from the checkpoint to completion and check it (ids exact, all terminal)."""
+    child = start_child(kind, path, jobs)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert child.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no progress in the checkpoint"
+            try:
+                if serializer(kind, path).deserialize().counts().get("done", 0) >= 40:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        loaded = serializer(kind, path).deserialize()
+        assert 0 < loaded.counts().get("done", 0) < len(loaded.jobs)
+        Processor(None, states(), serializer(kind, path)).exec(loaded)
+        check_complete(loaded, jobs)
+        check_complete(serializer(kind, path).deserialize(), jobs)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # orphaned workers, if any
 
 
 def main() -> None:

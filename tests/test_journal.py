@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import stat
 import struct
 import threading
@@ -21,11 +20,11 @@ from helpers_checkpoint import (
     OtherOC,
     Rich,
     check_complete,
+    kill_9_then_resume,
     loop,
     make_run,
     rich_run,
     serializer,
-    start_child,
     states,
 )
 
@@ -290,30 +289,7 @@ def test_cost_per_flush_does_not_grow_with_the_run(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_kill_9_then_resume(tmp_path: Path) -> None:
-    path = tmp_path / "run.journal"
-    jobs = 400
-    child = start_child("JournalSerializer", path, jobs)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert child.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "no progress in the checkpoint"
-            try:
-                if journal(path).deserialize().counts().get("done", 0) >= 40:
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        loaded = journal(path).deserialize()
-        assert 0 < loaded.counts().get("done", 0) < len(loaded.jobs)
-        Processor(None, states(), journal(path)).exec(loaded)
-        check_complete(loaded, jobs)
-        check_complete(journal(path).deserialize(), jobs)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)  # orphaned workers, if any
+    kill_9_then_resume("JournalSerializer", tmp_path / "run.journal")
 
 
 @pytest.mark.timeout(30)

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sqlite3
 import stat
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +18,10 @@ from helpers_checkpoint import (
     OtherOC,
     Rich,
     check_complete,
+    kill_9_then_resume,
     make_run,
     rich_run,
     serializer,
-    start_child,
     states,
 )
 
@@ -150,30 +148,7 @@ def test_resume_after_stop(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_kill_9_then_resume(tmp_path: Path) -> None:
-    path = tmp_path / "run.db"
-    jobs = 400
-    child = start_child("SqliteSerializer", path, jobs)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert child.poll() is None, "the run ended before it was killed"
-            assert time.monotonic() < deadline, "no progress in the checkpoint"
-            try:
-                if db(path).deserialize().counts().get("done", 0) >= 40:
-                    break
-            except FileNotFoundError:
-                pass
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        loaded = db(path).deserialize()
-        assert 0 < loaded.counts().get("done", 0) < len(loaded.jobs)
-        Processor(None, states(), db(path)).exec(loaded)
-        check_complete(loaded, jobs)
-        check_complete(db(path).deserialize(), jobs)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)  # orphaned workers, if any
+    kill_9_then_resume("SqliteSerializer", tmp_path / "run.db")
 
 
 @pytest.mark.timeout(30)

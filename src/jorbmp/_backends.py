@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,8 +74,6 @@ class Backend(ABC):
 
     def pids(self) -> list[int]:
         """Processes whose CPU and memory this state's metrics report."""
-        import os
-
         return [os.getpid()]
 
     @abstractmethod

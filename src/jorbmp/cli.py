@@ -15,7 +15,8 @@ from typing import Any
 
 import msgspec
 
-from .checkpoint.base import CheckpointLock, Serializer
+from .checkpoint import open_checkpoint
+from .checkpoint.base import CheckpointLock
 from .errors import CheckpointError
 from .report import RunReport
 from .run import Run
@@ -23,29 +24,6 @@ from .run import Run
 # Error groups shown by `status`, and example job ids per group.
 TOP_ERRORS = 10
 EXAMPLE_IDS = 5
-
-SQLITE_MAGIC = b"SQLite format 3\x00"
-
-
-def open_checkpoint(path: str | Path) -> Serializer:
-    """A serializer for the checkpoint at ``path``, its format told by its first bytes."""
-    from .checkpoint import JsonSerializer
-
-    path = Path(path)
-    with open(path, "rb") as f:  # FileNotFoundError when there is none
-        head = f.read(32)
-    if head.startswith(SQLITE_MAGIC):
-        from .checkpoint.sqlite import SqliteSerializer
-
-        return SqliteSerializer(path)
-    try:
-        from .checkpoint.journal import FILE_MAGIC, JournalSerializer
-    except ImportError:  # pragma: no cover - built without the journal format
-        pass
-    else:
-        if head.startswith(FILE_MAGIC):
-            return JournalSerializer(path)
-    return JsonSerializer(path)
 
 
 def summarize(run: Run[Any, Any]) -> dict[str, Any]:

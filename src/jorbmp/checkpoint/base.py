@@ -24,6 +24,33 @@ __all__ = ["FORMAT_VERSION", "NilSerializer", "RunRecord", "Serializer"]
 
 FORMAT_VERSION = 1
 
+# The first bytes of each format, for telling a file's format without its types.
+JOURNAL_MAGIC = b"\x89jorbmp journal\n"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_SERIALIZER_OF = {
+    "json": "JsonSerializer",
+    "journal": "JournalSerializer",
+    "sqlite": "SqliteSerializer",
+}
+
+
+def format_of(head: bytes) -> str | None:
+    """ "json", "journal" or "sqlite" for a file starting with ``head``; None if none."""
+    if head.startswith(SQLITE_MAGIC):
+        return "sqlite"
+    if head.startswith(JOURNAL_MAGIC):
+        return "journal"
+    if head.lstrip()[:1] == b"{":
+        return "json"
+    return None
+
+
+def format_hint(head: bytes) -> str:
+    """For an error about a file of the wrong format: which serializer reads it."""
+    fmt = format_of(head)
+    return f" (it looks like a {fmt} checkpoint: use {_SERIALIZER_OF[fmt]})" if fmt else ""
+
+
 OC = TypeVar("OC")
 JC = TypeVar("JC")
 
@@ -165,6 +192,15 @@ class Serializer:
 
     # Set when this serializer read or wrote the file itself: it is known to be valid.
     _known_good = False
+
+    def _setup(self, path: str | os.PathLike[str], overall_type: Any, job_type: Any) -> Any:
+        """What every file format's constructor does; returns the job type to decode
+        (``Any``, plain data, when none is given)."""
+        self.path = Path(path)
+        self.overall_type = overall_type if overall_type is not None else Any
+        self.job_type = job_type
+        self._lock = CheckpointLock(self.path)
+        return job_type if job_type is not None else Any
 
     def check_overwritable(self) -> None:
         """Refuse (``CheckpointError``) to replace a checkpoint that cannot be read: the

@@ -49,7 +49,6 @@ import struct
 import zlib
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any, Generic, TypeVar, Union
 
 import msgspec
@@ -58,7 +57,7 @@ from .. import _fds
 from ..errors import CheckpointError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
-from .base import CheckpointLock, write_atomic
+from .base import JOURNAL_MAGIC, format_hint, write_atomic
 
 __all__ = ["JournalSerializer"]
 
@@ -68,7 +67,7 @@ OC = TypeVar("OC")
 JC = TypeVar("JC")
 
 JOURNAL_VERSION = 1
-FILE_MAGIC = b"\x89jorbmp journal\n"
+FILE_MAGIC = JOURNAL_MAGIC
 _FILE_HEADER = struct.Struct("<16sI")  # magic, version
 RECORD_MAGIC = b"\xa5JR\x5a"
 _RECORD_HEAD = struct.Struct("<4sI")  # marker, payload length; then the crc
@@ -143,15 +142,6 @@ def _next_valid_record(data: memoryview, raw: bytes, start: int) -> int | None:
     return None
 
 
-def _sniff(data: bytes) -> str:
-    """A hint about what a file that is not a journal is."""
-    if data.startswith(b"SQLite format 3\0"):
-        return " (it is an SQLite database: use SqliteSerializer)"
-    if data.lstrip()[:1] == b"{":
-        return " (it looks like JSON: use JsonSerializer)"
-    return ""
-
-
 _JOB_INDEX = re.compile(r"\$\.jobs\[(\d+)\]")
 
 
@@ -192,18 +182,13 @@ class JournalSerializer(IncrementalSerializer):
         interval: float = 0.2,
         compact_min_bytes: int = COMPACT_MIN_BYTES,
     ) -> None:
-        self.path: Path = Path(path)
-        self.overall_type = overall_type if overall_type is not None else Any
-        self.job_type = job_type
+        job: Any = self._setup(path, overall_type, job_type)
         self.interval = interval
         self.compact_min_bytes = compact_min_bytes
-        job: Any = job_type if job_type is not None else Any
         self._encode = msgspec.msgpack.Encoder().encode
         self._decoder = msgspec.msgpack.Decoder(
             Union[_Begin[self.overall_type], _Jobs[job]]  # type: ignore[name-defined]  # noqa: UP007
         )
-        self._lock = CheckpointLock(self.path)
-        self._known_good = False  # the file on disk was read or written by us
         self._reset_batches()
         # Owned by whoever writes: the coordinator thread until `begin` returns, then
         # the writer thread; read by the coordinator only while no write is pending.
@@ -235,7 +220,7 @@ class JournalSerializer(IncrementalSerializer):
         if not raw:
             raise CheckpointError(f"{path}: checkpoint file is empty")
         if len(raw) < _FILE_HEADER.size or not raw.startswith(FILE_MAGIC):
-            raise CheckpointError(f"{path}: not a jorbmp journal{_sniff(raw)}")
+            raise CheckpointError(f"{path}: not a jorbmp journal{format_hint(raw[:32])}")
         _, version = _FILE_HEADER.unpack_from(raw)
         if version != JOURNAL_VERSION:
             raise CheckpointError(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ..errors import CheckpointError
 from ..run import Job, Run
-from .base import CheckpointLock, RunRecord, Serializer, record_of, run_of, write_atomic
+from .base import RunRecord, Serializer, record_of, run_of, write_atomic
 
 __all__ = ["JsonSerializer"]
 
@@ -37,18 +36,13 @@ class JsonSerializer(Serializer):
         *,
         interval: float = 1.0,
     ) -> None:
-        self.path: Path = Path(path)
-        self.overall_type = overall_type if overall_type is not None else Any
-        self.job_type = job_type
+        job: Any = self._setup(path, overall_type, job_type)
         self.interval = interval
         self._encoder = msgspec.json.Encoder()
-        job: Any = job_type if job_type is not None else Any
         self._decoder = msgspec.json.Decoder(RunRecord[self.overall_type, job])  # type: ignore[name-defined]
-        self._lock = CheckpointLock(self.path)
         self._dirty = False
         self._last_write = 0.0
         self._write_seconds = 0.0  # how long the latest write took
-        self._known_good = False  # the file on disk was read or written by us
 
     def __repr__(self) -> str:
         return f"JsonSerializer({str(self.path)!r})"

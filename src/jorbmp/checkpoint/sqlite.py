@@ -49,7 +49,7 @@ import msgspec
 from ..errors import CheckpointError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
-from .base import CheckpointLock, fsync_dir
+from .base import CheckpointLock, format_hint, fsync_dir
 
 __all__ = ["SqliteSerializer"]
 
@@ -166,14 +166,9 @@ def _sniff(path: Path) -> str:
     """A hint about what a file that is not an SQLite database is."""
     try:
         with open(path, "rb") as f:
-            head = f.read(32)
+            return format_hint(f.read(32))
     except OSError:
         return ""
-    if head.startswith(b"\x89jorbmp journal"):
-        return " (it is a jorbmp journal: use JournalSerializer)"
-    if head.lstrip()[:1] == b"{":
-        return " (it looks like JSON: use JsonSerializer)"
-    return ""
 
 
 class SqliteSerializer(IncrementalSerializer):
@@ -194,16 +189,11 @@ class SqliteSerializer(IncrementalSerializer):
         *,
         interval: float = 0.2,
     ) -> None:
-        self.path: Path = Path(path)
-        self.overall_type = overall_type if overall_type is not None else Any
-        self.job_type = job_type
+        job: Any = self._setup(path, overall_type, job_type)
         self.interval = interval
-        job: Any = job_type if job_type is not None else Any
         self._encode = msgspec.json.Encoder().encode
         self._run_decoder = msgspec.json.Decoder(_RunRow[self.overall_type])  # type: ignore[name-defined]
         self._job_decoder = msgspec.json.Decoder(Job[job])
-        self._lock = CheckpointLock(self.path)
-        self._known_good = False  # the file on disk was read or written by us
         self._reset_batches()
         self._conn: sqlite3.Connection | None = None  # the writer thread's own
         self._need_full = False  # the next write must store the whole run
