@@ -31,7 +31,7 @@ def summarize(run: Run[Any, Any]) -> dict[str, Any]:
     counts = Counter(job.state for job in run.jobs.values())
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)
     for job in run.jobs.values():
-        for state, texts in job.state_errors.items():
+        for state, texts in job.recorded_errors().items():
             for text in dict.fromkeys(texts):  # a job counts once per distinct error
                 groups[(state, text)].append(job.id)
     top = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:TOP_ERRORS]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from datetime import datetime, timezone
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -41,11 +43,15 @@ def utcnow() -> datetime:
     return _now
 
 
+_NO_ERRORS: Mapping[str, list[str]] = MappingProxyType({})
+
+
 # gc=False: a run can hold millions of jobs; keeping them out of the cyclic garbage
 # collector saves 16 bytes each and long GC pauses. A Job never refers back to itself.
 class Job(msgspec.Struct, Generic[JC], omit_defaults=True, gc=False):
     """One unit of work: its context (JC), the state it is in, and its history.
 
+    ``state_errors`` maps a state to the error texts recorded there, oldest first.
     ``retries`` counts failed attempts in the current state; ``kicks`` counts every
     job this one ever kicked, so the next kick's id is ``f"{id}->{kicks}"``.
     """
@@ -53,11 +59,29 @@ class Job(msgspec.Struct, Generic[JC], omit_defaults=True, gc=False):
     id: str
     context: JC
     state: str = NEW
-    state_errors: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    # None until the first error: most jobs never have one, and an empty dict per job
+    # would be a quarter of a big run's memory. `state_errors` creates it on demand.
+    _state_errors: dict[str, list[str]] | None = msgspec.field(default=None, name="state_errors")
     parent: str | None = None
     last_update: datetime = msgspec.field(default_factory=utcnow)
     retries: int = 0
     kicks: int = 0
+
+    @property
+    def state_errors(self) -> dict[str, list[str]]:
+        """Error texts recorded per state, oldest first (a real dict: changes stick)."""
+        errors = self._state_errors
+        if errors is None:
+            errors = self._state_errors = {}
+        return errors
+
+    @state_errors.setter
+    def state_errors(self, value: dict[str, list[str]]) -> None:
+        self._state_errors = value
+
+    def recorded_errors(self) -> Mapping[str, list[str]]:
+        """`state_errors` as a read-only view, without creating a dict for a job with none."""
+        return self._state_errors or _NO_ERRORS
 
 
 class Run(Generic[OC, JC]):
@@ -110,7 +134,7 @@ class Run(Generic[OC, JC]):
             if job.state != from_state:
                 continue
             if error_contains is not None and not any(
-                error_contains in text for texts in job.state_errors.values() for text in texts
+                error_contains in text for texts in job.recorded_errors().values() for text in texts
             ):
                 continue
             job.state = to_state

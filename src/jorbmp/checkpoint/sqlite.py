@@ -128,12 +128,14 @@ def _upsert(conn: sqlite3.Connection, values: list[Any]) -> None:
 
 
 # Rows come back as JSON documents, so one typed msgspec decode checks a whole job
-# and names the field that does not fit (``$.context.count``).
+# and names the field that does not fit (``$.context.count``). No errors reads back as
+# null, as a job that never had any holds them.
 _GET_RUN = """SELECT json_object('format', format, 'name', name, 'next_id', next_id,
     'overall', json(overall), 'report', json(report)) FROM run"""
 _GET_JOBS = """SELECT id, json_object('id', id, 'context', json(context), 'state', state,
-    'state_errors', json(state_errors), 'parent', parent, 'last_update', last_update,
-    'retries', retries, 'kicks', kicks) FROM jobs ORDER BY rowid"""
+    'state_errors', CASE state_errors WHEN '{}' THEN NULL ELSE json(state_errors) END,
+    'parent', parent, 'last_update', last_update, 'retries', retries, 'kicks', kicks)
+    FROM jobs ORDER BY rowid"""
 
 _Head = tuple[int, str, str, int, str | None]
 
@@ -277,7 +279,7 @@ class SqliteSerializer(IncrementalSerializer):
         values: list[Any] = []
         extend = values.extend
         for job in jobs:
-            errors = job.state_errors
+            errors = job._state_errors
             extend((
                 job.id,
                 job.state,
