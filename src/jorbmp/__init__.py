@@ -12,6 +12,7 @@ from .checkpoint import (
     Serializer,
     SqliteSerializer,
 )
+from .dask import DaskBackend
 from .errors import CheckpointError, RateLimitError, Stopped
 from .processor import Processor
 from .progress import TqdmStatusListener
@@ -30,6 +31,7 @@ __all__ = [
     "NEW",
     "AIMDRateLimiter",
     "CheckpointError",
+    "DaskBackend",
     "Job",
     "JournalSerializer",
     "JsonSerializer",

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ._execute import ContextCodec, execute, execute_async, from_exception
-from ._protocol import Outcome
+from ._protocol import Outcome, WorkerSpec
 from .run import Job
 
 
@@ -53,6 +53,9 @@ class Backend(ABC):
 
     #: Largest batch `submit` accepts; the coordinator sizes batches up to this.
     max_batch = 1
+    #: Wall time of work the coordinator aims to put in one batch: the longer a
+    #: backend's round trip, the more work a batch needs to hide it.
+    batch_seconds = 0.02
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (processes, threads); called inside the running loop."""
@@ -79,6 +82,17 @@ class Backend(ABC):
     @abstractmethod
     def close(self, abandon: bool) -> None:
         """Release resources; with ``abandon``, give up on executing jobs now."""
+
+
+class BackendFactory(Protocol):
+    """What ``State(backend=...)`` takes: builds the `Backend` of one process state for
+    one execution (e.g. `jorbmp.dask.DaskBackend`)."""
+
+    def create(
+        self, spec: WorkerSpec, concurrency: int, sink: Sink, timeout: float | None
+    ) -> Backend:
+        """A backend running ``spec``'s exec, at most ``concurrency`` jobs at once."""
+        ...
 
 
 class _InProcess(Backend):

@@ -48,10 +48,6 @@ log = logging.getLogger("jorbmp")
 # Period of the housekeeping tick; also the coalescing period of status updates
 # (so listeners get at most ~10 a second) and the resolution of timeouts.
 TICK_SECONDS = 0.1
-# Target duration of one batch of jobs sent to a worker: long enough that a message
-# per batch costs nothing next to the work (a pipe round trip is ~50-100 us), short
-# enough that results stream on to the next state.
-BATCH_SECONDS = 0.02
 # Errors kept per job and state; a job retried forever must not grow without bound.
 # The first error is always kept (it is often the telling one), then the latest.
 MAX_ERRORS_PER_STATE = 100
@@ -99,7 +95,7 @@ class Lane:
             if self.gate_task is None and backend.free():
                 self.gate_task = asyncio.get_running_loop().create_task(self._gated())
             return
-        limit = self.batch_limit(backend.max_batch)
+        limit = self.batch_limit(backend)
         spread = 2 * self.state.concurrency
         while queue and backend.free():
             # Guided: shrink towards one job as the queue drains, so every slot gets a
@@ -107,18 +103,19 @@ class Lane:
             n = min(limit, max(1, len(queue) // spread))
             backend.submit([queue.popleft() for _ in range(n)])
 
-    def batch_limit(self, max_batch: int) -> int:
-        """Jobs per batch that take about `BATCH_SECONDS` at this state's mean exec time.
+    def batch_limit(self, backend: Backend) -> int:
+        """Jobs per batch that take about the backend's ``batch_seconds`` at this
+        state's mean exec time.
 
-        Tiny jobs travel in big batches (the pipe's cost per message is what limits
-        them); slow jobs travel alone, so results flow on and a worker death or a
-        timeout sends few jobs back. One job until the first exec has been timed.
+        Tiny jobs travel in big batches (the cost per message is what limits them);
+        slow jobs travel alone, so results flow on and a worker death or a timeout
+        sends few jobs back. One job until the first exec has been timed.
         """
-        metrics = self.metrics
+        metrics, max_batch = self.metrics, backend.max_batch
         if max_batch == 1 or not metrics.processed:
             return 1
         mean = metrics.total_seconds / metrics.processed
-        return max(1, min(max_batch, int(BATCH_SECONDS / max(mean, 1e-7))))
+        return max(1, min(max_batch, int(backend.batch_seconds / max(mean, 1e-7))))
 
     async def _gated(self) -> None:
         assert self.gate is not None and self.backend is not None

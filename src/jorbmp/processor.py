@@ -21,7 +21,14 @@ from multiprocessing.context import BaseContext
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
-from ._backends import AsyncBackend, Backend, InlineBackend, InlineRunner, ThreadBackend
+from ._backends import (
+    AsyncBackend,
+    Backend,
+    BackendFactory,
+    InlineBackend,
+    InlineRunner,
+    ThreadBackend,
+)
 from ._coordinator import Coordinator, Lane
 from ._pool import ProcessPool
 from ._protocol import WorkerSpec
@@ -53,7 +60,8 @@ class Processor(Generic[AC]):
     states it reaches each worker once, at start. ``ac_factory`` builds it inside each
     worker instead (and once here), for contexts that cannot be pickled. ``inline=True``
     (or ``JORBMP_INLINE=1``) runs process states in this process, one job at a time, so
-    that ``breakpoint()`` works.
+    that ``breakpoint()`` works. ``backend`` (e.g. ``jorbmp.dask.DaskBackend``) runs every
+    process state without a backend of its own there instead of in local processes.
     """
 
     def __init__(
@@ -67,9 +75,13 @@ class Processor(Generic[AC]):
         mp_context: BaseContext | str | None = None,
         inline: bool = False,
         grace_period: float = DEFAULT_GRACE_PERIOD,
+        backend: BackendFactory | None = None,
     ) -> None:
         self.ac = ac
         self.states = validate_states(states)
+        if backend is not None:
+            _check_backend(backend, "Processor: backend")
+        self.backend = backend
         self.serializer = serializer if serializer is not None else NilSerializer()
         self.status_listener = (
             status_listener if status_listener is not None else NilStatusListener()
@@ -260,6 +272,9 @@ class Processor(Generic[AC]):
         if kind == "process" and not self.inline:
             ac = None if self.ac_factory is not None else self.ac
             spec = WorkerSpec(name, fn, ac, self.ac_factory, oc, job_type)
+            factory = state.backend if state.backend is not None else self.backend
+            if factory is not None:
+                return factory.create(spec, state.concurrency, lane, state.timeout)
             return ProcessPool(spec, state.concurrency, self.mp_context, lane, state.timeout)
         ac = self._coordinator_ac()
         if kind == "process":
@@ -280,6 +295,14 @@ def _check_picklable(fn: object, what: str) -> None:
             f"run it ({type(exc).__name__}: {exc}); define it at module level "
             "(not a lambda, closure or nested function)"
         ) from None
+
+
+def _check_backend(backend: object, what: str) -> None:
+    if not callable(getattr(backend, "create", None)):
+        raise ValueError(
+            f"{what} must be a backend such as jorbmp.dask.DaskBackend(...), "
+            f"got {type(backend).__name__}"
+        )
 
 
 def validate_states(states: Sequence[State]) -> list[State]:
@@ -318,6 +341,13 @@ def validate_states(states: Sequence[State]) -> list[State]:
             raise ValueError(f"state {name!r}: kind='async' needs an async def exec")
         if kind == "process":
             _check_picklable(state.exec, f"state {name!r}: exec")
+        if state.backend is not None:
+            if kind != "process":
+                raise ValueError(
+                    f"state {name!r}: backend= is for process states (kind={kind!r} runs "
+                    "in the coordinator)"
+                )
+            _check_backend(state.backend, f"state {name!r}: backend")
         if state.timeout is not None:
             if kind == "thread":
                 raise ValueError(

@@ -45,6 +45,9 @@ class State:
     max_retries: int | None = 3
     error_state: str = FAILED
     timeout: float | None = None
+    #: Where a process state's execs run instead of a local worker pool, e.g.
+    #: ``jorbmp.dask.DaskBackend(...)``; None: the processor's default (local processes).
+    backend: Any = None
 
     def resolved_kind(self) -> Literal["process", "async", "thread"]:
         """The kind this state runs as: ``"auto"`` picks async for coroutine functions."""

@@ -1,0 +1,51 @@
+"""What runs on a Dask worker for a state with `jorbmp.dask.DaskBackend`.
+
+The state's `WorkerSpec` (exec, AC or ac_factory, OC, job type) reaches each Dask
+worker once, inside a worker plugin, which builds the AC there, also on workers that
+join later. A task then carries only a batch of encoded job contexts and returns
+encoded outcomes, the same conversation as a local worker (see `jorbmp._protocol`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from distributed import WorkerPlugin, get_worker
+
+from ._execute import ContextCodec, describe, execute
+from ._protocol import WorkerSpec
+
+
+class StatePlugin(WorkerPlugin):
+    """Holds one state's spec and AC on a Dask worker (registered under ``name``)."""
+
+    def __init__(self, name: str, spec: WorkerSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.error: str | None = None
+
+    def setup(self, worker: Any) -> None:
+        spec = self.spec
+        self.codec = ContextCodec(spec.job_type)
+        self.decode = msgspec.msgpack.Decoder(list[spec.job_type]).decode  # type: ignore[name-defined]
+        self.encode = msgspec.msgpack.Encoder().encode
+        try:
+            self.ac = spec.ac_factory() if spec.ac_factory is not None else spec.ac
+        except Exception as exc:
+            self.error = f"ac_factory failed on Dask worker {worker.address}: {describe(exc)}"
+            raise
+
+
+def run_batch(name: str, payload: bytes) -> bytes:
+    """The Dask task: run a batch of encoded contexts through the state's exec."""
+    worker = get_worker()
+    plugin = worker.plugins.get(name)
+    if not isinstance(plugin, StatePlugin):
+        raise RuntimeError(f"jorbmp plugin {name!r} is not registered on worker {worker.address}")
+    if plugin.error is not None:
+        raise RuntimeError(plugin.error)
+    spec = plugin.spec
+    state, fn, ac, oc, codec = spec.state, spec.exec, plugin.ac, spec.overall, plugin.codec
+    outcomes = [execute(state, fn, ac, oc, jc, codec) for jc in plugin.decode(payload)]
+    return plugin.encode(outcomes)

@@ -1,0 +1,107 @@
+"""Module-level job types and exec functions for the Dask tests.
+
+Dask workers are separate (spawned) processes: everything they run must be
+importable by name, so it lives here rather than inside the test functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from jorbmp import KickRequest, RateLimitError
+
+
+class DJob(msgspec.Struct):
+    """The job context of the Dask tests."""
+
+    n: int
+    action: str = ""
+    trail: list[str] = []
+    pids: list[int] = []
+    ac_ids: list[str] = []
+    attempts: int = 0
+
+
+class DOC(msgspec.Struct):
+    """The overall context: a directory for marker files and a sleep per exec."""
+
+    workdir: str = ""
+    sleep: float = 0.0
+
+
+class DAC:
+    """An app context built once per process by `make_ac`."""
+
+    def __init__(self) -> None:
+        self.id = uuid.uuid4().hex[:8]
+        self.pid = os.getpid()
+
+
+def make_ac() -> DAC:
+    return DAC()
+
+
+def failing_ac() -> DAC:
+    raise RuntimeError("no credentials on this worker")
+
+
+def _mark(ac: object, jc: DJob, step: str) -> None:
+    jc.trail.append(step)
+    jc.pids.append(os.getpid())
+    jc.ac_ids.append(getattr(ac, "id", "") or "")
+
+
+def first(ac: DAC, oc: DOC, jc: DJob) -> tuple[DJob, str]:
+    _mark(ac, jc, "first")
+    if oc.sleep:
+        time.sleep(oc.sleep)
+    return jc, "second"
+
+
+def second(ac: DAC, oc: DOC, jc: DJob) -> tuple[DJob, str]:
+    _mark(ac, jc, "second")
+    return jc, "third"
+
+
+def third(ac: DAC, oc: DOC, jc: DJob) -> tuple[DJob, str]:
+    _mark(ac, jc, "third")
+    return jc, "done"
+
+
+def actions(ac: DAC, oc: DOC, jc: DJob) -> tuple[object, ...]:
+    """Does what ``jc.action`` says; the exec contract's cases, one per action."""
+    jc.attempts += 1
+    _mark(ac, jc, "actions")
+    if jc.action == "kick":
+        kicks = [KickRequest(DJob(n=jc.n * 100 + i), "second") for i in range(3)]
+        return jc, "second", kicks
+    if jc.action == "raise":
+        raise ValueError(f"bad input {jc.n}")
+    if jc.action == "retry-once":
+        if jc.attempts < 2:
+            return jc, "new", None, "try again"
+        return jc, "second"
+    if jc.action == "rate-limited" and jc.attempts < 2:
+        return jc, "new", None, RateLimitError("slow down", retry_after=0.05)
+    if jc.action == "bad-state":
+        return jc, "nowhere"
+    if jc.action == "poison":
+        os._exit(7)  # kills the Dask worker running it, every time
+    if jc.action == "hang":
+        time.sleep(3)
+    return jc, "second"
+
+
+def slow_or_marked(ac: DAC, oc: DOC, jc: DJob) -> tuple[DJob, str]:
+    """Sleeps ``oc.sleep``; announces the first job it starts with a marker file."""
+    _mark(ac, jc, "slow")
+    marker = Path(oc.workdir) / "started"
+    if not marker.exists():
+        marker.write_text(str(os.getpid()))
+    time.sleep(oc.sleep)
+    return jc, "second"
