@@ -419,6 +419,12 @@ def scenario_ratelimit(quick: bool, rounds: int) -> list[Row]:
     ]
 
 
+def scenario_dask(quick: bool, rounds: int) -> list[Row]:
+    from . import dask_cluster  # needs the optional 'distributed'; imports this module
+
+    return dask_cluster.scenario(quick, rounds)
+
+
 SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "pipeline": scenario_pipeline,
     "linear": scenario_linear,
@@ -427,6 +433,7 @@ SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "checkpoint": scenario_checkpoint,
     "status": scenario_status,
     "ratelimit": scenario_ratelimit,
+    "dask": scenario_dask,
 }
 
 

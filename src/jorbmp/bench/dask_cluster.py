@@ -1,0 +1,103 @@
+"""The ``dask`` scenario: a state on a `distributed.LocalCluster` (2 worker processes,
+one thread each) against ``client.map`` per item and against serial work."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from typing import Any
+
+from .. import Processor, State
+from ..dask import DaskBackend
+from . import _work
+from .suite import Row, bench_run, cpu_serial_seconds
+
+
+def _noop_seconds(client: Any, jobs: int) -> float:
+    run = bench_run("dask", jobs, _work.Work())
+    states = [
+        State("new", _work.to_done, concurrency=2, backend=DaskBackend(client)),
+        State("done", terminal=True),
+    ]
+    start = time.perf_counter()
+    Processor(None, states).exec(run)
+    return time.perf_counter() - start
+
+
+def _map_seconds(client: Any, tasks: int) -> float:
+    start = time.perf_counter()
+    futures = client.map(_work.noop_task, range(tasks), pure=False)
+    client.gather(futures)
+    del futures
+    return time.perf_counter() - start
+
+
+def _cpu_seconds(client: Any, jobs: int, spins: int) -> float:
+    run = bench_run("dask-cpu", jobs, _work.Work(spins))
+    states = [
+        State("new", _work.cpu_to_done, concurrency=2, backend=DaskBackend(client)),
+        State("done", terminal=True),
+    ]
+    start = time.perf_counter()
+    Processor(None, states).exec(run)
+    return time.perf_counter() - start
+
+
+def scenario(quick: bool, rounds: int) -> list[Row]:
+    try:
+        import distributed
+    except ImportError:
+        print("  dask: skipped, 'distributed' is not installed (jorbmp[dask])", file=sys.stderr)
+        return []
+    jobs = 2_000 if quick else 10_000
+    tasks = 500 if quick else 2_000  # client.map manages a few hundred a second
+    cpu_jobs = 100 if quick else 200
+    spins = _work.calibrate(10.0)
+    noop: list[float] = []
+    mapped: list[float] = []
+    serial: list[float] = []
+    cpu: list[float] = []
+    cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL + 10,  # its shutdown tracebacks are noise here
+    )
+    client = distributed.Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
+    with cluster, client:
+        client.wait_for_workers(2)
+        _map_seconds(client, 100)  # warm the workers' imports
+        for _ in range(rounds):  # alternate so that drift hits every contender alike
+            noop.append(_noop_seconds(client, jobs))
+            mapped.append(_map_seconds(client, tasks))
+            serial.append(cpu_serial_seconds(cpu_jobs, spins))
+            cpu.append(_cpu_seconds(client, cpu_jobs, spins))
+    rate, map_rate = jobs / statistics.median(noop), tasks / statistics.median(mapped)
+    speedup = statistics.median(s / c for s, c in zip(serial, cpu, strict=True))
+    return [
+        Row(
+            f"dask no-op {jobs:,} jobs, LocalCluster 2x1",
+            rate,
+            "jobs/s",
+            "client.map per item",
+            map_rate,
+            rate / map_rate,
+            ">= 10x client.map",
+            rate / map_rate >= 10,
+            {"client_map_tasks": tasks},
+        ),
+        Row(
+            f"dask cpu {cpu_jobs} x 10 ms, concurrency 2",
+            speedup,
+            "x vs serial",
+            "ideal",
+            2.0,
+            speedup / 2,
+            ">= 1.8x serial",
+            speedup >= 1.8,
+            {"serial_s": statistics.median(serial), "jorbmp_s": statistics.median(cpu)},
+        ),
+    ]
