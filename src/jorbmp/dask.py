@@ -200,7 +200,9 @@ class DaskPool(Backend):
         except Exception as exc:
             raise RuntimeError(
                 f"state {self.state!r}: cannot set up the Dask workers at "
-                f"{self.config.address()!r}: {describe(exc)}"
+                f"{self.config.address()!r}: {describe(exc)} (the workers must import "
+                "jorbmp and the modules defining the exec and the context types; types "
+                "defined in a script's __main__ cannot travel)"
             ) from exc
         _watch(self.client).add(self)
 
