@@ -79,6 +79,13 @@ class Job(msgspec.Struct, Generic[JC], omit_defaults=True, gc=False):
     def state_errors(self, value: dict[str, list[str]]) -> None:
         self._state_errors = value
 
+    def __repr__(self) -> str:
+        return (
+            f"Job(id={self.id!r}, state={self.state!r}, context={self.context!r}, "
+            f"state_errors={dict(self.recorded_errors())!r}, parent={self.parent!r}, "
+            f"retries={self.retries}, kicks={self.kicks}, last_update={self.last_update!r})"
+        )
+
     def recorded_errors(self) -> Mapping[str, list[str]]:
         """`state_errors` as a read-only view, without creating a dict for a job with none."""
         return self._state_errors or _NO_ERRORS
