@@ -87,8 +87,12 @@ def test_states_run_on_the_cluster_and_locally_in_one_run(client: distributed.Cl
         State("done", terminal=True),
     ]
     run = make_run(500)
-    Processor(None, states, ac_factory=h.make_ac).exec(run)
+    proc = Processor(None, states, ac_factory=h.make_ac)
+    proc.exec(run)
     assert run.counts() == {"done": 500}
+    assert proc.last_report is not None
+    kinds = {s.state: s.kind for s in proc.last_report.states}
+    assert kinds == {"new": "dask", "second": "process", "third": "dask", "done": "", "failed": ""}
     on_dask = worker_pids(client)
     first_acs, third_acs = set(), set()
     for job in run.jobs.values():

@@ -56,6 +56,9 @@ class Backend(ABC):
     #: Wall time of work the coordinator aims to put in one batch: the longer a
     #: backend's round trip, the more work a batch needs to hide it.
     batch_seconds = 0.02
+    #: How the run report names where this backend runs execs, when not by the state's
+    #: kind (e.g. "dask": the cores are not this machine's).
+    label: str | None = None
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (processes, threads); called inside the running loop."""

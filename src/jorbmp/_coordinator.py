@@ -86,6 +86,13 @@ class Lane:
     def __repr__(self) -> str:
         return f"<Lane {self.name!r} count={self.count} queued={len(self.queue)} {self.backend!r}>"
 
+    def kind(self) -> str:
+        """Where this state's execs run, for the report: its kind, or its backend's label."""
+        if self.terminal:
+            return ""
+        label = self.backend.label if self.backend is not None else None
+        return label or self.state.resolved_kind()
+
     def pump(self) -> None:
         """Hand queued jobs to free slots, oldest first."""
         queue, backend = self.queue, self.backend
@@ -332,7 +339,7 @@ class Coordinator:
         """The end-of-run report: per-state figures, the bottleneck and a hint."""
         wall = asyncio.get_running_loop().time() - self.started
         rows: list[tuple[StatusCount, int, str]] = [
-            (count, lane.state.concurrency, "" if lane.terminal else lane.state.resolved_kind())
+            (count, lane.state.concurrency, lane.kind())
             for count, lane in zip(self.snapshot(), self.lanes.values(), strict=True)
         ]
         cpu = [lane.metrics.cpu_seconds for lane in self.lanes.values()]

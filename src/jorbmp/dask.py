@@ -152,6 +152,8 @@ class _Task:
 class DaskPool(Backend):
     """The backend of one state on a Dask cluster: tasks in flight, keyed by Dask key."""
 
+    label = "dask"
+
     def __init__(
         self,
         config: DaskBackend,

@@ -25,7 +25,7 @@ class StateReport(msgspec.Struct, frozen=True):
     """One state's figures over the whole run."""
 
     state: str
-    kind: str  # "process", "async", "thread", or "" for a terminal state
+    kind: str  # "process", "async", "thread", a backend's label ("dask"), or "" if terminal
     terminal: bool
     jobs: int  # jobs in this state at the end
     execs: int
@@ -130,4 +130,6 @@ def _hint(s: StateReport, wall: float) -> str:
     cores = os.cpu_count() or 1
     if s.kind == "process" and s.concurrency >= cores:
         return f"{where}, as many workers as cores: add cores or make its exec cheaper"
+    if s.kind == "dask":
+        return f"{where}: raise its concurrency, with workers to match on the cluster"
     return f"{where}: raise its concurrency"
