@@ -18,8 +18,10 @@ status stay here, and only execs move to the cluster::
   cannot say which job was running (a worker also holds tasks queued behind the
   running one), so the jobs go back to the front of the queue uncharged and run one
   at a time, one job per task, until each has run: a job that kills workers is then
-  the one charged, and no other. A task Dask gave up on (``KilledWorker``) counts
-  as a death with that task alone.
+  the one charged, and no other. (Dask may restart a task elsewhere before our cancel
+  arrives, and cannot stop a running one: for 10 s after giving up on a task, a job
+  dying alone is charged only on its second death in a row.) A task Dask gave up on
+  (``KilledWorker``) counts as a death with that task alone.
 - Losing the scheduler ends the run with an error naming it; the checkpoint holds
   every transition that came back (executing jobs re-run on the next exec).
 - ``timeout``: counted from submission; the task is abandoned (cancelled) and the job
@@ -57,6 +59,8 @@ MAX_BATCH = 1000
 # Seconds of work per task: long against the scheduler's round trip (a few ms) and
 # short enough that results stream on and a lost worker costs little.
 BATCH_SECONDS = 0.2
+# Seconds after abandoning a task during which a worker death may be its doing.
+ABANDONED_SUSPECT_SECONDS = 10.0
 # Seconds `close` waits for the cluster to drop the state's worker plugin.
 CLOSE_TIMEOUT = 10.0
 
@@ -178,10 +182,12 @@ class DaskPool(Backend):
         # Jobs lost with a worker without knowing which one ran: run alone, one at a
         # time, until each has run.
         self.suspects: set[str] = set()
-        # Keys of tasks given up on after a worker death or timeout. Dask may already
-        # have restarted one elsewhere before the cancel arrives: a death there
-        # cannot be pinned on a job of ours.
+        # Tasks given up on after a worker death or a timeout: keys and the latest
+        # time. Dask may have restarted one elsewhere before the cancel arrived, and a
+        # cancel cannot stop a running exec: for a while, another death may be theirs.
         self.abandoned: set[str] = set()
+        self.abandoned_at = -ABANDONED_SUSPECT_SECONDS
+        self.strikes: dict[str, int] = {}  # suspect job id -> uncertain deaths alone
         self.client: Any = None
         self.own_client = False
         self.closing = False
@@ -296,7 +302,8 @@ class DaskPool(Backend):
                 self._settled(task.jobs)
                 self.sink.done(task.jobs, outcomes)
             elif type(error).__name__ == "KilledWorker":
-                self._lost([task], f"worker died (Dask gave up: {describe(error)})")
+                reason = f"worker died (Dask gave up: {describe(error)})"
+                self._lost([task], reason, certain=len(task.jobs) == 1)
             elif isinstance(error, (asyncio.CancelledError, _cancelled_error())):
                 self._fatal(f"lost the Dask scheduler ({describe(error)})")
             else:
@@ -312,18 +319,28 @@ class DaskPool(Backend):
         if self.closing:
             return
         lost = {key: task for key in keys if (task := self.tasks.pop(key, None)) is not None}
+        if not lost:
+            return
+        # One task of ours on the dead worker may still not be the killer: a task we
+        # abandoned may have been running there. While isolating, a job that dies alone
+        # twice in a row is charged all the same, so a job that kills workers always is.
+        recent = self.loop.time() - self.abandoned_at < ABANDONED_SUSPECT_SECONDS
+        ghost = recent or bool(keys & self.abandoned - lost.keys())
+        jobs = [job for task in lost.values() for job in task.jobs]
+        certain = len(jobs) == 1 and not ghost
+        if len(jobs) == 1 and ghost and self.suspects:
+            strikes = self.strikes[jobs[0].id] = self.strikes.get(jobs[0].id, 0) + 1
+            certain = strikes >= 2
         for key, task in lost.items():
             self._abandon(key, task)  # Dask would run it again elsewhere
-        if lost:
-            reason = f"worker died (Dask worker {worker} lost)"
-            self._lost(list(lost.values()), reason, certain=not keys & self.abandoned - lost.keys())
+        self._lost(list(lost.values()), f"worker died (Dask worker {worker} lost)", certain)
 
-    def _lost(self, tasks: list[_Task], reason: str, certain: bool = True) -> None:
-        """Tasks died with their worker: charge the job if it is certain which one ran."""
+    def _lost(self, tasks: list[_Task], reason: str, certain: bool) -> None:
+        """Tasks died with their worker: charge the job if it is certain it was the one."""
         jobs = [job for task in tasks for job in task.jobs]
         if self.sink.halting():
             self.sink.unrun(jobs)
-        elif len(jobs) == 1 and certain:
+        elif certain:
             self._charge(jobs, reason)
         else:
             log.debug(
@@ -342,6 +359,7 @@ class DaskPool(Backend):
         if self.suspects:
             for job in jobs:
                 self.suspects.discard(job.id)
+                self.strikes.pop(job.id, None)
             if not self.suspects:
                 self.max_batch = self.batch_max
 
@@ -352,6 +370,7 @@ class DaskPool(Backend):
 
     def _abandon(self, key: str, task: _Task) -> None:
         self.abandoned.add(key)
+        self.abandoned_at = self.loop.time()
         self._cancel(task.future)
 
     def _cancel(self, future: Any) -> None:
