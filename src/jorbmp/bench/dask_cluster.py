@@ -15,10 +15,11 @@ from . import _work
 from .suite import Row, bench_run, cpu_serial_seconds
 
 
-def _noop_seconds(client: Any, jobs: int) -> float:
-    run = bench_run("dask", jobs, _work.Work())
+def _dask_seconds(client: Any, jobs: int, exec_fn: Any, spins: int = 0) -> float:
+    """A one-state run of ``jobs`` jobs through ``exec_fn`` on the cluster, concurrency 2."""
+    run = bench_run("dask", jobs, _work.Work(spins))
     states = [
-        State("new", _work.to_done, concurrency=2, backend=DaskBackend(client)),
+        State("new", exec_fn, concurrency=2, backend=DaskBackend(client)),
         State("done", terminal=True),
     ]
     start = time.perf_counter()
@@ -31,17 +32,6 @@ def _map_seconds(client: Any, tasks: int) -> float:
     futures = client.map(_work.noop_task, range(tasks), pure=False)
     client.gather(futures)
     del futures
-    return time.perf_counter() - start
-
-
-def _cpu_seconds(client: Any, jobs: int, spins: int) -> float:
-    run = bench_run("dask-cpu", jobs, _work.Work(spins))
-    states = [
-        State("new", _work.cpu_to_done, concurrency=2, backend=DaskBackend(client)),
-        State("done", terminal=True),
-    ]
-    start = time.perf_counter()
-    Processor(None, states).exec(run)
     return time.perf_counter() - start
 
 
@@ -71,10 +61,10 @@ def scenario(quick: bool, rounds: int) -> list[Row]:
         client.wait_for_workers(2)
         _map_seconds(client, 100)  # warm the workers' imports
         for _ in range(rounds):  # alternate so that drift hits every contender alike
-            noop.append(_noop_seconds(client, jobs))
+            noop.append(_dask_seconds(client, jobs, _work.to_done))
             mapped.append(_map_seconds(client, tasks))
             serial.append(cpu_serial_seconds(cpu_jobs, spins))
-            cpu.append(_cpu_seconds(client, cpu_jobs, spins))
+            cpu.append(_dask_seconds(client, cpu_jobs, _work.cpu_to_done, spins))
     rate, map_rate = jobs / statistics.median(noop), tasks / statistics.median(mapped)
     speedup = statistics.median(s / c for s, c in zip(serial, cpu, strict=True))
     return [
