@@ -17,11 +17,17 @@ place). There is no index besides the primary key, so writes stay cheap; add one
 While a processor executes the run, a writer thread does the writing, so the
 coordinator only encodes rows:
 
-- `begin` locks and checks the file; the first flush (the next housekeeping tick)
-  stores the whole run in one transaction. A new database is built beside the path
-  and renamed into place, so it appears complete or not at all; an existing one is
-  rewritten in place. Until then the file holds what it held before (nothing, or
-  the run as loaded): a valid past of this run.
+- `begin` locks and checks the file. The first write stores the whole run in one
+  transaction that spans several flushes. It trails the processor: each flush stores
+  the run's jobs, in order, as far as they have changed, so that a run that goes
+  through its jobs quickly writes each of them once (not as it was, then again as it
+  became); the rest go once waiting is over (a bound in proportion to the run's size)
+  or at the final flush. The flush that stores the last ones also stores the jobs
+  that changed since, and commits. A new database is built beside the path (without
+  journal or fsyncs, as no one sees it), made durable and renamed into place, so it
+  appears complete or not at all; an existing one is rewritten in place. Until then
+  the file holds what it held before (nothing, or the run as loaded): a valid past of
+  this run.
 - `job_changed` notes the job (O(1)). Every ``interval`` seconds `flush` encodes the
   changed jobs as rows and the writer upserts them in one transaction (WAL mode,
   ``synchronous=FULL``: each commit is fsynced). While it is busy, changed jobs
@@ -39,6 +45,7 @@ import functools
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -69,9 +76,19 @@ CACHE_KIB = 64 * 1024
 # Page size of new databases: bigger pages than SQLite's 4 KiB make the primary key's
 # b-tree shallower, upserts ~10% cheaper; reads of a few rows barely notice.
 PAGE_SIZE = 16384
-# Rows per INSERT statement: big, so that the GIL is taken once per thousands of rows,
-# within SQLite's limit on parameters per statement (32,766 since 3.32, 999 before).
-ROWS_PER_STATEMENT = 4000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 8
+# Rows per INSERT statement (twice as many short rows, see _SHORT_ROW), within
+# SQLite's limit on parameters per statement (32,766 since 3.32, 999 before). Each
+# statement makes the writer thread take Python's GIL back twice, and it often waits
+# milliseconds for it behind the busy coordinator thread: few, long statements keep
+# the writer up with a fast run. Not longer: preparing one costs more per row than
+# running it (sqlite3 keeps the few distinct ones, per connection).
+ROWS_PER_STATEMENT = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 8
+_CHUNK = 2 * ROWS_PER_STATEMENT  # jobs the first write stores at a time
+
+# The first write of an execution waits for jobs to change before it stores them, at
+# most this long per job in the run (at least an ``interval``): about twice what
+# storing them can take on a busy machine. See `SqliteSerializer._prepare_first`.
+FIRST_WAIT_PER_JOB = 20e-6
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS run (
@@ -98,33 +115,54 @@ _PUT_RUN = (
     "VALUES (0, ?, ?, ?, ?, ?)"
 )
 _COLUMNS = "id, state, context, state_errors, parent, retries, kicks, last_update"
+# A row's parameters. Python's sqlite3 binds str, int and float directly but takes a
+# slow path for None (an adapter lookup that formats and drops an AttributeError), so
+# a job without a parent binds the integer 0 there, which no id (text) equals. Most
+# jobs have no errors, parent, retries nor kicks: a short row binds only the rest
+# (about a quarter cheaper to write).
+_ROW = "?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?"
+_SHORT_ROW = "?, ?, ?, '{}', NULL, 0, 0, ?"
 _WIDTH = 8  # parameters per row
+_SHORT_WIDTH = 4
+_NO_PARENT = 0
+_NO_ERRORS = "{}"
+
+# Rows for `_insert`, flattened: (short rows, full rows).
+_Rows = tuple[list[Any], list[Any]]
 
 
 @functools.cache
-def _upsert_sql(rows: int) -> str:
-    """Upsert ``rows`` jobs in one statement. Binding all parameters, then one step for
+def _insert_sql(rows: int, upsert: bool, short: bool) -> str:
+    """Insert ``rows`` jobs in one statement; ``upsert``: replace the rows of jobs that
+    are there already (keeping their place). Binding all parameters, then one step for
     all rows, takes Python's GIL once per statement; executemany takes and drops it per
     row, and then stalls behind the coordinator thread each time."""
-    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * rows)
-    return f"""INSERT INTO jobs ({_COLUMNS}) VALUES {values}
-    ON CONFLICT (id) DO UPDATE SET
+    values = ", ".join([f"({_SHORT_ROW if short else _ROW})"] * rows)
+    sql = f"INSERT INTO jobs ({_COLUMNS}) VALUES {values}"
+    if upsert:
+        sql += """ ON CONFLICT (id) DO UPDATE SET
         state = excluded.state, context = excluded.context,
         state_errors = excluded.state_errors, parent = excluded.parent,
         retries = excluded.retries, kicks = excluded.kicks,
         last_update = excluded.last_update"""
+    return sql
 
 
-def _upsert(conn: sqlite3.Connection, values: list[Any]) -> None:
-    """Upsert the rows in ``values`` (flat): full statements, then the rest in
-    power-of-two statements, so that only a few distinct statements are ever prepared
-    (sqlite3 caches them)."""
-    rows = len(values) // _WIDTH
-    done = 0
-    while done < rows:
-        n = min(ROWS_PER_STATEMENT, 1 << ((rows - done).bit_length() - 1))
-        conn.execute(_upsert_sql(n), values[done * _WIDTH : (done + n) * _WIDTH])
-        done += n
+def _insert(conn: sqlite3.Connection, rows: _Rows, upsert: bool = True) -> None:
+    """Insert ``rows``, the short ones first (new jobs keep their order: while a run
+    executes, those are kicked jobs, with a parent, so all full rows): full statements,
+    then the rest in power-of-two statements, so that only a few distinct statements
+    are ever prepared (sqlite3 caches them). Without ``upsert`` the table must not hold
+    these jobs (it is cheaper: no conflict handling)."""
+    for values, short in ((rows[0], True), (rows[1], False)):
+        width = _SHORT_WIDTH if short else _WIDTH
+        most = 2 * ROWS_PER_STATEMENT if short else ROWS_PER_STATEMENT
+        count = len(values) // width
+        done = 0
+        while done < count:
+            n = min(most, 1 << ((count - done).bit_length() - 1))
+            conn.execute(_insert_sql(n, upsert, short), values[done * width : (done + n) * width])
+            done += n
 
 
 # Rows come back as JSON documents, so one typed msgspec decode checks a whole job
@@ -173,6 +211,18 @@ def _sniff(path: Path) -> str:
         return ""
 
 
+class _FirstWrite:
+    """How far the first write of an execution is (coordinator thread)."""
+
+    def __init__(self, jobs: list[Job[Any]], deadline: float) -> None:
+        self.jobs = jobs  # the run's when it began, stored in this order
+        self.deadline = deadline  # when it stops waiting for jobs to change
+        self.started = False  # a step went to the writer
+        self.done = 0  # jobs[:done] went to the writer
+        self.seen = 0  # jobs[:seen] had changed at the flush before
+        self.changed: dict[str, Job[Any]] = {}  # changed since it began, or was stored
+
+
 class SqliteSerializer(IncrementalSerializer):
     """The run in an SQLite database (WAL): one row per job, contexts as JSON text.
 
@@ -199,6 +249,11 @@ class SqliteSerializer(IncrementalSerializer):
         self._reset_batches()
         self._conn: sqlite3.Connection | None = None  # the writer thread's own
         self._need_full = False  # the next write must store the whole run
+        self._first: _FirstWrite | None = None  # the first write, while it is not done
+        # The first write's connection, its transaction open, between its steps.
+        self._filling: sqlite3.Connection | None = None
+        self._tmp: Path | None = None  # the new database being built
+        self._final = False  # the flush under way is the final one
         self._run: Run[Any, Any] | None = None  # while executing
 
     def __repr__(self) -> str:
@@ -273,27 +328,54 @@ class SqliteSerializer(IncrementalSerializer):
 
     # -- writing --------------------------------------------------------------------
 
-    def _values(self, jobs: list[Job[Any]]) -> list[Any]:
-        """The rows of ``jobs``, flattened, as `_upsert` binds them."""
+    def _rows(self, jobs: list[Job[Any]], split: bool = True) -> _Rows:
+        """The rows of ``jobs``, for `_insert`: short rows for jobs without errors,
+        parent, retries or kicks, full rows for the others (all of them unless
+        ``split``), each in the order of ``jobs``."""
         enc = self._encode
-        values: list[Any] = []
-        extend = values.extend
+        short: list[Any] = []
+        full: list[Any] = []
+        add_short = short.extend
+        add_full = full.extend
+        # Jobs changed within the same millisecond share one datetime (see utcnow).
+        last_time: Any = None
+        last_text = ""
         for job in jobs:
+            when = job.last_update
+            if when is not last_time:
+                last_time, last_text = when, enc(when)[1:-1].decode()  # RFC 3339
             errors = job._state_errors
-            extend((
+            parent = job.parent
+            if split and not errors and parent is None and not job.retries and not job.kicks:
+                add_short((job.id, job.state, enc(job.context).decode(), last_text))
+                continue
+            add_full((
                 job.id,
                 job.state,
                 enc(job.context).decode(),
-                enc(errors).decode() if errors else "{}",
-                job.parent,
+                enc(errors).decode() if errors else _NO_ERRORS,
+                _NO_PARENT if parent is None else parent,
                 job.retries,
                 job.kicks,
-                enc(job.last_update)[1:-1].decode(),  # RFC 3339, without the quotes
+                last_text,
             ))  # fmt: skip
-        return values
+        return short, full
+
+    def _in_order(self, jobs: list[Job[Any]]) -> list[_Rows]:
+        """The rows of ``jobs`` for `_insert`, in chunks of rows of one kind, so that
+        they are inserted in this order (the order they load back in)."""
+        chunks = []
+        for start in range(0, len(jobs), _CHUNK):
+            chunk = jobs[start : start + _CHUNK]
+            rows = self._rows(chunk)
+            chunks.append(self._rows(chunk, split=False) if rows[0] and rows[1] else rows)
+        return chunks
 
     def _connect(self, path: Path, new: bool = False) -> sqlite3.Connection:
-        """Open the database at ``path`` for writing, creating it owner-only."""
+        """Open the database at ``path`` for writing, creating it owner-only. ``new``: a
+        database being built beside the path, which no one sees before it is complete
+        and fsynced (`_rename_durably`): it needs no journal on disk and no fsyncs of
+        its own, until `_wal` sets WAL mode when it is built."""
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         # SQLite gives the -wal and -shm files the database file's permissions.
@@ -301,15 +383,23 @@ class SqliteSerializer(IncrementalSerializer):
         try:
             if new:  # only an empty database, before WAL mode, can take a page size
                 conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if mode != "wal":
-                log.warning("%s: SQLite refused WAL mode (using %s)", path, mode)
-            conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA journal_mode = MEMORY")
+                conn.execute("PRAGMA synchronous = OFF")
+            else:
+                self._wal(conn, path)
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         except BaseException:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _wal(conn: sqlite3.Connection, path: Path) -> None:
+        """WAL mode (stored in the file), each commit fsynced."""
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode != "wal":
+            log.warning("%s: SQLite refused WAL mode (using %s)", path, mode)
+        conn.execute("PRAGMA synchronous = FULL")
 
     @staticmethod
     def _transaction(conn: sqlite3.Connection, body: Callable[[], None]) -> None:
@@ -326,24 +416,10 @@ class SqliteSerializer(IncrementalSerializer):
         report = None if run.report is None else self._encode(run.report).decode()
         return (SQLITE_FORMAT, run.name, self._encode(run.overall).decode(), run.next_id, report)
 
-    @staticmethod
-    def _fill(conn: sqlite3.Connection, head: _Head, values: list[Any]) -> None:
-        """Make the database hold exactly this run, in one transaction."""
-
-        def body() -> None:
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute("DELETE FROM jobs")
-            conn.execute(_PUT_RUN, head)
-            _upsert(conn, values)
-
-        SqliteSerializer._transaction(conn, body)
-
-    def _write_all(self, head: _Head, values: list[Any], keep: bool) -> None:
-        """Store the whole run. A new database is built beside the path and renamed into
-        place, so that it appears complete or not at all; an existing one is rewritten in
-        one transaction. ``keep``: keep the connection for later batches (writer thread)."""
+    def _start_all(self) -> sqlite3.Connection:
+        """Open the transaction that stores the whole run (its job rows deleted), for
+        `_insert` and then `_commit_all`. A new database is built beside the path, and
+        renamed into place when it is complete; an existing one is rewritten in place."""
         path = self.path
         if self._conn is None and not path.exists():
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -352,25 +428,52 @@ class SqliteSerializer(IncrementalSerializer):
                 # would otherwise apply to the new one.
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
-            try:
-                with contextlib.closing(self._connect(tmp, new=True)) as conn:
-                    self._fill(conn, head, values)
-                # Closed: the WAL is folded in and gone. Make it durable, then visible.
-                _rename_durably(tmp, path)
-            except BaseException:
-                for leftover in (tmp, *_companions(tmp)):
-                    with contextlib.suppress(FileNotFoundError):
-                        leftover.unlink()
-                raise
-            if keep:
-                self._conn = self._connect(path)
-        elif keep:
+            self._tmp = tmp
+            conn = self._connect(tmp, new=True)
+        else:
             if self._conn is None:
                 self._conn = self._connect(path)
-            self._fill(self._conn, head, values)
-        else:
-            with contextlib.closing(self._connect(path)) as conn:
-                self._fill(conn, head, values)
+            conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute("DELETE FROM jobs")
+        except BaseException:
+            self._abort_all(conn)
+            raise
+        return conn
+
+    def _commit_all(self, conn: sqlite3.Connection, head: _Head, rows: _Rows) -> None:
+        """Upsert ``rows`` and the run's row, and commit the transaction of `_start_all`;
+        make a new database durable, then visible."""
+        try:
+            _insert(conn, rows)
+            conn.execute(_PUT_RUN, head)
+            conn.execute("COMMIT")
+            if self._tmp is not None:
+                self._wal(conn, self.path)
+                conn.close()  # the WAL is folded in and gone
+                _rename_durably(self._tmp, self.path)
+                self._tmp = None
+        except BaseException:
+            self._abort_all(conn)
+            raise
+
+    def _abort_all(self, conn: sqlite3.Connection) -> None:
+        """Roll back the transaction of `_start_all` (delete a new database)."""
+        tmp, self._tmp = self._tmp, None
+        if tmp is None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return
+        try:
+            conn.close()
+        finally:
+            for leftover in (tmp, *_companions(tmp)):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
 
     def serialize(self, run: Run[Any, Any]) -> None:
         """Write the whole run now, in one transaction (not while a processor executes
@@ -378,28 +481,57 @@ class SqliteSerializer(IncrementalSerializer):
         if self._active:
             raise RuntimeError(f"{self!r}: a processor is executing a run with it")
         self.check_overwritable()
-        self._write_all(self._head(run), self._values(list(run.jobs.values())), keep=False)
+        try:
+            conn = self._start_all()
+            try:
+                for rows in self._in_order(list(run.jobs.values())):
+                    _insert(conn, rows, upsert=False)
+            except BaseException:
+                self._abort_all(conn)
+                raise
+            self._commit_all(conn, self._head(run), ([], []))
+        finally:
+            self._close()
         self._known_good = True
 
-    def _store_all(self, head: _Head, values: list[Any]) -> None:
-        """Writer thread: the first write of an execution, the whole run."""
-        self._write_all(head, values, keep=True)
+    def _store_first(self, chunks: list[_Rows], commit: tuple[_Head, _Rows] | None) -> None:
+        """Writer thread: one step of the first write of an execution: insert ``chunks``
+        in the transaction that the first step opens. The last one (``commit``) upserts
+        the jobs that changed since they were stored, and commits."""
+        conn = self._filling
+        if conn is None:
+            conn = self._start_all()
+        self._filling = None  # until this step succeeds: a failed one is rolled back
+        try:
+            for rows in chunks:
+                _insert(conn, rows, upsert=False)
+        except BaseException:
+            self._abort_all(conn)
+            raise
+        if commit is None:
+            self._filling = conn
+            return
+        self._commit_all(conn, *commit)
         self._need_full = False
 
-    def _store(self, values: list[Any], next_id: int, report: str | None) -> None:
+    def _store(self, rows: _Rows, next_id: int, report: str | None) -> None:
         """Writer thread: store one batch of changed jobs, in one transaction."""
         if self._conn is None:
             self._conn = self._connect(self.path)
         conn = self._conn
 
         def body() -> None:
-            _upsert(conn, values)
+            _insert(conn, rows)
             conn.execute("UPDATE run SET next_id = ?, report = ?", (next_id, report))
 
         self._transaction(conn, body)
 
     def _close(self) -> None:
-        """Writer thread: close its connection (the last one also folds the WAL back in)."""
+        """Writer thread: abandon an unfinished first write; close the connection (the
+        last one also folds the WAL back in)."""
+        if self._filling is not None:
+            conn, self._filling = self._filling, None
+            self._abort_all(conn)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             conn.close()
@@ -413,13 +545,16 @@ class SqliteSerializer(IncrementalSerializer):
         except BaseException:
             self._lock.release()
             raise
-        # The whole run is written by the writer thread at the first flush (the next
-        # housekeeping tick), not here: the processor starts meanwhile, and the first
-        # write already has what changed since. Until it commits, the file holds what it
-        # held before (nothing, or the run as loaded), which is a valid past of this run.
+        # The whole run is written by the writer thread from the first flush (the next
+        # housekeeping tick) on, not here: the processor starts meanwhile, and the first
+        # write waits for jobs to change (see `_prepare_first`). Until it commits, the
+        # file holds what it held before (nothing, or the run as loaded), which is a
+        # valid past of this run.
         self._known_good = True
         self._reset_batches()
         self._need_full = True
+        self._first = None
+        self._filling = None
         self._run = run
         self._active = True
 
@@ -429,10 +564,53 @@ class SqliteSerializer(IncrementalSerializer):
 
     def _prepare(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
         if self._need_full:
-            values = self._values(list(run.jobs.values()))
-            return partial(self._store_all, self._head(run), values)
+            return self._prepare_first(run, jobs)
+        self._first = None
         head = self._head(run)
-        return partial(self._store, self._values(list(jobs.values())), head[3], head[4])
+        return partial(self._store, self._rows(list(jobs.values())), head[3], head[4])
+
+    def _prepare_first(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
+        """The next step of the first write: the whole run, in one transaction, stored
+        over several flushes.
+
+        A job that has not changed yet in this execution is likely to change soon in a
+        run that goes through its jobs quickly: storing it now would write it twice.
+        So the first write trails the processor. Each flush stores the run's jobs, in
+        order, up to the first that had not changed at the flush before (a job often
+        changes again soon after: its next state), in whole chunks. It waits so at most
+        FIRST_WAIT_PER_JOB per job, or until the final flush, then stores the rest. The
+        step that stores the last jobs also stores those that changed since they were
+        stored (and new ones), and commits: the run as it is at this flush."""
+        first = self._first
+        if first is None or (first.started and self._filling is None):  # or a step failed
+            wait = max(self.interval, FIRST_WAIT_PER_JOB * len(run.jobs))
+            first = self._first = _FirstWrite(list(run.jobs.values()), time.monotonic() + wait)
+        first.started = True
+        changed = first.changed
+        changed.update(jobs)
+        order = first.jobs
+        total = len(order)
+        if self._final or time.monotonic() >= first.deadline:
+            end = total
+        else:
+            end = first.done + (first.seen - first.done) // _CHUNK * _CHUNK
+        take = order[first.done : end]
+        pop = changed.pop
+        for job in take:
+            pop(job.id, None)
+        first.done = end
+        seen = max(first.seen, end)
+        while seen < total and order[seen].id in changed:
+            seen += 1
+        first.seen = seen
+        commit = None
+        if end == total:
+            commit = (self._head(run), self._rows(list(changed.values())))
+        return partial(self._store_first, self._in_order(take), commit)
+
+    def flush(self, run: Run[Any, Any], final: bool = False) -> None:
+        self._final = final  # the first write stops waiting (see `_prepare_first`)
+        super().flush(run, final)
 
     def end(self) -> None:
         try:
