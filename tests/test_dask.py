@@ -24,6 +24,7 @@ import distributed
 import helpers_dask as h
 import pytest
 
+import jorbmp.dask
 from jorbmp import FAILED, JournalSerializer, Processor, Run, State, Stopped
 from jorbmp.dask import DaskBackend
 
@@ -306,6 +307,31 @@ def test_losing_the_scheduler_stops_the_run_with_a_valid_checkpoint(
     saved = JournalSerializer(path, overall_type=h.DOC, job_type=h.DJob).deserialize()
     assert 0 < saved.counts().get("third", 0) < 40
     resume(saved, path)
+
+
+def test_scheduler_gone_unnoticed_is_found_by_the_ping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An in-process LocalCluster closed gracefully leaves the client believing it is
+    connected and the tasks pending forever; the periodic ping ends the run instead."""
+    monkeypatch.setattr(jorbmp.dask, "PING_TIMEOUT", 2.0)
+    run = make_run(40, h.DOC(workdir=str(tmp_path), sleep=0.2))
+    with local_cluster() as own:
+        states = [
+            State("new", h.slow_or_marked, concurrency=2, backend=DaskBackend(own)),
+            State("second", terminal=True),
+        ]
+        marker = tmp_path / "started"
+
+        def close_cluster() -> None:
+            wait_for(marker.exists, 60, "the first exec")
+            own.close()
+
+        threading.Thread(target=close_cluster, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="state 'new': lost the Dask scheduler"):
+            Processor(None, states).exec(run)
+        assert time.monotonic() - started < 30
 
 
 def test_dask_checkpoint_resumes_with_local_workers(

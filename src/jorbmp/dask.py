@@ -34,6 +34,7 @@ imports it only when a state with a `DaskBackend` starts.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -61,6 +62,10 @@ MAX_BATCH = 1000
 BATCH_SECONDS = 0.2
 # Seconds after abandoning a task during which a worker death may be its doing.
 ABANDONED_SUSPECT_SECONDS = 10.0
+# While tasks are in flight, the scheduler is asked every PING_SECONDS whether it is
+# there; no answer within PING_TIMEOUT ends the run.
+PING_SECONDS = 2.0
+PING_TIMEOUT = 20.0
 # Seconds `close` waits for the cluster to drop the state's worker plugin.
 CLOSE_TIMEOUT = 10.0
 
@@ -191,6 +196,9 @@ class DaskPool(Backend):
         self.client: Any = None
         self.own_client = False
         self.closing = False
+        self.pinged: concurrent.futures.Future[None] | None = None  # a ping in flight
+        self.pinged_at = 0.0
+        self.lost = False  # the scheduler is gone: nothing to tidy up there
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_outcomes = msgspec.msgpack.Decoder(list[Outcome]).decode
 
@@ -248,10 +256,15 @@ class DaskPool(Backend):
             return
         status = self.client.status
         if status != "running":
-            # The connection to the scheduler broke: whatever it ran for us is lost,
-            # and a scheduler that closes gracefully cancels nothing to tell us so.
-            self._fatal(f"lost the Dask scheduler (client {status})")
+            # The connection to the scheduler broke: whatever it ran for us is lost.
+            self._scheduler_lost(f"client {status}")
             return
+        idle = self.pinged is None or self.pinged.done()
+        if self.tasks and idle and now - self.pinged_at >= PING_SECONDS:
+            # A scheduler can also go away without the client noticing (seen with one
+            # closed gracefully in this process): ask it, rather than wait forever.
+            self.pinged_at = now
+            self.pinged = asyncio.run_coroutine_threadsafe(self._ping(), self.client_loop)
         if self.timeout is None:
             return
         for key, task in list(self.tasks.items()):
@@ -269,9 +282,13 @@ class DaskPool(Backend):
             self._cancel(task.future)
         self.tasks.clear()
         _watch(client).discard(self)
-        if client.status == "running":
+        if client.status == "running" and not self.lost:
             try:
-                client.unregister_worker_plugin(self.name)
+                # In the client's loop with a timeout: the public, blocking call would
+                # wait forever for a scheduler that went away unnoticed.
+                unregister = client._unregister_worker_plugin(name=self.name, nanny=None)
+                run = asyncio.run_coroutine_threadsafe(unregister, self.client_loop)
+                run.result(CLOSE_TIMEOUT)
             except Exception as exc:  # the workers keep an idle plugin: nothing lost
                 log.debug("state %r: unregistering Dask plugin: %s", self.state, describe(exc))
         if self.own_client:
@@ -279,6 +296,15 @@ class DaskPool(Backend):
                 client.close(timeout=CLOSE_TIMEOUT)
 
     # -- results and failures (in the coordinator's loop) -------------------------------
+
+    async def _ping(self) -> None:
+        """In the client's loop: check that the scheduler answers."""
+        try:
+            await asyncio.wait_for(self.client.scheduler.identity(), PING_TIMEOUT)
+        except Exception as exc:
+            with contextlib.suppress(RuntimeError):
+                what = f"it did not answer: {describe(exc)}"
+                self.loop.call_soon_threadsafe(self._scheduler_lost, what)
 
     async def _collect(self, key: str, future: Any) -> None:
         """In the client's loop: wait for one task, then hand the result to `_finished`."""
@@ -305,7 +331,7 @@ class DaskPool(Backend):
                 reason = f"worker died (Dask gave up: {describe(error)})"
                 self._lost([task], reason, certain=len(task.jobs) == 1)
             elif isinstance(error, (asyncio.CancelledError, _cancelled_error())):
-                self._fatal(f"lost the Dask scheduler ({describe(error)})")
+                self._scheduler_lost(describe(error))
             else:
                 self._fatal(
                     f"a Dask task failed outside the exec ({describe(error)}); are jorbmp, "
@@ -362,6 +388,10 @@ class DaskPool(Backend):
                 self.strikes.pop(job.id, None)
             if not self.suspects:
                 self.max_batch = self.batch_max
+
+    def _scheduler_lost(self, what: str) -> None:
+        self.lost = True
+        self._fatal(f"lost the Dask scheduler ({what})")
 
     def _fatal(self, what: str) -> None:
         self.sink.fatal(

@@ -1,5 +1,9 @@
 """The ``dask`` scenario: a state on a `distributed.LocalCluster` (2 worker processes,
-one thread each) against ``client.map`` per item and against serial work."""
+one thread each) against ``client.map`` per item and against serial work.
+
+On 2 cores the scheduler, the client and the nannies share the cores with the two
+workers, and each task costs a round trip of about 10 ms: ``client.map`` of the same
+CPU work is the measure of what Dask itself allows here."""
 
 from __future__ import annotations
 
@@ -27,9 +31,13 @@ def _dask_seconds(client: Any, jobs: int, exec_fn: Any, spins: int = 0) -> float
     return time.perf_counter() - start
 
 
-def _map_seconds(client: Any, tasks: int) -> float:
+def _map_seconds(client: Any, tasks: int, spins: int | None = None) -> float:
+    """``client.map`` with one task per item: no-op tasks, or ``spins`` of CPU work each."""
     start = time.perf_counter()
-    futures = client.map(_work.noop_task, range(tasks), pure=False)
+    if spins is None:
+        futures = client.map(_work.noop_task, range(tasks), pure=False)
+    else:
+        futures = client.map(_work.cpu_task, [spins] * tasks, pure=False)
     client.gather(futures)
     del futures
     return time.perf_counter() - start
@@ -49,6 +57,7 @@ def scenario(quick: bool, rounds: int) -> list[Row]:
     mapped: list[float] = []
     serial: list[float] = []
     cpu: list[float] = []
+    cpu_mapped: list[float] = []
     cluster = distributed.LocalCluster(  # type: ignore[no-untyped-call]
         n_workers=2,
         threads_per_worker=1,
@@ -65,8 +74,10 @@ def scenario(quick: bool, rounds: int) -> list[Row]:
             mapped.append(_map_seconds(client, tasks))
             serial.append(cpu_serial_seconds(cpu_jobs, spins))
             cpu.append(_dask_seconds(client, cpu_jobs, _work.cpu_to_done, spins))
+            cpu_mapped.append(_map_seconds(client, cpu_jobs, spins))
     rate, map_rate = jobs / statistics.median(noop), tasks / statistics.median(mapped)
     speedup = statistics.median(s / c for s, c in zip(serial, cpu, strict=True))
+    map_speedup = statistics.median(s / c for s, c in zip(serial, cpu_mapped, strict=True))
     return [
         Row(
             f"dask no-op {jobs:,} jobs, LocalCluster 2x1",
@@ -83,11 +94,15 @@ def scenario(quick: bool, rounds: int) -> list[Row]:
             f"dask cpu {cpu_jobs} x 10 ms, concurrency 2",
             speedup,
             "x vs serial",
-            "ideal",
-            2.0,
-            speedup / 2,
+            "client.map per job",
+            map_speedup,
+            speedup / map_speedup,
             ">= 1.8x serial",
             speedup >= 1.8,
-            {"serial_s": statistics.median(serial), "jorbmp_s": statistics.median(cpu)},
+            {
+                "serial_s": statistics.median(serial),
+                "jorbmp_s": statistics.median(cpu),
+                "client_map_s": statistics.median(cpu_mapped),
+            },
         ),
     ]
