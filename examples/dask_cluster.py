@@ -35,7 +35,7 @@ def main() -> None:
     cluster = None
     if address is None:
         cluster = LocalCluster(
-            n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=logging.ERROR
+            n_workers=2, threads_per_worker=1, dashboard_address=":0", silence_logs=logging.ERROR
         )
     backend = DaskBackend(address or cluster)
     serializer = JournalSerializer(CHECKPOINT, overall_type=Settings, job_type=Doc)

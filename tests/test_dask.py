@@ -36,7 +36,7 @@ def local_cluster() -> distributed.LocalCluster:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
         silence_logs=logging.CRITICAL,
     )
 

@@ -62,7 +62,7 @@ def scenario(quick: bool, rounds: int) -> list[Row]:
         n_workers=2,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",
         silence_logs=logging.CRITICAL + 10,  # its shutdown tracebacks are noise here
     )
     client = distributed.Client(cluster, set_as_default=False)  # type: ignore[no-untyped-call]
