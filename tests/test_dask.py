@@ -375,6 +375,18 @@ def resume(saved: Run[h.DOC, h.DJob], path: Path) -> None:
 # -- validation --------------------------------------------------------------------------
 
 
+def test_inline_mode_runs_dask_states_here_for_debugging() -> None:
+    """inline=True wins over backend=: the exec runs in this process, no cluster needed."""
+    states = [
+        State("new", h.first, backend=DaskBackend("tcp://127.0.0.1:9", connect_timeout=1)),
+        State("second", terminal=True),
+    ]
+    run = make_run(3)
+    Processor(h.DAC(), states, inline=True).exec(run)
+    assert run.counts() == {"second": 3}
+    assert all(job.context.pids == [os.getpid()] for job in run.jobs.values())
+
+
 def test_backend_validation() -> None:
     with pytest.raises(ValueError, match="state 'x': backend= is for process states"):
         Processor(None, [State("x", h.first, kind="thread", backend=DaskBackend("tcp://h:1"))])
