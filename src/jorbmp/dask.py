@@ -242,8 +242,8 @@ class DaskPool(Backend):
 
         status = self.client.status
         if status != "running":
+            self._fatal(f"the Dask client is {status}")  # first: nothing is dispatched again
             self.sink.unrun(jobs)
-            self._fatal(f"the Dask client is {status}")
             return
         key = f"{self.name}-{next(self.counter)}"
         payload = self._encode([job.context for job in jobs])
@@ -399,8 +399,11 @@ class DaskPool(Backend):
         )
 
     def _abandon(self, key: str, task: _Task) -> None:
+        now = self.loop.time()
+        if now - self.abandoned_at >= ABANDONED_SUSPECT_SECONDS:
+            self.abandoned.clear()  # long gone, one way or another: keep the set small
         self.abandoned.add(key)
-        self.abandoned_at = self.loop.time()
+        self.abandoned_at = now
         self._cancel(task.future)
 
     def _cancel(self, future: Any) -> None:
