@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,19 @@ import jorbmp
 from jorbmp import KickRequest, Processor, Run, State
 
 TESTS = Path(__file__).resolve().parent
+
+
+class StopAfter(jorbmp.StatusListener):
+    """Stops the processor once ``done`` jobs are in state done."""
+
+    def __init__(self, done: int) -> None:
+        self.done = done
+        self.processor: Processor[Any, Any, Any] | None = None
+
+    def status_update(self, counts: list[jorbmp.StatusCount]) -> None:
+        if any(c.state == "done" and c.completed >= self.done for c in counts):
+            assert self.processor is not None
+            threading.Thread(target=self.processor.stop).start()
 
 
 class OC(msgspec.Struct):

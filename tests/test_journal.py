@@ -19,6 +19,7 @@ from helpers_checkpoint import (
     OtherJC,
     OtherOC,
     Rich,
+    StopAfter,
     check_complete,
     kill_9_then_resume,
     loop,
@@ -28,7 +29,6 @@ from helpers_checkpoint import (
     states,
 )
 
-import jorbmp
 from jorbmp import CheckpointError, JournalSerializer, Processor, Run, State, Stopped
 from jorbmp.checkpoint.journal import FILE_MAGIC, RECORD_HEADER_SIZE, RECORD_MAGIC
 
@@ -48,19 +48,6 @@ def record_offsets(path: Path) -> list[int]:
         offset += RECORD_HEADER_SIZE + length
     assert offset == len(data)
     return offsets
-
-
-class StopAfter(jorbmp.StatusListener):
-    """Stops the processor once ``done`` jobs are in state done."""
-
-    def __init__(self, done: int) -> None:
-        self.done = done
-        self.processor: Processor[Any, Any, Any] | None = None
-
-    def status_update(self, counts: list[jorbmp.StatusCount]) -> None:
-        if any(c.state == "done" and c.completed >= self.done for c in counts):
-            assert self.processor is not None
-            threading.Thread(target=self.processor.stop).start()
 
 
 @pytest.mark.timeout(60)

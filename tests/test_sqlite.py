@@ -6,7 +6,6 @@ import contextlib
 import os
 import sqlite3
 import stat
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from helpers_checkpoint import (
     OtherJC,
     OtherOC,
     Rich,
+    StopAfter,
     check_complete,
     kill_9_then_resume,
     make_run,
@@ -53,17 +53,6 @@ def files(path: Path) -> dict[str, bytes]:
         for p in path.parent.iterdir()
         if p.name.startswith(path.name) and not p.name.endswith((".lock", "-shm"))
     }
-
-
-class StopAfter(jorbmp.StatusListener):
-    def __init__(self, done: int) -> None:
-        self.done = done
-        self.processor: Processor[Any, Any, Any] | None = None
-
-    def status_update(self, counts: list[jorbmp.StatusCount]) -> None:
-        if any(c.state == "done" and c.completed >= self.done for c in counts):
-            assert self.processor is not None
-            threading.Thread(target=self.processor.stop).start()
 
 
 @pytest.mark.timeout(60)

@@ -236,12 +236,11 @@ def test_signal_stops_gracefully_and_run_resumes(
     resume_to_completion(tmp_path, mp_context, n)
 
 
-@pytest.mark.timeout(60)
-@MP
-def test_ctrl_c_to_process_group_stops_gracefully(tmp_path: Path, mp_context: str) -> None:
-    """A terminal's Ctrl-C reaches the coordinator and every worker (one process group):
-    workers keep executing, the coordinator stops gracefully, nothing is charged."""
-    n = 8
+def signal_group_midway(
+    tmp_path: Path, mp_context: str, n: int, sig: signal.Signals
+) -> tuple[int, str]:
+    """Start a coordinator in its own process group, send ``sig`` to the whole group
+    once both workers run a job, and return its exit code and stderr."""
     proc, err = start_coordinator(
         tmp_path,
         "--jobs", str(n), "--sleep", "0.5", "--grace", "20", "--mp", mp_context,
@@ -249,13 +248,22 @@ def test_ctrl_c_to_process_group_stops_gracefully(tmp_path: Path, mp_context: st
     )  # fmt: skip
     try:
         wait_for(lambda: len(started_ids(tmp_path)) >= 2, 20, "both workers to start a job")
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, sig)
         rc = finish(proc, 20)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    stderr = err.read_text()
+    return rc, err.read_text()
+
+
+@pytest.mark.timeout(60)
+@MP
+def test_ctrl_c_to_process_group_stops_gracefully(tmp_path: Path, mp_context: str) -> None:
+    """A terminal's Ctrl-C reaches the coordinator and every worker (one process group):
+    workers keep executing, the coordinator stops gracefully, nothing is charged."""
+    n = 8
+    rc, stderr = signal_group_midway(tmp_path, mp_context, n, signal.SIGINT)
     assert rc != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
     # Only the coordinator's KeyboardInterrupt: no worker printed a traceback.
     assert stderr.count("Traceback (most recent call last)") == 1, stderr[-2000:]
@@ -273,20 +281,7 @@ def test_sigterm_to_process_group_charges_nothing(tmp_path: Path, mp_context: st
     """``kill -TERM -PGID`` (systemd's stop) kills the workers too: the coordinator still
     stops gracefully, and the jobs the workers died in go back to their state uncharged."""
     n = 8
-    proc, err = start_coordinator(
-        tmp_path,
-        "--jobs", str(n), "--sleep", "0.5", "--grace", "20", "--mp", mp_context,
-        new_session=True,
-    )  # fmt: skip
-    try:
-        wait_for(lambda: len(started_ids(tmp_path)) >= 2, 20, "both workers to start a job")
-        os.killpg(proc.pid, signal.SIGTERM)
-        rc = finish(proc, 20)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    stderr = err.read_text()
+    rc, stderr = signal_group_midway(tmp_path, mp_context, n, signal.SIGTERM)
     assert rc != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
     saved = load(tmp_path / "run.json")
     assert any(job.state == "new" for job in saved.jobs.values())

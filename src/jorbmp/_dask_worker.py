@@ -31,7 +31,7 @@ class StatePlugin(WorkerPlugin):
         self.decode = msgspec.msgpack.Decoder(list[spec.job_type]).decode  # type: ignore[name-defined]
         self.encode = msgspec.msgpack.Encoder().encode
         try:
-            self.ac = spec.ac_factory() if spec.ac_factory is not None else spec.ac
+            self.ac = spec.app_context()
         except Exception as exc:
             self.error = f"ac_factory failed on Dask worker {worker.address}: {describe(exc)}"
             raise

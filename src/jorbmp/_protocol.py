@@ -75,3 +75,7 @@ class WorkerSpec(msgspec.Struct):
     ac_factory: Callable[[], Any] | None
     overall: Any
     job_type: Any
+
+    def app_context(self) -> Any:
+        """The AC for execs in the process calling this: built by ``ac_factory`` if given."""
+        return self.ac_factory() if self.ac_factory is not None else self.ac

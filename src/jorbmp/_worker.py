@@ -32,7 +32,7 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(list[spec.job_type])  # type: ignore[name-defined]
     try:
-        ac = spec.ac_factory() if spec.ac_factory is not None else spec.ac
+        ac = spec.app_context()
     except Exception as exc:
         startup = Startup(f"ac_factory failed in a worker: {describe(exc)}")
     else:

@@ -81,16 +81,21 @@ def bench_run(name: str, jobs: int, work: Work) -> Run[Work, Item]:
     return run
 
 
+def pipeline_states() -> list[State]:
+    """No-op 3-state pipeline (new -> middle -> done), process states, concurrency 2 each."""
+    return [
+        State("new", _work.to_middle, concurrency=2),
+        State("middle", _work.to_done, concurrency=2),
+        State("done", terminal=True),
+    ]
+
+
 def pipeline_seconds(
     jobs: int, kind: str = "nil", listener: jorbmp.StatusListener | None = None
 ) -> float:
     """No-op 3-state pipeline (new -> middle -> done), process states, concurrency 2 each."""
     run = bench_run("bench", jobs, Work())
-    states = [
-        State("new", _work.to_middle, concurrency=2),
-        State("middle", _work.to_done, concurrency=2),
-        State("done", terminal=True),
-    ]
+    states = pipeline_states()
     with tmpdir() as d:
         proc = Processor(None, states, serializer(kind, d), listener)
         start = time.perf_counter()
@@ -162,11 +167,7 @@ def memory_probe(jobs: int, mode: str) -> None:
         return
     run = bench_run("mem", jobs, Work())
     built = proc.memory_info().rss - before
-    states = [
-        State("new", _work.to_middle, concurrency=2),
-        State("middle", _work.to_done, concurrency=2),
-        State("done", terminal=True),
-    ]
+    states = pipeline_states()
     start = time.perf_counter()
     Processor(None, states).exec(run)
     wall = time.perf_counter() - start
