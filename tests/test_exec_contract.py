@@ -74,6 +74,17 @@ def returns_other_type(ac: Any, oc: Any, jc: JC) -> Any:
     return Other(), "done"
 
 
+def returns_unencodable_context(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    jc.tag = object()  # type: ignore[assignment]
+    return jc, "done"
+
+
+def returns_context_of_wrong_field_type(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count = "many"  # type: ignore[assignment]  # encodes, but is not a valid JC
+    return jc, "done"
+
+
 def kicks_unknown_state(ac: Any, oc: Any, jc: JC) -> Any:
     jc.count += 1
     return jc, "done", [KickRequest(JC(tag="kid"), "done"), KickRequest(JC(), "nowhere")]
@@ -132,6 +143,8 @@ def test_returned_string_error_is_recorded_and_transition_applied() -> None:
         (returns_five, "returned a 5-tuple"),
         (returns_bad_state_type, "next_state of type int"),
         (returns_other_type, "not a valid JC"),
+        (returns_unencodable_context, "unsupported"),
+        (returns_context_of_wrong_field_type, "not a valid JC"),
         (kicks_unknown_state, "unknown state 'nowhere'"),
         (kicks_bad_context, "not a valid JC"),
         (kick_not_a_request, "expected KickRequest"),

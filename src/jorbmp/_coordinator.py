@@ -149,9 +149,8 @@ class Lane:
             # the rest of a no-op transition.
             coord.now = utcnow()
             coord.changed = True
-            finish = coord.finish
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                finish(self, job, outcome)
+            self.metrics.record([o.seconds for o in outcomes])
+            coord.finish_batch(self, jobs, outcomes)
             coord.settle(self)
         except Exception as exc:
             self.coord.fail(exc)
@@ -204,6 +203,13 @@ class Coordinator:
         self.pump_scheduled = False
         self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
         self.debug = log.isEnabledFor(logging.DEBUG)
+        # The serializer's change hook, or None when it has none (NilSerializer): a
+        # call per transition that does nothing is worth skipping.
+        self.job_changed: Callable[[Job[Any]], None] | None = (
+            None
+            if type(serializer).job_changed is Serializer.job_changed
+            else serializer.job_changed
+        )
         self.now = utcnow()  # the time of the batch being applied (see Lane.done)
         self.started = asyncio.get_running_loop().time()
         self.sample_time = self.started  # loop time of the last psutil sample
@@ -409,14 +415,46 @@ class Coordinator:
 
     # -- transitions ----------------------------------------------------------------
 
+    def finish_batch(self, lane: Lane, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
+        """Apply a batch of outcomes from ``lane``, in order.
+
+        This loop is the coordinator's cost per transition, so the common case (a
+        valid context and a known next state, no error, no kicks, no rate limiter,
+        no debug logging) is applied inline; everything else goes through `finish`.
+        Both do the same to a job.
+        """
+        simple = lane.gate is None and not self.debug
+        decode, lanes, now = self.decode, self.lanes, self.now
+        job_changed = self.job_changed
+        for job, o in zip(jobs, outcomes, strict=True):
+            target = lanes.get(o.next_state)
+            if not simple or o.code or o.error is not None or o.kicks or target is None:
+                self.finish(lane, job, o)
+                continue
+            try:
+                context = decode(o.context)
+            except msgspec.ValidationError:
+                self.finish(lane, job, o)  # decodes again, to record why
+                continue
+            job.context = context
+            job.retries = 0
+            job.last_update = now
+            if target is not lane:
+                lane.count -= 1
+                target.count += 1
+                job.state = target.name
+            if target.terminal:
+                self.active -= 1
+            else:
+                target.queue.append(job)
+                self.pending[target] = None
+            if job_changed is not None:
+                job_changed(job)
+
     def finish(self, lane: Lane, job: Job[Any], o: Outcome) -> None:
         """Apply one exec's outcome to its job: all of it, or (on a problem) none of it."""
-        metrics = lane.metrics  # counted inline: this runs once per exec
-        metrics.processed += 1
-        metrics.total_seconds += o.seconds
-        metrics.recent.append(o.seconds)
         if o.code or o.error is not None:
-            metrics.errors += 1
+            lane.metrics.errors += 1
         if o.code == FAILED_ATTEMPT:
             if o.trace is not None and self.debug:
                 log.debug("job %s: exec of state %r raised\n%s", job.id, lane.name, o.trace)

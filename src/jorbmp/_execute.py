@@ -32,7 +32,7 @@ class ContextCodec:
     __slots__ = ("encode", "job_type")
 
     def __init__(self, job_type: Any) -> None:
-        self.encode = msgspec.msgpack.Encoder().encode
+        self.encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
         self.job_type: type | None = job_type if isinstance(job_type, type) else None
 
     def dump(self, state: str, value: Any, what: str) -> msgspec.Raw:
@@ -76,6 +76,15 @@ def from_exception(state: str, exc: BaseException, started: float) -> Outcome:
 def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outcome:
     """Check an exec's return value against the contract and encode it."""
     seconds = time.perf_counter() - started
+    # The common case, `(jc, next_state)` with a jc of exactly the job type, costs half
+    # of the general checks below, and this runs once per job in every worker.
+    if type(ret) is tuple and len(ret) == 2:
+        jc, next_state = ret
+        if type(jc) is codec.job_type and type(next_state) is str:
+            try:
+                return Outcome(OK, msgspec.Raw(codec.encode(jc)), next_state, seconds=seconds)
+            except Exception:
+                pass  # the general path below encodes it again and reports why
     if not isinstance(ret, (tuple, list)) or not 2 <= len(ret) <= 4:
         got = f"a {len(ret)}-tuple" if isinstance(ret, (tuple, list)) else type(ret).__name__
         return _failed(f"exec of state {state!r} returned {got}; expected {RETURN_SHAPE}", started)

@@ -99,6 +99,12 @@ class StateMetrics:
         self._p95 = 0.0
         self._p95_at = -1  # `processed` when _p95 was computed
 
+    def record(self, seconds: list[float]) -> None:
+        """Count a batch of finished execs, given their wall times."""
+        self.processed += len(seconds)
+        self.total_seconds += sum(seconds)
+        self.recent.extend(seconds)
+
     def p95(self) -> float:
         if self._p95_at != self.processed and self.recent:
             ordered = sorted(self.recent)
