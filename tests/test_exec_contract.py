@@ -95,6 +95,12 @@ def kicks_bad_context(ac: Any, oc: Any, jc: JC) -> Any:
     return jc, "done", [KickRequest(JC(tag="ok"), "done"), KickRequest(Other(), "done")]
 
 
+def kicks_context_of_wrong_field_type(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    bad = JC(count="many")  # type: ignore[arg-type]  # encodes, but is not a valid JC
+    return jc, "done", [KickRequest(JC(tag="ok"), "done"), KickRequest(bad, "done")]
+
+
 def kick_not_a_request(ac: Any, oc: Any, jc: JC) -> Any:
     return jc, "done", ["not a kick"]
 
@@ -146,7 +152,8 @@ def test_returned_string_error_is_recorded_and_transition_applied() -> None:
         (returns_unencodable_context, "unsupported"),
         (returns_context_of_wrong_field_type, "not a valid JC"),
         (kicks_unknown_state, "unknown state 'nowhere'"),
-        (kicks_bad_context, "not a valid JC"),
+        (kicks_bad_context, "kicked a job with a context that is not a valid JC: got Other"),
+        (kicks_context_of_wrong_field_type, "kicked a job with a context that is not a valid JC"),
         (kick_not_a_request, "expected KickRequest"),
     ],
 )

@@ -86,6 +86,13 @@ class Backend(ABC):
     def close(self, abandon: bool) -> None:
         """Release resources; with ``abandon``, give up on executing jobs now."""
 
+    def wait_closed(self) -> None:  # noqa: B027 - optional hook
+        """Wait until what `close` released is gone (worker processes have exited).
+
+        Separate from `close` so that the coordinator closes every backend first and
+        then waits for all of them at once: workers of all states exit in parallel.
+        """
+
 
 class BackendFactory(Protocol):
     """What ``State(backend=...)`` takes: builds the `Backend` of one process state for

@@ -190,9 +190,9 @@ class Coordinator:
         self.grace = grace
         self.make_backend = make_backend
         self.lanes: dict[str, Lane] = {s.trigger_state: Lane(self, s) for s in states}
-        self.decode = msgspec.msgpack.Decoder(
-            run.job_type if run.job_type is not None else Any
-        ).decode
+        job_type = run.job_type if run.job_type is not None else Any
+        self.decode = msgspec.msgpack.Decoder(job_type).decode
+        self.decode_many = msgspec.msgpack.Decoder(list[job_type]).decode  # type: ignore[valid-type]
         self.job_type_name = getattr(run.job_type, "__name__", "the job type")
         self.active = 0  # jobs in non-terminal states; the run is complete at 0
         self.stopping = False
@@ -277,9 +277,13 @@ class Coordinator:
             handle.cancel()
         try:
             self.sample_processes()  # CPU since the last sample, for the final update
-            for lane in self.lanes.values():
-                if lane.backend is not None:
-                    lane.backend.close(abandon)
+            backends = [lane.backend for lane in self.lanes.values() if lane.backend is not None]
+            try:
+                for backend in backends:
+                    backend.close(abandon)
+            finally:
+                for backend in backends:
+                    backend.wait_closed()
         finally:
             try:
                 self.store_report(outcome)
@@ -428,7 +432,7 @@ class Coordinator:
         job_changed = self.job_changed
         for job, o in zip(jobs, outcomes, strict=True):
             target = lanes.get(o.next_state)
-            if not simple or o.code or o.error is not None or o.kicks or target is None:
+            if not simple or o.code or o.error is not None or o.kick_states or target is None:
                 self.finish(lane, job, o)
                 continue
             try:
@@ -482,29 +486,32 @@ class Coordinator:
                 f"{o.next_state!r}",
             )  # fmt: skip
             return
-        kicks: list[tuple[Lane, Any]] = []
-        for state, raw in o.kicks or ():
-            kick_lane = self.lanes.get(state)
-            if kick_lane is None:
-                self.failed_attempt(
-                    lane, job, f"exec of state {lane.name!r} kicked a job into unknown "
-                    f"state {state!r}",
-                )  # fmt: skip
-                return
+        kick_lanes: list[Lane] = []
+        kick_contexts: list[Any] = []
+        if o.kick_states:
+            for state in o.kick_states:
+                kick_lane = self.lanes.get(state)
+                if kick_lane is None:
+                    self.failed_attempt(
+                        lane, job, f"exec of state {lane.name!r} kicked a job into unknown "
+                        f"state {state!r}",
+                    )  # fmt: skip
+                    return
+                kick_lanes.append(kick_lane)
             try:
-                kicks.append((kick_lane, decode(raw)))
+                kick_contexts = self.decode_many(o.kick_contexts)
             except msgspec.ValidationError as exc:
                 self.failed_attempt(
-                    lane, job, f"exec of state {lane.name!r} kicked a job whose context is "
-                    f"not a valid {self.job_type_name}: {exc}",
+                    lane, job, f"exec of state {lane.name!r} kicked a job with a context that "
+                    f"is not a valid {self.job_type_name}: {exc}",
                 )  # fmt: skip
                 return
         # Validated: from here on nothing can fail, so the transition is atomic.
         job.context = context
         if o.error is not None:
             self.record_error(job, lane.name, o.error)
-        for kick_lane, kick_context in kicks:
-            self.kick(job, kick_lane, kick_context)
+        if kick_lanes:
+            self.kick(job, kick_lanes, kick_contexts)
         if rate_limited:
             self.rate_limited(lane, job, o.retry_after)
             return
@@ -551,24 +558,28 @@ class Coordinator:
             self.pending[dst] = None
         self.serializer.job_changed(job)
 
-    def kick(self, parent: Job[Any], lane: Lane, context: Any) -> None:
-        """Create a job kicked by ``parent``; its id counts every kick the parent made."""
-        jobs = self.run.jobs
-        while (job_id := f"{parent.id}->{parent.kicks}") in jobs:
-            parent.kicks += 1  # never replace an existing job, whatever happened before
-        parent.kicks += 1
-        child: Job[Any] = Job(
-            id=job_id, context=context, state=lane.name, parent=parent.id, last_update=self.now
-        )
-        jobs[job_id] = child
-        lane.count += 1
-        if not lane.terminal:
-            self.active += 1
-            lane.queue.append(child)
-            self.pending[lane] = None
-        if self.debug:
-            log.debug("job %s: kicked %s into %r", parent.id, job_id, lane.name)
-        self.serializer.job_changed(child)
+    def kick(self, parent: Job[Any], lanes: list[Lane], contexts: list[Any]) -> None:
+        """Create the jobs kicked by ``parent``, one per lane and context; each id counts
+        every kick the parent ever made."""
+        jobs, now, parent_id = self.run.jobs, self.now, parent.id
+        n = parent.kicks
+        for lane, context in zip(lanes, contexts, strict=True):
+            while (job_id := f"{parent_id}->{n}") in jobs:
+                n += 1  # never replace an existing job, whatever happened before
+            n += 1
+            child: Job[Any] = Job(
+                id=job_id, context=context, state=lane.name, parent=parent_id, last_update=now
+            )
+            jobs[job_id] = child
+            lane.count += 1
+            if not lane.terminal:
+                self.active += 1
+                lane.queue.append(child)
+                self.pending[lane] = None
+            if self.debug:
+                log.debug("job %s: kicked %s into %r", parent_id, job_id, lane.name)
+            self.serializer.job_changed(child)
+        parent.kicks = n
 
     def retry_later(self, lane: Lane, job: Job[Any], delay: float) -> None:
         """Keep a rate-limited job out of the queue for ``delay`` seconds (Retry-After)."""

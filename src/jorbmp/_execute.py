@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from ._protocol import FAILED_ATTEMPT, OK, RATE_LIMITED, Outcome
+from ._protocol import FAILED_ATTEMPT, NIL, OK, RATE_LIMITED, Outcome
 from .errors import RateLimitError
 from .state import KickRequest
 
@@ -35,13 +35,17 @@ class ContextCodec:
         self.encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
         self.job_type: type | None = job_type if isinstance(job_type, type) else None
 
-    def dump(self, state: str, value: Any, what: str) -> msgspec.Raw:
+    def check(self, state: str, value: Any, what: str) -> None:
+        """Raise TypeError (naming ``state``) unless ``value`` is of the job type."""
         job_type = self.job_type
         if job_type is not None and not isinstance(value, job_type):
             raise TypeError(
                 f"exec of state {state!r} {what} that is not a valid {job_type.__name__}: "
                 f"got {type(value).__name__}"
             )
+
+    def dump(self, state: str, value: Any, what: str) -> msgspec.Raw:
+        self.check(state, value, what)
         return msgspec.Raw(self.encode(value))
 
 
@@ -105,9 +109,11 @@ def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outc
         )
     try:
         context = codec.dump(state, jc, "returned a context")
-        encoded_kicks: list[tuple[str, msgspec.Raw]] | None = None
+        kick_states: list[str] | None = None
+        kick_contexts = NIL
         if kicks:
-            encoded_kicks = []
+            kick_states = []
+            contexts = []
             for kick in kicks:
                 if not isinstance(kick, KickRequest) or not isinstance(kick.state, str):
                     return _failed(
@@ -115,8 +121,10 @@ def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outc
                         f"{type(kick).__name__}; expected KickRequest(context, state)",
                         started,
                     )
-                context_of_kick = codec.dump(state, kick.context, "kicked a job whose context is")
-                encoded_kicks.append((kick.state, context_of_kick))
+                codec.check(state, kick.context, "kicked a job with a context")
+                kick_states.append(kick.state)
+                contexts.append(kick.context)
+            kick_contexts = msgspec.Raw(codec.encode(contexts))
     except TypeError as exc:
         return _failed(str(exc), started)
     except (ValueError, msgspec.EncodeError) as exc:
@@ -132,7 +140,9 @@ def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outc
         text = describe(error)
     elif error:
         text = error
-    return Outcome(code, context, next_state, encoded_kicks, text, retry_after, seconds)
+    return Outcome(
+        code, context, next_state, kick_states, text, retry_after, seconds, None, kick_contexts
+    )
 
 
 def execute(

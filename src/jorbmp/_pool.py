@@ -93,6 +93,7 @@ class ProcessPool(Backend):
         self.timeout = timeout
         self.workers: list[_Worker] = []
         self.closing = False
+        self.closed_at = 0.0  # monotonic time of `close`
         self.startup_failures = 0
         self.spawned = 0
         self.mean_seconds: float | None = None  # recent mean exec time
@@ -264,13 +265,17 @@ class ProcessPool(Backend):
 
     def close(self, abandon: bool) -> None:
         self.closing = True
+        self.closed_at = time.monotonic()
         for worker in self.workers:
             self.loop.remove_reader(worker.process.sentinel)
             if abandon:
                 worker.process.kill()
             _fds.unregister(worker.link.fd)
             worker.link.close()  # EOF: an idle worker exits at once
-        deadline = time.monotonic() + EXIT_WAIT
+
+    def wait_closed(self) -> None:
+        """Reap the workers `close` sent away; kill any still there after `EXIT_WAIT`."""
+        deadline = self.closed_at + EXIT_WAIT
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.exitcode is None:

@@ -23,6 +23,8 @@ duplex pipe (``multiprocessing.Pipe``) to the coordinator and one small shared a
   uses the start time to enforce ``State.timeout``.
 - Contexts in an `Outcome` travel as ``msgspec.Raw`` so the coordinator decodes each
   one against the run's job type on its own: one bad context fails one job, not a batch.
+  The contexts of one exec's kicks travel together, as one encoded array: any bad one
+  fails that exec's whole transition anyway, and one decode is cheaper than many.
 """
 
 from __future__ import annotations
@@ -53,11 +55,12 @@ class Outcome(msgspec.Struct, array_like=True, gc=False):
     # ``Raw | None``: msgspec cannot decode Raw inside a union.)
     context: msgspec.Raw = NIL
     next_state: str = ""
-    kicks: list[tuple[str, msgspec.Raw]] | None = None
+    kick_states: list[str] | None = None  # the state of each kicked job
     error: str | None = None  # text recorded in state_errors[prior state]
     retry_after: float | None = None
     seconds: float = 0.0  # exec wall time
     trace: str | None = None  # formatted traceback of a raised exception, logged at DEBUG
+    kick_contexts: msgspec.Raw = NIL  # the kicked jobs' JCs, as one msgpack array
 
 
 class Startup(msgspec.Struct, array_like=True):
