@@ -13,11 +13,13 @@ import pytest
 
 from jorbmp import (
     FAILED,
+    Job,
     KickRequest,
     NilStatusListener,
     Processor,
     RateLimitError,
     Run,
+    Serializer,
     State,
     StatusCount,
 )
@@ -320,3 +322,36 @@ def test_raised_traceback_is_logged_at_debug(caplog: Any) -> None:
 
 def returns_then_raises(ac: Any, oc: Any, jc: JC) -> Any:
     return {}["missing"]
+
+
+class CountingSerializer(Serializer):
+    """A user's serializer that overrides only `job_changed`."""
+
+    def __init__(self) -> None:
+        self.changed: list[tuple[str, str]] = []
+
+    def job_changed(self, job: Job[Any]) -> None:
+        self.changed.append((job.id, job.state))
+
+    def deserialize(self) -> Run[Any, Any]:
+        raise FileNotFoundError
+
+    def serialize(self, run: Run[Any, Any]) -> None:
+        pass
+
+
+def kick_two(ac: Any, oc: Any, jc: JC) -> Any:
+    if jc.tag.startswith("kid"):
+        return jc, "done"
+    return jc, "done", [KickRequest(JC(tag="kid-a"), "new"), KickRequest(JC(tag="kid-b"), "done")]
+
+
+def test_a_serializer_overriding_only_job_changed_hears_of_every_change() -> None:
+    run = run_of(3)
+    serializer = CountingSerializer()
+    Processor(None, states(kick_two), serializer).exec(run)
+    assert len(run.jobs) == 9
+    # 3 parents finish, 6 kids are created, the 3 kicked into "new" finish too.
+    assert len(serializer.changed) == 12
+    last = dict(serializer.changed)
+    assert last == {job_id: job.state for job_id, job in run.jobs.items()}

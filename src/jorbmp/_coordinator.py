@@ -15,7 +15,7 @@
                    │                 next state applied together (or not at all)
                    ├──> back into a Lane's queue, or a terminal state
                    ▼
-                 Serializer.job_changed ──(housekeeping tick)──> checkpoint flush
+                 Serializer.jobs_changed ─(housekeeping tick)──> checkpoint flush
                  status counters ─────────(housekeeping tick)──> StatusListener
 
 Everything here runs on one event loop thread, so transitions need no locks. Work
@@ -203,12 +203,12 @@ class Coordinator:
         self.pump_scheduled = False
         self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
         self.debug = log.isEnabledFor(logging.DEBUG)
-        # The serializer's change hook, or None when it has none (NilSerializer): a
-        # call per transition that does nothing is worth skipping.
-        self.job_changed: Callable[[Job[Any]], None] | None = (
+        # The serializer's change hook, or None when it has none (NilSerializer).
+        self.jobs_changed: Callable[[list[Job[Any]]], None] | None = (
             None
-            if type(serializer).job_changed is Serializer.job_changed
-            else serializer.job_changed
+            if type(serializer).jobs_changed is Serializer.jobs_changed
+            and type(serializer).job_changed is Serializer.job_changed
+            else serializer.jobs_changed
         )
         self.now = utcnow()  # the time of the batch being applied (see Lane.done)
         self.started = asyncio.get_running_loop().time()
@@ -425,11 +425,18 @@ class Coordinator:
         This loop is the coordinator's cost per transition, so the common case (a
         valid context and a known next state, no error, no kicks, no rate limiter,
         no debug logging) is applied inline; everything else goes through `finish`.
-        Both do the same to a job.
+        Both do the same to a job. Every job of the batch changed (each got at least
+        a new ``last_update``): the serializer hears of them all at once, at the end.
         """
+        try:
+            self._finish_batch(lane, jobs, outcomes)
+        finally:
+            if self.jobs_changed is not None:
+                self.jobs_changed(jobs)
+
+    def _finish_batch(self, lane: Lane, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
         simple = lane.gate is None and not self.debug
         decode, lanes, now = self.decode, self.lanes, self.now
-        job_changed = self.job_changed
         for job, o in zip(jobs, outcomes, strict=True):
             target = lanes.get(o.next_state)
             if not simple or o.code or o.error is not None or o.kick_states or target is None:
@@ -452,8 +459,6 @@ class Coordinator:
             else:
                 target.queue.append(job)
                 self.pending[target] = None
-            if job_changed is not None:
-                job_changed(job)
 
     def finish(self, lane: Lane, job: Job[Any], o: Outcome) -> None:
         """Apply one exec's outcome to its job: all of it, or (on a problem) none of it."""
@@ -556,13 +561,13 @@ class Coordinator:
         if not dst.terminal:
             dst.queue.append(job)
             self.pending[dst] = None
-        self.serializer.job_changed(job)
 
     def kick(self, parent: Job[Any], lanes: list[Lane], contexts: list[Any]) -> None:
         """Create the jobs kicked by ``parent``, one per lane and context; each id counts
         every kick the parent ever made."""
         jobs, now, parent_id = self.run.jobs, self.now, parent.id
         n = parent.kicks
+        children = []
         for lane, context in zip(lanes, contexts, strict=True):
             while (job_id := f"{parent_id}->{n}") in jobs:
                 n += 1  # never replace an existing job, whatever happened before
@@ -571,6 +576,7 @@ class Coordinator:
                 id=job_id, context=context, state=lane.name, parent=parent_id, last_update=now
             )
             jobs[job_id] = child
+            children.append(child)
             lane.count += 1
             if not lane.terminal:
                 self.active += 1
@@ -578,13 +584,13 @@ class Coordinator:
                 self.pending[lane] = None
             if self.debug:
                 log.debug("job %s: kicked %s into %r", parent_id, job_id, lane.name)
-            self.serializer.job_changed(child)
         parent.kicks = n
+        if self.jobs_changed is not None:
+            self.jobs_changed(children)
 
     def retry_later(self, lane: Lane, job: Job[Any], delay: float) -> None:
         """Keep a rate-limited job out of the queue for ``delay`` seconds (Retry-After)."""
         job.last_update = self.now
-        self.serializer.job_changed(job)
         loop = asyncio.get_running_loop()
         self.delayed[job.id] = loop.call_later(delay, self.release, lane, job)
 

@@ -1,7 +1,7 @@
 """The `Serializer` interface, the run's on-disk schema, and the helpers formats share.
 
-The processor calls `begin` once, `job_changed` after each transition (it must be
-cheap: formats batch the real work), `flush` from its housekeeping tick and once
+The processor calls `begin` once, `jobs_changed` after each batch of transitions (it
+must be cheap: formats batch the real work), `flush` from its housekeeping tick and once
 with ``final=True``, then `end`. Formats know the model (`Run`, `Job`), never the
 processor.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -224,6 +225,12 @@ class Serializer:
 
     def job_changed(self, job: Job[Any]) -> None:
         """A job was added or changed. Must be cheap: the real work happens in `flush`."""
+
+    def jobs_changed(self, jobs: Iterable[Job[Any]]) -> None:
+        """Jobs were added or changed (the coordinator reports them a batch at a time).
+        By default, `job_changed` for each; formats override it to do less per job."""
+        for job in jobs:
+            self.job_changed(job)
 
     def run_changed(self) -> None:
         """The run's own fields (its report) changed: include them in the next flush."""

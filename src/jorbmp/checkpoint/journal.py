@@ -106,12 +106,13 @@ class _Jobs(msgspec.Struct, Generic[JC], tag="jobs"):
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
-def _frame(payload: bytes) -> bytes:
-    """One record: marker, length and crc32 (of marker, length and payload), payload."""
+def _frame(payload: bytes) -> list[bytes]:
+    """One record, as its header (marker, length, crc32 of marker, length and payload)
+    and its payload: two pieces, so a payload of megabytes is never copied to join them."""
     if len(payload) > MAX_RECORD_BYTES:
         raise ValueError(f"journal record of {len(payload)} bytes is too big")
     head = _RECORD_HEAD.pack(RECORD_MAGIC, len(payload))
-    return head + _CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + payload
+    return [head + _CRC.pack(zlib.crc32(payload, zlib.crc32(head))), payload]
 
 
 def _check_record(data: memoryview, offset: int) -> tuple[int, str | None]:
@@ -284,11 +285,11 @@ class JournalSerializer(IncrementalSerializer):
         encode = self._encode
         chunks = [
             _FILE_HEADER.pack(FILE_MAGIC, JOURNAL_VERSION),
-            _frame(encode(_Begin(run.name, run.next_id, run.overall, run.report))),
+            *_frame(encode(_Begin(run.name, run.next_id, run.overall, run.report))),
         ]
         jobs = list(run.jobs.values())
         for i in range(0, len(jobs), SNAPSHOT_CHUNK_JOBS):
-            chunks.append(_frame(encode(_Jobs(run.next_id, jobs[i : i + SNAPSHOT_CHUNK_JOBS]))))
+            chunks += _frame(encode(_Jobs(run.next_id, jobs[i : i + SNAPSHOT_CHUNK_JOBS])))
         return chunks
 
     def serialize(self, run: Run[Any, Any]) -> None:
@@ -317,8 +318,9 @@ class JournalSerializer(IncrementalSerializer):
         self._replace(chunks)
         self.compactions += 1
 
-    def _append(self, record: bytes) -> None:
-        """Writer: append one record at the end of the intact records, then fsync."""
+    def _append(self, record: list[bytes]) -> None:
+        """Writer: append one record (its pieces) at the end of the intact records, then
+        fsync."""
         if self._fd is None:
             self._open_fd()  # reopening after a compaction failed to
         fd = self._fd
@@ -328,14 +330,15 @@ class JournalSerializer(IncrementalSerializer):
         # first, so that nothing is ever appended after a torn record.
         if os.fstat(fd).st_size != offset:
             os.ftruncate(fd, offset)
-        view = memoryview(record)
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view = view[written:]
-            offset += written
+        for piece in record:
+            view = memoryview(piece)
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view = view[written:]
+                offset += written
         _fdatasync(fd)
+        self.journal_bytes += offset - self._size
         self._size = offset
-        self.journal_bytes += len(record)
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -362,7 +365,8 @@ class JournalSerializer(IncrementalSerializer):
     def _prepare(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
         record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()), run.report)))
         # Read without a lock: the writer is idle whenever this runs.
-        if self.journal_bytes + len(record) > max(self.compact_min_bytes, self.snapshot_bytes):
+        size = sum(map(len, record))
+        if self.journal_bytes + size > max(self.compact_min_bytes, self.snapshot_bytes):
             # The journal part would outgrow the snapshot part: write a new snapshot
             # (it has the changed jobs too). A snapshot costs O(run), but only after
             # O(run) bytes of journal, so compaction is O(1) per transition.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -84,6 +85,9 @@ class JsonSerializer(Serializer):
             raise
 
     def job_changed(self, job: Job[Any]) -> None:
+        self._dirty = True
+
+    def jobs_changed(self, jobs: Iterable[Job[Any]]) -> None:
         self._dirty = True
 
     def run_changed(self) -> None:
