@@ -105,6 +105,7 @@ def write_two_batches(path: Path) -> tuple[Run[OC, JC], int]:
     run = make_run(5)
     ser = journal(path)
     ser.begin(run)
+    ser.flush(run, final=True)  # the first snapshot
     run.jobs["1"].state = "finish"
     run.jobs["1"].context.total = 7
     ser.job_changed(run.jobs["1"])
@@ -154,8 +155,10 @@ def test_torn_header_of_last_record(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_torn_tail_of_a_processor_run(tmp_path: Path) -> None:
     path = tmp_path / "run.journal"
-    run = make_run(40)
-    Processor(None, states(), journal(path, interval=0.01)).exec(run)
+    run = make_run(40, sleep=0.005)  # long enough for journal records after the snapshot
+    ser = journal(path, interval=0.01)
+    Processor(None, states(), ser).exec(run)
+    assert ser.journal_bytes > 0
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size - 4)
         f.seek(0, os.SEEK_END)
@@ -167,11 +170,48 @@ def test_torn_tail_of_a_processor_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
+def test_the_first_write_is_one_snapshot_made_late(tmp_path: Path) -> None:
+    path = tmp_path / "run.journal"
+    run = make_run(100)
+    ser = journal(path, interval=60)
+    ser.begin(run)
+    run.jobs["1"].state = "done"
+    ser.jobs_changed([run.jobs["1"]])
+    ser.flush(run)
+    assert not path.exists()  # nothing before the first snapshot is due
+    run.jobs["2"].state = "done"
+    ser.jobs_changed([run.jobs["2"]])
+    ser.flush(run, final=True)
+    ser.end()
+    assert journal(path).deserialize() == run
+    assert len(record_offsets(path)) == 2  # begin and one chunk: each job written once
+
+
+@pytest.mark.timeout(30)
+def test_until_the_first_snapshot_the_file_keeps_the_run_as_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "run.journal"
+    run = make_run(10)
+    journal(path).serialize(run)
+    before = path.read_bytes()
+    loaded = journal(path).deserialize()
+    ser = journal(path, interval=60)
+    ser.begin(loaded)
+    loaded.jobs["3"].state = "done"
+    ser.jobs_changed([loaded.jobs["3"]])
+    ser.flush(loaded)
+    assert path.read_bytes() == before  # a crash now resumes from the run as loaded
+    ser.flush(loaded, final=True)
+    ser.end()
+    assert journal(path).deserialize().jobs["3"].state == "done"
+
+
+@pytest.mark.timeout(30)
 def test_append_after_a_failed_write_cuts_the_torn_bytes(tmp_path: Path) -> None:
     path = tmp_path / "run.journal"
     run = make_run(5)
     ser = journal(path)
     ser.begin(run)
+    ser.flush(run, final=True)  # the first snapshot
     with path.open("ab") as f:  # what a write that failed halfway leaves behind
         f.write(RECORD_MAGIC + b"\xff\x00\x00\x00partial")
     run.jobs["4"].state = "done"
@@ -263,6 +303,7 @@ def test_cost_per_flush_does_not_grow_with_the_run(tmp_path: Path) -> None:
         run = make_run(jobs)
         ser = journal(path)
         ser.begin(run)
+        ser.flush(run, final=True)  # the first snapshot
         before = path.stat().st_size
         run.jobs["3"].state = "done"
         ser.job_changed(run.jobs["3"])
@@ -337,7 +378,7 @@ def test_a_running_checkpoint_is_locked(tmp_path: Path) -> None:
     holder.begin(run)
     try:
         with pytest.raises(CheckpointError, match="in use"):
-            journal(path).begin(journal(path).deserialize())
+            journal(path).begin(run)
         with pytest.raises(RuntimeError):
             holder.serialize(run)
     finally:

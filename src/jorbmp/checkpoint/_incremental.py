@@ -37,6 +37,12 @@ log = logging.getLogger("jorbmp")
 
 _job_id = attrgetter("id")
 
+# The first write of an execution waits for jobs to change before it stores them, at
+# most this long per job in the run (at least an ``interval``): about twice what
+# storing them can take on a busy machine. A run that goes through its jobs quickly
+# then has each of them written once, not once as loaded and again as changed.
+FIRST_WAIT_PER_JOB = 20e-6
+
 
 class IncrementalSerializer(Serializer):
     """Base of formats that write only what changed, from a background writer thread.
@@ -55,6 +61,7 @@ class IncrementalSerializer(Serializer):
     _pending: Future[None] | None = None
     _pending_jobs: dict[str, Job[Any]]
     _active = False  # between begin and end
+    _final = False  # the flush under way is the final one
 
     def _reset_batches(self) -> None:
         self._dirty = {}
@@ -85,7 +92,12 @@ class IncrementalSerializer(Serializer):
     def run_changed(self) -> None:
         self._run_dirty = True
 
+    def _first_deadline(self, run: Run[Any, Any]) -> float:
+        """When the first write of an execution stops waiting (see `FIRST_WAIT_PER_JOB`)."""
+        return time.monotonic() + max(self.interval, FIRST_WAIT_PER_JOB * len(run.jobs))
+
     def flush(self, run: Run[Any, Any], final: bool = False) -> None:
+        self._final = final
         if not self._active:
             return  # not executing (begin failed or was never called)
         if not self._settle(final):

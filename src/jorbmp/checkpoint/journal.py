@@ -17,8 +17,14 @@ rebuilds the run.
 
 Who does what while a processor executes:
 
-- `job_changed` (coordinator thread, after every transition and kick) only notes the
-  job in an ordered set of dirty jobs: O(1), whatever the size of the run.
+- `begin` writes nothing. The first write of an execution is a snapshot of the whole
+  run, made at the first flush after `FIRST_WAIT_PER_JOB` per job (at least an
+  ``interval``) or at the final flush, whichever comes first: a run that goes through
+  its jobs quickly has each of them written once. Until then the file holds what it
+  held before (nothing, or the run as loaded), which is a valid past of this run.
+- `jobs_changed` (coordinator thread, after every batch of transitions and kicks)
+  notes the jobs in an ordered set of dirty jobs: O(1) per job, whatever the size of
+  the run (and nothing before the first snapshot, which holds every job anyway).
 - `flush` (coordinator thread, every housekeeping tick) encodes the dirty jobs into
   one record at most every ``interval`` seconds, and hands it to a single writer
   thread that appends it and fsyncs. While the writer is busy, `flush` hands it
@@ -32,8 +38,8 @@ Who does what while a processor executes:
 
 Crash safety: every flush is one record, so a transition (a job, its kicks and the
 jobs it changed) is in the file entirely or not at all. A crash while appending
-leaves a torn last record, which loading ignores (the next `begin` writes a fresh
-snapshot, so nothing is ever appended after it). A crash while compacting leaves
+leaves a torn last record, which loading ignores (the next execution starts with a
+fresh snapshot, so nothing is ever appended after it). A crash while compacting leaves
 either the old file or the new one, both complete. A damaged record *followed by
 intact records* is not a crash artefact: loading raises `CheckpointError` naming the
 byte offset, and `begin` refuses to overwrite the file. (A damaged *last* record
@@ -46,8 +52,9 @@ import logging
 import os
 import re
 import struct
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Generic, TypeVar, Union
 
@@ -161,7 +168,7 @@ def _job_id_at(payload: memoryview, message: str) -> str:
 class JournalSerializer(IncrementalSerializer):
     """The run as a snapshot plus an append-only journal of changed jobs, in one file.
 
-    Cost per transition does not grow with the run: `job_changed` notes the job, each
+    Cost per transition does not grow with the run: `jobs_changed` notes the jobs, each
     flush (at most every ``interval`` seconds) appends one record with the jobs that
     changed, written and fsynced by a background thread, and the file is compacted
     into a fresh snapshot whenever the journal part outgrows the snapshot part (and
@@ -198,6 +205,8 @@ class JournalSerializer(IncrementalSerializer):
         self.compactions = 0
         self.snapshot_bytes = 0
         self.journal_bytes = 0
+        self._tracking = False
+        self._first_due = 0.0
 
     def __repr__(self) -> str:
         state = (
@@ -321,10 +330,8 @@ class JournalSerializer(IncrementalSerializer):
     def _append(self, record: list[bytes]) -> None:
         """Writer: append one record (its pieces) at the end of the intact records, then
         fsync."""
-        if self._fd is None:
-            self._open_fd()  # reopening after a compaction failed to
         fd = self._fd
-        assert fd is not None
+        assert fd is not None  # `_prepare` writes a snapshot instead while there is none
         offset = self._size
         # A failed earlier write may have left part of a record there: cut it off
         # first, so that nothing is ever appended after a torn record.
@@ -352,17 +359,39 @@ class JournalSerializer(IncrementalSerializer):
         self._lock.acquire()
         try:
             self.check_overwritable()
-            # A fresh snapshot: the file is compact, and any torn tail is gone.
-            self._replace(self._snapshot(run))
-            self._known_good = True
-            self._reset_batches()
-            self._active = True
         except BaseException:
-            self._close_fd()
             self._lock.release()
             raise
+        # Nothing is written until the first snapshot (see the module docstring), which
+        # also leaves the file compact and without any torn tail.
+        self._close_fd()
+        self._known_good = True
+        self._reset_batches()
+        self._tracking = False  # whether changed jobs must be noted: once a snapshot is made
+        self._first_due = self._first_deadline(run)
+        self._active = True
+
+    def job_changed(self, job: Job[Any]) -> None:
+        if self._tracking:
+            super().job_changed(job)
+
+    def jobs_changed(self, jobs: Iterable[Job[Any]]) -> None:
+        if self._tracking:
+            super().jobs_changed(jobs)
+
+    @property
+    def _urgent(self) -> bool:
+        # `_fd` is read only while the writer is idle (see `IncrementalSerializer.flush`).
+        # It is None until a snapshot of this execution is in the file (or while a
+        # failed one has to be written again).
+        return self._fd is None and (self._final or time.monotonic() >= self._first_due)
 
     def _prepare(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
+        if self._fd is None:
+            # The first snapshot: every job as it is now, so from here on only the jobs
+            # that change need to be noted.
+            self._tracking = True
+            return partial(self._replace, self._snapshot(run))
         record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()), run.report)))
         # Read without a lock: the writer is idle whenever this runs.
         size = sum(map(len, record))

@@ -85,11 +85,6 @@ PAGE_SIZE = 16384
 ROWS_PER_STATEMENT = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 8
 _CHUNK = 2 * ROWS_PER_STATEMENT  # jobs the first write stores at a time
 
-# The first write of an execution waits for jobs to change before it stores them, at
-# most this long per job in the run (at least an ``interval``): about twice what
-# storing them can take on a busy machine. See `SqliteSerializer._prepare_first`.
-FIRST_WAIT_PER_JOB = 20e-6
-
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS run (
         id INTEGER PRIMARY KEY CHECK (id = 0),
@@ -253,7 +248,6 @@ class SqliteSerializer(IncrementalSerializer):
         # The first write's connection, its transaction open, between its steps.
         self._filling: sqlite3.Connection | None = None
         self._tmp: Path | None = None  # the new database being built
-        self._final = False  # the flush under way is the final one
         self._run: Run[Any, Any] | None = None  # while executing
 
     def __repr__(self) -> str:
@@ -583,8 +577,7 @@ class SqliteSerializer(IncrementalSerializer):
         stored (and new ones), and commits: the run as it is at this flush."""
         first = self._first
         if first is None or (first.started and self._filling is None):  # or a step failed
-            wait = max(self.interval, FIRST_WAIT_PER_JOB * len(run.jobs))
-            first = self._first = _FirstWrite(list(run.jobs.values()), time.monotonic() + wait)
+            first = self._first = _FirstWrite(list(run.jobs.values()), self._first_deadline(run))
         first.started = True
         changed = first.changed
         changed.update(jobs)
@@ -607,10 +600,6 @@ class SqliteSerializer(IncrementalSerializer):
         if end == total:
             commit = (self._head(run), self._rows(list(changed.values())))
         return partial(self._store_first, self._in_order(take), commit)
-
-    def flush(self, run: Run[Any, Any], final: bool = False) -> None:
-        self._final = final  # the first write stops waiting (see `_prepare_first`)
-        super().flush(run, final)
 
     def end(self) -> None:
         try:
