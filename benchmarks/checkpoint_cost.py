@@ -99,7 +99,7 @@ def flush_seconds(kind: str, jobs: int, changed: int = 1000, rounds: int = 5) ->
         ser = serializer(kind, Path(d))
         ser.begin(run)
         try:
-            ser.flush(run, final=True)  # the first write (SQLite writes the run there)
+            ser.flush(run, final=True)  # the first write (SQLite and the journal write the run)
             times = []
             ids = iter(range(10**12))
             for _ in range(rounds):
