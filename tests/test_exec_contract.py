@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -14,6 +16,7 @@ import pytest
 from jorbmp import (
     FAILED,
     Job,
+    JournalSerializer,
     KickRequest,
     NilStatusListener,
     Processor,
@@ -355,3 +358,34 @@ def test_a_serializer_overriding_only_job_changed_hears_of_every_change() -> Non
     assert len(serializer.changed) == 12
     last = dict(serializer.changed)
     assert last == {job_id: job.state for job_id, job in run.jobs.items()}
+
+
+def to_done_in_a_thread(ac: Any, oc: Any, jc: JC) -> Any:
+    return jc, "done"
+
+
+@pytest.mark.parametrize(
+    ("fn", "kind", "inline"),
+    [
+        (two_tuple, "process", False),
+        (two_tuple, "process", True),
+        (to_done_in_a_thread, "thread", False),
+        (async_record_pid, "async", False),
+    ],
+)
+def test_a_finished_run_is_freed_as_soon_as_it_is_dropped(
+    fn: Any, kind: str, inline: bool, tmp_path: Any
+) -> None:
+    # The coordinator, its lanes and backends refer to each other; after the run they
+    # must let go of it, or its jobs stay in memory until a full garbage collection.
+    gc.disable()
+    try:
+        run = run_of(20)
+        jobs = run.jobs
+        serializer = JournalSerializer(tmp_path / "run.journal", job_type=JC)
+        Processor(None, states(fn, kind=kind), serializer, inline=inline).exec(run)
+        assert all(job.state == "done" for job in jobs.values())
+        del run
+        assert sys.getrefcount(jobs) == 2  # ``jobs`` and getrefcount's argument
+    finally:
+        gc.enable()

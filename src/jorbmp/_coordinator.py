@@ -256,7 +256,25 @@ class Coordinator:
                     self.tick.cancel()
                 self.shutdown()
         finally:
-            self.serializer.end()
+            try:
+                self.serializer.end()
+            finally:
+                self.detach()
+
+    def detach(self) -> None:
+        """Let go of the run and the backends, once the run is over.
+
+        Lanes, backends and the coordinator refer to each other: cycles that only the
+        cyclic garbage collector frees, and it may not run for a long time. Without
+        this, a finished run's jobs would stay in memory after the caller drops the
+        run (and make every later fork of this process slower).
+        """
+        for lane in self.lanes.values():
+            lane.queue.clear()
+            lane.backend = None
+        self.pending.clear()
+        self.delayed.clear()
+        del self.run, self.make_backend
 
     def ended(self) -> str:
         """How the run ended: "complete", "stopped", or "failed" (an error, or the
