@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -43,6 +44,17 @@ class Row:
     target: str = ""
     ok: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Skipped(Exception):
+    """A scenario needs a package that is not installed; the message says which."""
+
+
+def missing(module: str, install: str) -> str | None:
+    """Why a baseline or scenario that needs ``module`` cannot run, or None if it can."""
+    if importlib.util.find_spec(module) is None:
+        return f"{module} is not installed: {install}"
+    return None
 
 
 def median_of(rounds: int, fn: Callable[[], float]) -> float:
@@ -108,6 +120,17 @@ def pool_seconds(tasks: int) -> float:
     start = time.perf_counter()
     with multiprocessing.Pool(2) as pool:
         for _ in pool.imap_unordered(_work.noop_task, range(tasks), chunksize=64):
+            pass
+    return time.perf_counter() - start
+
+
+def mpire_seconds(tasks: int) -> float:
+    """mpire's WorkerPool(2).map_unordered with its default chunking, start-up included."""
+    from mpire.pool import WorkerPool  # optional: see `missing`
+
+    start = time.perf_counter()
+    with WorkerPool(n_jobs=2) as pool:
+        for _ in pool.map_unordered(_work.noop_task, range(tasks)):
             pass
     return time.perf_counter() - start
 
@@ -190,11 +213,14 @@ def probe(jobs: int, mode: str) -> dict[str, Any]:
 def scenario_pipeline(quick: bool, rounds: int) -> list[Row]:
     jobs = 20_000 if quick else 100_000
     kinds = ["nil"] + [k for k in ("journal",) if k in available_serializers()]
-    walls: dict[str, list[float]] = {k: [] for k in [*kinds, "pool"]}
+    no_mpire = missing("mpire", "pip install mpire")
+    walls: dict[str, list[float]] = {k: [] for k in [*kinds, "pool", "mpire"]}
     for _ in range(rounds):  # alternate so that drift hits every contender alike
         for k in kinds:
             walls[k].append(pipeline_seconds(jobs, k))
         walls["pool"].append(pool_seconds(2 * jobs))
+        if no_mpire is None:
+            walls["mpire"].append(mpire_seconds(2 * jobs))
     pool_rate = 2 * jobs / statistics.median(walls["pool"])
     rows = []
     for k in kinds:
@@ -212,6 +238,21 @@ def scenario_pipeline(quick: bool, rounds: int) -> list[Row]:
                 rate >= target and rate / pool_rate >= 0.4,
             )
         )
+    nil_rate = 2 * jobs / statistics.median(walls["nil"])
+    if no_mpire is None:
+        mpire_rate = 2 * jobs / statistics.median(walls["mpire"])
+        rows.append(
+            Row(
+                f"pipeline {jobs:,} jobs, nil",
+                nil_rate,
+                "transitions/s",
+                "mpire map_unordered (default chunks)",
+                mpire_rate,
+                nil_rate / mpire_rate,
+            )
+        )
+    else:
+        rows.append(Row(f"pipeline {jobs:,} jobs, nil", nil_rate, "transitions/s", no_mpire))
     return rows
 
 
@@ -421,6 +462,9 @@ def scenario_ratelimit(quick: bool, rounds: int) -> list[Row]:
 
 
 def scenario_dask(quick: bool, rounds: int) -> list[Row]:
+    reason = missing("distributed", "pip install 'jorbmp[dask]'")
+    if reason is not None:
+        raise Skipped(reason)
     from . import dask_cluster  # needs the optional 'distributed'; imports this module
 
     return dask_cluster.scenario(quick, rounds)
@@ -483,10 +527,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{sys.version.split()[0]}, {'quick, ' if args.quick else ''}{rounds} round(s)"
     )
     rows: list[Row] = []
+    skipped: list[str] = []
     for name in names:
         fn = scenario_scaling if name == "scaling" else SCENARIOS[name]
         start = time.perf_counter()
-        new = fn(args.quick, rounds)
+        try:
+            new = fn(args.quick, rounds)
+        except Skipped as exc:
+            skipped.append(f"{name}: skipped ({exc})")
+            continue
         rows.extend(new)
         print(f"  {name}: {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     if args.quick:
@@ -494,5 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             row.ok = None
     print_table(rows)
+    for line in skipped:
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
