@@ -28,7 +28,7 @@ coordinator only encodes rows:
   appears complete or not at all; an existing one is rewritten in place. Until then
   the file holds what it held before (nothing, or the run as loaded): a valid past of
   this run.
-- `job_changed` notes the job (O(1)). Every ``interval`` seconds `flush` encodes the
+- `jobs_changed` notes the jobs (O(1) each). Every ``interval`` seconds `flush` encodes the
   changed jobs as rows and the writer upserts them in one transaction (WAL mode,
   ``synchronous=FULL``: each commit is fsynced). While it is busy, changed jobs
   collect (and coalesce) for the next one. The final flush waits for the disk.
