@@ -330,7 +330,12 @@ class DaskPool(Backend):
             elif type(error).__name__ == "KilledWorker":
                 reason = f"worker died (Dask gave up: {describe(error)})"
                 self._lost([task], reason, certain=len(task.jobs) == 1)
-            elif isinstance(error, (asyncio.CancelledError, _cancelled_error())):
+            elif isinstance(error, (asyncio.CancelledError, _cancelled_error())) or (
+                # The gather's own call to the scheduler failed before the client
+                # cancelled its futures. (Data a worker fails to send is asked of the
+                # scheduler instead, so only the scheduler's connection ends up here.)
+                type(error).__name__ == "CommClosedError"
+            ):
                 self._scheduler_lost(describe(error))
             else:
                 self._fatal(
