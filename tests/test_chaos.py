@@ -42,9 +42,10 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path: Path, fmt: st
         assert proc.stdout.readline().strip() == "started"
         time.sleep(rng.uniform(0.2, 1.2))
         if proc.poll() is not None:
+            proc.communicate()  # reads and closes its pipes
             break  # finished before we could kill it
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.communicate(timeout=10)
         kills += 1
         if kills == KILLS:
             break
