@@ -493,42 +493,11 @@ class Coordinator:
             self.record_error(job, lane.name, o.error or "RateLimitError")
             self.rate_limited(lane, job, o.retry_after)
             return
-        decode = self.decode
-        try:
-            context = decode(o.context)
-        except msgspec.ValidationError as exc:
-            self.failed_attempt(
-                lane, job, f"exec of state {lane.name!r} returned a context that is not a "
-                f"valid {self.job_type_name}: {exc}",
-            )  # fmt: skip
+        checked = self.check(lane, o, rate_limited)
+        if isinstance(checked, str):
+            self.failed_attempt(lane, job, f"exec of state {lane.name!r} {checked}")
             return
-        target = lane if rate_limited else self.lanes.get(o.next_state)
-        if target is None:
-            self.failed_attempt(
-                lane, job, f"exec of state {lane.name!r} returned unknown next state "
-                f"{o.next_state!r}",
-            )  # fmt: skip
-            return
-        kick_lanes: list[Lane] = []
-        kick_contexts: list[Any] = []
-        if o.kick_states:
-            for state in o.kick_states:
-                kick_lane = self.lanes.get(state)
-                if kick_lane is None:
-                    self.failed_attempt(
-                        lane, job, f"exec of state {lane.name!r} kicked a job into unknown "
-                        f"state {state!r}",
-                    )  # fmt: skip
-                    return
-                kick_lanes.append(kick_lane)
-            try:
-                kick_contexts = self.decode_many(o.kick_contexts)
-            except msgspec.ValidationError as exc:
-                self.failed_attempt(
-                    lane, job, f"exec of state {lane.name!r} kicked a job with a context that "
-                    f"is not a valid {self.job_type_name}: {exc}",
-                )  # fmt: skip
-                return
+        context, target, kick_lanes, kick_contexts = checked
         # Validated: from here on nothing can fail, so the transition is atomic.
         job.context = context
         if o.error is not None:
@@ -542,6 +511,34 @@ class Coordinator:
             lane.gate.success()
         job.retries = 0
         self.move(job, lane, target)
+
+    def check(
+        self, lane: Lane, o: Outcome, rate_limited: bool
+    ) -> tuple[Any, Lane, list[Lane], list[Any]] | str:
+        """Decode and validate an outcome: (context, target lane, kick lanes, kick
+        contexts), or what is wrong with it."""
+        try:
+            context = self.decode(o.context)
+        except msgspec.ValidationError as exc:
+            return f"returned a context that is not a valid {self.job_type_name}: {exc}"
+        target = lane if rate_limited else self.lanes.get(o.next_state)
+        if target is None:
+            return f"returned unknown next state {o.next_state!r}"
+        kick_lanes: list[Lane] = []
+        for state in o.kick_states or ():
+            kick_lane = self.lanes.get(state)
+            if kick_lane is None:
+                return f"kicked a job into unknown state {state!r}"
+            kick_lanes.append(kick_lane)
+        kick_contexts: list[Any] = []
+        if kick_lanes:
+            try:
+                kick_contexts = self.decode_many(o.kick_contexts)
+            except msgspec.ValidationError as exc:
+                return (
+                    f"kicked a job with a context that is not a valid {self.job_type_name}: {exc}"
+                )
+        return context, target, kick_lanes, kick_contexts
 
     def rate_limited(self, lane: Lane, job: Job[Any], retry_after: float | None) -> None:
         """A RateLimitError: back the limiter off and retry, without a failed attempt."""

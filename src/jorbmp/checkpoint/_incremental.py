@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from operator import attrgetter
@@ -82,8 +82,7 @@ class IncrementalSerializer(Serializer):
     def job_changed(self, job: Job[Any]) -> None:
         self._dirty[job.id] = job
 
-    def jobs_changed(self, jobs: Iterable[Job[Any]]) -> None:
-        jobs = list(jobs)
+    def jobs_changed(self, jobs: Sequence[Job[Any]]) -> None:
         # A loop in C, with no Python call per job.
         self._dirty.update(zip(map(_job_id, jobs), jobs, strict=True))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -226,7 +226,7 @@ class Serializer:
     def job_changed(self, job: Job[Any]) -> None:
         """A job was added or changed. Must be cheap: the real work happens in `flush`."""
 
-    def jobs_changed(self, jobs: Iterable[Job[Any]]) -> None:
+    def jobs_changed(self, jobs: Sequence[Job[Any]]) -> None:
         """Jobs were added or changed (the coordinator reports them a batch at a time).
         By default, `job_changed` for each; formats override it to do less per job."""
         for job in jobs:

@@ -54,7 +54,7 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Generic, TypeVar, Union
 
@@ -375,7 +375,7 @@ class JournalSerializer(IncrementalSerializer):
         if self._tracking:
             super().job_changed(job)
 
-    def jobs_changed(self, jobs: Iterable[Job[Any]]) -> None:
+    def jobs_changed(self, jobs: Sequence[Job[Any]]) -> None:
         if self._tracking:
             super().jobs_changed(jobs)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -87,7 +87,7 @@ class JsonSerializer(Serializer):
     def job_changed(self, job: Job[Any]) -> None:
         self._dirty = True
 
-    def jobs_changed(self, jobs: Iterable[Job[Any]]) -> None:
+    def jobs_changed(self, jobs: Sequence[Job[Any]]) -> None:
         self._dirty = True
 
     def run_changed(self) -> None:
