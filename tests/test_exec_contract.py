@@ -26,6 +26,8 @@ from jorbmp import (
     State,
     StatusCount,
 )
+from jorbmp._execute import ContextCodec, run_batch
+from jorbmp._protocol import FAILED_ATTEMPT, OK
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,6 +92,23 @@ def returns_context_of_wrong_field_type(ac: Any, oc: Any, jc: JC) -> Any:
     return jc, "done"
 
 
+BAD_TAGS = {"20", "33", "41"}
+
+
+def some_unencodable_contexts(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    if jc.tag in BAD_TAGS:
+        jc.tag = object()  # type: ignore[assignment]
+    return jc, "done"
+
+
+def some_invalid_contexts(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    if jc.tag in BAD_TAGS:
+        jc.count = "many"  # type: ignore[assignment]  # encodes, but is not a valid JC
+    return jc, "done"
+
+
 def kicks_unknown_state(ac: Any, oc: Any, jc: JC) -> Any:
     jc.count += 1
     return jc, "done", [KickRequest(JC(tag="kid"), "done"), KickRequest(JC(), "nowhere")]
@@ -104,6 +123,11 @@ def kicks_context_of_wrong_field_type(ac: Any, oc: Any, jc: JC) -> Any:
     jc.count += 1
     bad = JC(count="many")  # type: ignore[arg-type]  # encodes, but is not a valid JC
     return jc, "done", [KickRequest(JC(tag="ok"), "done"), KickRequest(bad, "done")]
+
+
+def kicks_unencodable_context(ac: Any, oc: Any, jc: JC) -> Any:
+    jc.count += 1
+    return jc, "done", [KickRequest(JC(tag=object()), "done")]  # type: ignore[arg-type]
 
 
 def kick_not_a_request(ac: Any, oc: Any, jc: JC) -> Any:
@@ -154,11 +178,12 @@ def test_returned_string_error_is_recorded_and_transition_applied() -> None:
         (returns_five, "returned a 5-tuple"),
         (returns_bad_state_type, "next_state of type int"),
         (returns_other_type, "not a valid JC"),
-        (returns_unencodable_context, "unsupported"),
+        (returns_unencodable_context, "returned a context that cannot be encoded: Encoding"),
         (returns_context_of_wrong_field_type, "not a valid JC"),
         (kicks_unknown_state, "unknown state 'nowhere'"),
         (kicks_bad_context, "kicked a job with a context that is not a valid JC: got Other"),
         (kicks_context_of_wrong_field_type, "kicked a job with a context that is not a valid JC"),
+        (kicks_unencodable_context, "kicked a job with a context that cannot be encoded"),
         (kick_not_a_request, "expected KickRequest"),
     ],
 )
@@ -174,6 +199,47 @@ def test_malformed_returns_are_failed_attempts_and_nothing_applies(
     assert len(job.state_errors["new"]) == 2
     assert text in job.state_errors["new"][0], job.state_errors
     assert list(run.jobs) == ["0"]  # no kick was applied either
+
+
+@pytest.mark.parametrize(
+    ("fn", "text"),
+    [
+        (some_unencodable_contexts, "returned a context that cannot be encoded"),
+        (some_invalid_contexts, "returned a context that is not a valid JC"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_bad_context_in_a_batch_fails_only_its_own_job(fn: Any, text: str, kind: str) -> None:
+    # Workers return a batch's contexts as one array (see jorbmp._protocol.Results):
+    # one that cannot be encoded, or does not decode, must not fail its neighbours.
+    run = run_of(60)
+    Processor(None, states(fn, max_retries=0, kind=kind)).exec(run)
+    for job in run.jobs.values():
+        if job.context.tag in BAD_TAGS:
+            assert (job.state, job.context.count) == (FAILED, 0)
+            assert text in job.state_errors["new"][0], job.state_errors
+        else:
+            assert (job.state, job.context.count, job.recorded_errors()) == ("done", 1, {})
+
+
+def test_run_batch_keeps_plain_outcomes_in_columns_and_the_rest_whole() -> None:
+    codec = ContextCodec(JC)
+    jcs = [JC(tag=str(i)) for i in range(4)]
+    results = run_batch("new", some_unencodable_contexts, None, None, jcs, codec)
+    assert (results.plain, results.next_states, results.others) == ([0, 0, 0, 0], ["done"], [])
+    decoded = msgspec.msgpack.decode(results.contexts, type=list[JC])
+    assert decoded == [JC(count=1, tag=str(i)) for i in range(4)]
+    # The coordinator's general path sees them as whole outcomes.
+    whole = list(results.outcomes())
+    assert [(o.code, o.next_state) for o in whole] == [(OK, "done")] * 4
+    assert msgspec.msgpack.decode(whole[2].context, type=JC) == JC(count=1, tag="2")
+    # One context that cannot be encoded: every outcome of the batch travels whole,
+    # and only that one is a failed attempt.
+    jcs = [JC(tag="1"), JC(tag="20")]
+    results = run_batch("new", some_unencodable_contexts, None, None, jcs, codec)
+    assert results.plain == [-1, -1]
+    assert [o.code for o in results.others] == [OK, FAILED_ATTEMPT]
+    assert "cannot be encoded" in (results.others[1].error or "")
 
 
 def test_returned_rate_limit_error_waits_retry_after_without_failing() -> None:

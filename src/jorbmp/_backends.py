@@ -24,16 +24,17 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ._execute import ContextCodec, execute, execute_async, from_exception
-from ._protocol import Outcome, WorkerSpec
+from ._execute import ContextCodec, execute_async, from_exception, run_batch
+from ._protocol import Outcome, Results, WorkerSpec
 from .run import Job
 
 
 class Sink(Protocol):
     """Where a backend reports; implemented by the coordinator's per-state lane."""
 
-    def done(self, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
-        """These jobs ran (one outcome each, same order); their slot is free again."""
+    def done(self, jobs: list[Job[Any]], results: Results) -> None:
+        """These jobs ran (their outcomes in ``results``, same order); their slot is free
+        again."""
 
     def unrun(self, jobs: list[Job[Any]]) -> None:
         """These jobs were handed out but never ran: put them back at the front."""
@@ -135,10 +136,15 @@ class _InProcess(Backend):
     def executing(self) -> int:
         return self.running
 
-    def report(self, job: Job[Any], outcome: Outcome) -> None:
+    def run(self, job: Job[Any]) -> Results:
+        """Run the exec on a copy of ``job``'s context, here and now."""
+        context = self.copy(job.context)
+        return run_batch(self.state, self.fn, self.ac, self.oc, [context], self.codec)
+
+    def report(self, job: Job[Any], results: Results) -> None:
         self.running -= 1
         if not self.closed:
-            self.sink.done([job], [outcome])
+            self.sink.done([job], results)
 
 
 class AsyncBackend(_InProcess):
@@ -169,7 +175,7 @@ class AsyncBackend(_InProcess):
         # An exotic BaseException escaped the exec: still a failed attempt, never a
         # job left "executing" forever.
         outcome = task.result() if exc is None else from_exception(self.state, exc, 0.0)
-        self.report(job, outcome)
+        self.report(job, Results.of([outcome]))
 
     def close(self, abandon: bool) -> None:
         self.closed = True
@@ -188,19 +194,20 @@ class ThreadBackend(_InProcess):
     def submit(self, jobs: list[Job[Any]]) -> None:
         for job in jobs:
             self.running += 1
-            fut = self.pool.submit(
-                execute, self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.codec
-            )
+            fut = self.pool.submit(self.run, job)
             fut.add_done_callback(functools.partial(self._finished_in_thread, job))
 
-    def _finished_in_thread(self, job: Job[Any], fut: Future[Outcome]) -> None:
+    def _finished_in_thread(self, job: Job[Any], fut: Future[Results]) -> None:
         if fut.cancelled():
             return
         exc = fut.exception()
-        outcome = fut.result() if exc is None else from_exception(self.state, exc, 0.0)
+        if exc is None:
+            results = fut.result()
+        else:
+            results = Results.of([from_exception(self.state, exc, 0.0)])
         # RuntimeError: the loop is closed, the run was abandoned while this exec ran.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.report, job, outcome)
+            self.loop.call_soon_threadsafe(self.report, job, results)
 
     def close(self, abandon: bool) -> None:
         self.closed = True
@@ -241,14 +248,14 @@ class InlineBackend(_InProcess):
             self.running -= 1
             self.runner.busy = False
             return
-        outcome = execute(self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.codec)
+        results = self.run(job)
         self.runner.busy = False
         # Offer the free slot to the other inline states first (round robin), so one
         # state that keeps itself busy cannot starve the rest.
         for other in self.runner.backends:
             if other is not self and not other.closed:
                 other.sink.freed()
-        self.report(job, outcome)
+        self.report(job, results)
 
     def close(self, abandon: bool) -> None:
         self.closed = True

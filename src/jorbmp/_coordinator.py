@@ -10,9 +10,10 @@
                    ▼
                  Backend.submit ──> worker processes | asyncio tasks | threads | inline
                    │
-                   ▼  Sink.done(jobs, outcomes)
-                 Coordinator.finish: decode + validate, then context, errors, kicks and
-                   │                 next state applied together (or not at all)
+                   ▼  Sink.done(jobs, results)
+                 Coordinator.finish_batch: plain outcomes in one loop; any other through
+                   │  finish: decode + validate, then context, errors, kicks and next
+                   │          state applied together (or not at all)
                    ├──> back into a Lane's queue, or a terminal state
                    ▼
                  Serializer.jobs_changed ─(housekeeping tick)──> checkpoint flush
@@ -27,6 +28,7 @@ only does what is periodic: status, checkpoint flushes, timeouts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +37,7 @@ from typing import Any
 import msgspec
 
 from ._backends import Backend
-from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome
+from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome, Results
 from .checkpoint.base import Serializer
 from .ratelimit import RateGate, make_gate
 from .report import RunReport, build_report
@@ -142,15 +144,15 @@ class Lane:
     # Sink: called by the backend, usually from an event loop callback, where an
     # exception would only be logged: a bug here must end the run, not hang it.
 
-    def done(self, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
+    def done(self, jobs: list[Job[Any]], results: Results) -> None:
         try:
             coord = self.coord
             # One timestamp per batch: datetime.now() per job would cost more than
             # the rest of a no-op transition.
             coord.now = utcnow()
             coord.changed = True
-            self.metrics.record([o.seconds for o in outcomes])
-            coord.finish_batch(self, jobs, outcomes)
+            self.metrics.record(results.seconds)
+            coord.finish_batch(self, jobs, results)
             coord.settle(self)
         except Exception as exc:
             self.coord.fail(exc)
@@ -437,35 +439,43 @@ class Coordinator:
 
     # -- transitions ----------------------------------------------------------------
 
-    def finish_batch(self, lane: Lane, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
+    def finish_batch(self, lane: Lane, jobs: list[Job[Any]], results: Results) -> None:
         """Apply a batch of outcomes from ``lane``, in order.
 
-        This loop is the coordinator's cost per transition, so the common case (a
-        valid context and a known next state, no error, no kicks, no rate limiter,
-        no debug logging) is applied inline; everything else goes through `finish`.
-        Both do the same to a job. Every job of the batch changed (each got at least
-        a new ``last_update``): the serializer hears of them all at once, at the end.
+        This loop is the coordinator's cost per transition, so plain outcomes (a
+        valid context and a known next state, nothing else; see `Results`) are
+        applied inline when the lane has no rate limiter and debug logging is off;
+        everything else goes through `finish`. Both do the same to a job. Every job of
+        the batch changed (each got at least a new ``last_update``): the serializer
+        hears of them all at once, at the end.
         """
         try:
-            self._finish_batch(lane, jobs, outcomes)
+            self._finish_batch(lane, jobs, results)
         finally:
             if self.jobs_changed is not None:
                 self.jobs_changed(jobs)
 
-    def _finish_batch(self, lane: Lane, jobs: list[Job[Any]], outcomes: list[Outcome]) -> None:
-        simple = lane.gate is None and not self.debug
-        decode, lanes, now = self.decode, self.lanes, self.now
-        for job, o in zip(jobs, outcomes, strict=True):
-            target = lanes.get(o.next_state)
-            if not simple or o.code or o.error is not None or o.kick_states or target is None:
+    def _finish_batch(self, lane: Lane, jobs: list[Job[Any]], results: Results) -> None:
+        lanes = self.lanes
+        targets = [lanes.get(name) for name in results.next_states]
+        contexts: list[Any] | None = None
+        if lane.gate is None and not self.debug and None not in targets:
+            # A context that does not decode: `finish` decodes each on its own, to fail
+            # only the bad ones.
+            with contextlib.suppress(msgspec.ValidationError):
+                contexts = self.decode_many(results.contexts)
+        if contexts is None:
+            for job, o in zip(jobs, results.outcomes(), strict=True):
                 self.finish(lane, job, o)
+            return
+        next_context, next_other = iter(contexts).__next__, iter(results.others).__next__
+        pending, now = self.pending, self.now
+        for job, k in zip(jobs, results.plain, strict=True):
+            if k < 0:
+                self.finish(lane, job, next_other())
                 continue
-            try:
-                context = decode(o.context)
-            except msgspec.ValidationError:
-                self.finish(lane, job, o)  # decodes again, to record why
-                continue
-            job.context = context
+            target: Lane = targets[k]  # type: ignore[assignment]  # checked above
+            job.context = next_context()
             job.retries = 0
             job.last_update = now
             if target is not lane:
@@ -476,7 +486,7 @@ class Coordinator:
                 self.active -= 1
             else:
                 target.queue.append(job)
-                self.pending[target] = None
+                pending[target] = None
 
     def finish(self, lane: Lane, job: Job[Any], o: Outcome) -> None:
         """Apply one exec's outcome to its job: all of it, or (on a problem) none of it."""

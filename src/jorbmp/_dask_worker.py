@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 from distributed import WorkerPlugin, get_worker
 
-from ._execute import ContextCodec, describe, execute
+from . import _execute
+from ._execute import ContextCodec, describe
 from ._protocol import WorkerSpec
 
 
@@ -47,5 +48,4 @@ def run_batch(name: str, payload: bytes) -> bytes:
         raise RuntimeError(plugin.error)
     spec = plugin.spec
     state, fn, ac, oc, codec = spec.state, spec.exec, plugin.ac, spec.overall, plugin.codec
-    outcomes = [execute(state, fn, ac, oc, jc, codec) for jc in plugin.decode(payload)]
-    return plugin.encode(outcomes)
+    return plugin.encode(_execute.run_batch(state, fn, ac, oc, plugin.decode(payload), codec))

@@ -1,7 +1,8 @@
-"""Running one exec call and turning whatever happens into an `Outcome`.
+"""Running exec calls and turning whatever happens into outcomes.
 
-Shared by worker processes, the inline runner, threads and async tasks, so every
-kind of state interprets return values, errors and exceptions the same way.
+Shared by worker processes, the inline runner, threads, Dask workers and async
+tasks, so every kind of state interprets return values, errors and exceptions the
+same way: `run_batch` for blocking execs, `execute_async` for coroutines.
 """
 
 from __future__ import annotations
@@ -9,16 +10,29 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
 
-from ._protocol import FAILED_ATTEMPT, NIL, OK, RATE_LIMITED, Outcome
+from ._protocol import (
+    FAILED_ATTEMPT,
+    NIL,
+    OK,
+    RATE_LIMITED,
+    SLOT_INDEX,
+    SLOT_STARTED,
+    Outcome,
+    Results,
+)
 from .errors import RateLimitError
 from .state import KickRequest
 
 RETURN_SHAPE = "(jc, next_state), (jc, next_state, kicks) or (jc, next_state, kicks, error)"
+
+
+class BrokenContract(Exception):
+    """An exec's return value breaks the exec contract; the message says how."""
 
 
 class ContextCodec:
@@ -36,17 +50,22 @@ class ContextCodec:
         self.job_type: type | None = job_type if isinstance(job_type, type) else None
 
     def check(self, state: str, value: Any, what: str) -> None:
-        """Raise TypeError (naming ``state``) unless ``value`` is of the job type."""
+        """Raise `BrokenContract` (naming ``state``) unless ``value`` is of the job type."""
         job_type = self.job_type
         if job_type is not None and not isinstance(value, job_type):
-            raise TypeError(
+            raise BrokenContract(
                 f"exec of state {state!r} {what} that is not a valid {job_type.__name__}: "
                 f"got {type(value).__name__}"
             )
 
     def dump(self, state: str, value: Any, what: str) -> msgspec.Raw:
-        self.check(state, value, what)
-        return msgspec.Raw(self.encode(value))
+        """``value`` (a context, or a list of them) encoded, or `BrokenContract`."""
+        try:
+            return msgspec.Raw(self.encode(value))
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            raise BrokenContract(
+                f"exec of state {state!r} {what} that cannot be encoded: {exc}"
+            ) from None
 
 
 def describe(exc: BaseException) -> str:
@@ -55,43 +74,25 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _elapsed(started: float) -> float:
-    """Seconds since ``started`` (a perf_counter value; 0.0 means unknown)."""
-    return time.perf_counter() - started if started else 0.0
+def _failed(error: str, seconds: float, trace: str | None = None) -> Outcome:
+    return Outcome(FAILED_ATTEMPT, error=error, seconds=seconds, trace=trace)
 
 
-def _failed(error: str, started: float, trace: str | None = None) -> Outcome:
-    return Outcome(FAILED_ATTEMPT, error=error, seconds=_elapsed(started), trace=trace)
-
-
-def from_exception(state: str, exc: BaseException, started: float) -> Outcome:
-    """The outcome of an exec that raised ``exc``."""
+def from_exception(state: str, exc: BaseException, seconds: float) -> Outcome:
+    """The outcome of an exec that raised ``exc`` after ``seconds``."""
     if isinstance(exc, RateLimitError):
         return Outcome(
-            RATE_LIMITED,
-            error=describe(exc),
-            retry_after=exc.retry_after,
-            seconds=_elapsed(started),
+            RATE_LIMITED, error=describe(exc), retry_after=exc.retry_after, seconds=seconds
         )
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return _failed(describe(exc), started, trace)
+    return _failed(describe(exc), seconds, trace)
 
 
-def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outcome:
+def interpret(state: str, ret: Any, codec: ContextCodec, seconds: float) -> Outcome:
     """Check an exec's return value against the contract and encode it."""
-    seconds = time.perf_counter() - started
-    # The common case, `(jc, next_state)` with a jc of exactly the job type, costs half
-    # of the general checks below, and this runs once per job in every worker.
-    if type(ret) is tuple and len(ret) == 2:
-        jc, next_state = ret
-        if type(jc) is codec.job_type and type(next_state) is str:
-            try:
-                return Outcome(OK, msgspec.Raw(codec.encode(jc)), next_state, seconds=seconds)
-            except Exception:
-                pass  # the general path below encodes it again and reports why
     if not isinstance(ret, (tuple, list)) or not 2 <= len(ret) <= 4:
         got = f"a {len(ret)}-tuple" if isinstance(ret, (tuple, list)) else type(ret).__name__
-        return _failed(f"exec of state {state!r} returned {got}; expected {RETURN_SHAPE}", started)
+        return _failed(f"exec of state {state!r} returned {got}; expected {RETURN_SHAPE}", seconds)
     jc, next_state = ret[0], ret[1]
     kicks = ret[2] if len(ret) > 2 else None
     error = ret[3] if len(ret) > 3 else None
@@ -99,15 +100,16 @@ def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outc
         return _failed(
             f"exec of state {state!r} returned next_state of type {type(next_state).__name__}; "
             "expected str",
-            started,
+            seconds,
         )
     if error is not None and not isinstance(error, (str, BaseException)):
         return _failed(
             f"exec of state {state!r} returned an error of type {type(error).__name__}; "
             "expected str, Exception or None",
-            started,
+            seconds,
         )
     try:
+        codec.check(state, jc, "returned a context")
         context = codec.dump(state, jc, "returned a context")
         kick_states: list[str] | None = None
         kick_contexts = NIL
@@ -119,18 +121,14 @@ def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outc
                     return _failed(
                         f"exec of state {state!r} returned a kick of type "
                         f"{type(kick).__name__}; expected KickRequest(context, state)",
-                        started,
+                        seconds,
                     )
                 codec.check(state, kick.context, "kicked a job with a context")
                 kick_states.append(kick.state)
                 contexts.append(kick.context)
-            kick_contexts = msgspec.Raw(codec.encode(contexts))
-    except TypeError as exc:
-        return _failed(str(exc), started)
-    except (ValueError, msgspec.EncodeError) as exc:
-        return _failed(
-            f"exec of state {state!r} returned a context that cannot be encoded: {exc}", started
-        )
+            kick_contexts = codec.dump(state, contexts, "kicked a job with a context")
+    except BrokenContract as exc:
+        return _failed(str(exc), seconds)
     code = OK
     retry_after = None
     text = None
@@ -145,16 +143,80 @@ def interpret(state: str, ret: Any, codec: ContextCodec, started: float) -> Outc
     )
 
 
-def execute(
-    state: str, fn: Callable[..., Any], ac: Any, oc: Any, jc: Any, codec: ContextCodec
-) -> Outcome:
-    """Call a blocking exec and interpret the result."""
-    started = time.perf_counter()
-    try:
-        ret = fn(ac, oc, jc)
-    except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
-        return from_exception(state, exc, started)
-    return interpret(state, ret, codec, started)
+def run_batch(
+    state: str,
+    fn: Callable[..., Any],
+    ac: Any,
+    oc: Any,
+    jcs: Sequence[Any],
+    codec: ContextCodec,
+    slot: Any = None,
+) -> Results:
+    """Call a blocking exec on each context in turn, and collect the outcomes.
+
+    ``slot`` (a worker's shared slot) is kept at (index, start time) of the running
+    exec, and its start time at 0 once the batch is done.
+    """
+    job_type = codec.job_type
+    plain: list[int] = []
+    seconds: list[float] = []
+    next_states: dict[str, int] = {}
+    contexts: list[Any] = []
+    others: list[Outcome] = []
+    clock, monotonic = time.perf_counter, time.monotonic
+    for i, jc in enumerate(jcs):
+        if slot is not None:
+            slot[SLOT_INDEX] = i
+            slot[SLOT_STARTED] = monotonic()
+        started = clock()
+        try:
+            ret = fn(ac, oc, jc)
+        except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
+            outcome = from_exception(state, exc, clock() - started)
+        else:
+            elapsed = clock() - started
+            # The common case, `(jc, next_state)` with a jc of exactly the job type,
+            # needs no checks beyond these and no `Outcome` (see `Results`).
+            if type(ret) is tuple and len(ret) == 2:
+                context, next_state = ret
+                if type(context) is job_type and type(next_state) is str:
+                    k = next_states.get(next_state)
+                    if k is None:
+                        k = next_states[next_state] = len(next_states)
+                    plain.append(k)
+                    seconds.append(elapsed)
+                    contexts.append(context)
+                    continue
+            outcome = interpret(state, ret, codec, elapsed)
+        plain.append(-1)
+        seconds.append(outcome.seconds)
+        others.append(outcome)
+    if slot is not None:
+        slot[SLOT_STARTED] = 0.0
+    results = Results(plain, seconds, list(next_states), others=others)
+    if contexts:
+        try:
+            results.contexts = msgspec.Raw(codec.encode(contexts))
+        except Exception:
+            _demote(state, results, contexts, codec)
+    return results
+
+
+def _demote(state: str, results: Results, contexts: list[Any], codec: ContextCodec) -> None:
+    """Some plain context cannot be encoded: make each plain outcome whole, so that the
+    general path encodes it again and reports why for the ones that fail."""
+    others = iter(results.others)
+    pending = iter(contexts)
+    whole = []
+    for i, k in enumerate(results.plain):
+        if k < 0:
+            whole.append(next(others))
+        else:
+            ret = (next(pending), results.next_states[k])
+            whole.append(interpret(state, ret, codec, results.seconds[i]))
+    results.plain = [-1] * len(whole)
+    results.next_states = []
+    results.others = whole
 
 
 async def execute_async(
@@ -174,7 +236,7 @@ async def execute_async(
         else:
             ret = await asyncio.wait_for(fn(ac, oc, jc), timeout)
     except asyncio.TimeoutError:
-        return _failed(f"timed out after {timeout:g}s", started)
+        return _failed(f"timed out after {timeout:g}s", time.perf_counter() - started)
     except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
-        return from_exception(state, exc, started)
-    return interpret(state, ret, codec, started)
+        return from_exception(state, exc, time.perf_counter() - started)
+    return interpret(state, ret, codec, time.perf_counter() - started)

@@ -36,6 +36,7 @@ from ._protocol import (
     SLOT_SIZE,
     SLOT_STARTED,
     Outcome,
+    Results,
     Startup,
     WorkerSpec,
 )
@@ -101,7 +102,7 @@ class ProcessPool(Backend):
         self.spawned = 0
         self.mean_seconds: float | None = None  # recent mean exec time
         self._encode = msgspec.msgpack.Encoder().encode
-        self._decode_outcomes = msgspec.msgpack.Decoder(list[Outcome]).decode
+        self._decode_results = msgspec.msgpack.Decoder(Results).decode
         self._decode_startup = msgspec.msgpack.Decoder(Startup).decode
 
     def __repr__(self) -> str:
@@ -190,11 +191,11 @@ class ProcessPool(Backend):
             self.sink.freed()
             return
         jobs = worker.batches.popleft()
-        outcomes = self._decode_outcomes(data)
-        batch_mean = sum(o.seconds for o in outcomes) / len(outcomes)
+        results = self._decode_results(data)
+        batch_mean = sum(results.seconds) / len(jobs)
         mean = self.mean_seconds
         self.mean_seconds = batch_mean if mean is None else 0.8 * mean + 0.2 * batch_mean
-        self.sink.done(jobs, outcomes)
+        self.sink.done(jobs, results)
 
     def _exited(self, worker: _Worker) -> None:
         # Results the worker sent before it died may still sit in the socket: take
@@ -250,7 +251,7 @@ class ProcessPool(Backend):
         # Jobs before i ran, but their results died with the worker: they run again
         # (at-least-once), without being charged.
         self.sink.unrun(current[:i] + current[i + 1 :] + later)
-        self.sink.done([current[i]], [Outcome(FAILED_ATTEMPT, error=reason)])
+        self.sink.done([current[i]], Results.of([Outcome(FAILED_ATTEMPT, error=reason)]))
 
     def check_timeouts(self, now: float) -> None:
         if self.timeout is None:

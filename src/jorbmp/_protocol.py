@@ -1,35 +1,40 @@
 """The coordinator/worker protocol, in one place.
 
 Each process state has its own pool of worker processes. Every worker owns one
-duplex pipe (``multiprocessing.Pipe``) to the coordinator and one small shared array
-(`Slot`) that the coordinator reads without messages::
+socket to the coordinator (framing in `jorbmp._comms`) and one small shared array
+(the slot) that the coordinator reads without messages::
 
     coordinator                                   worker (one per pool slot)
     -----------                                   --------------------------
-    Process(args=(pipe, WorkerSpec, slot))  --->  build AC (ac_factory) once
+    Process(args=(sock, WorkerSpec, slot))  --->  build AC (ac_factory) once
                                             <---  Startup(error=None | text)
     encode([jc, jc, ...])  (a batch)        --->  for each jc: slot = (i, now)
-                                                    outcome = exec(ac, oc, jc)
-                                            <---  encode([Outcome, ...])
-    close the pipe                          --->  EOF: the worker exits
+                                                    exec(ac, oc, jc)
+                                            <---  encode(Results)
+    close the socket                        --->  EOF: the worker exits
 
 - AC, OC, the exec function and the job type cross once, at start (``WorkerSpec``,
   pickled by multiprocessing for spawn, inherited for fork). Per job only the msgpack
-  encoding of its context goes out, and an `Outcome` comes back.
-- A worker has at most one batch at a time, so the coordinator never blocks writing
-  to a pipe whose reader is busy, and look-ahead is bounded by concurrency x batch.
-- `Slot` holds (index in batch, start time of the running exec or 0). When the pipe
-  hits EOF the coordinator knows which job the worker died in; the housekeeping tick
-  uses the start time to enforce ``State.timeout``.
+  encoding of its context goes out, and its outcome comes back in a batch's `Results`.
+- The slot holds (index in batch, start time of the running exec or 0). When the
+  socket hits EOF the coordinator knows which job the worker died in; the
+  housekeeping tick uses the start time to enforce ``State.timeout``.
+- `Results` keeps the common outcome (a context and a next state, nothing else) in
+  columns: its contexts travel as one encoded array, decoded by the coordinator in one
+  call, and it costs no `Outcome` on either side. Every other outcome travels whole.
 - Contexts in an `Outcome` travel as ``msgspec.Raw`` so the coordinator decodes each
-  one against the run's job type on its own: one bad context fails one job, not a batch.
+  one against the run's job type on its own: one bad context fails one job. (When a
+  batch's array of contexts does not decode, the coordinator falls back to that.)
   The contexts of one exec's kicks travel together, as one encoded array: any bad one
   fails that exec's whole transition anyway, and one decode is cheaper than many.
+
+Threads, the inline runner and Dask workers build the same `Results` (`run_batch`);
+async states and failures a backend reports itself wrap whole outcomes (`Results.of`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -40,6 +45,7 @@ FAILED_ATTEMPT = 1  # exec raised, returned garbage, or broke a rule: counts tow
 RATE_LIMITED = 2  # RateLimitError raised or returned: back off, retry, not a failed attempt
 
 NIL = msgspec.Raw(b"\xc0")  # msgpack nil
+EMPTY_ARRAY = msgspec.Raw(b"\x90")  # msgpack []
 
 # Slot indexes.
 SLOT_INDEX = 0
@@ -61,6 +67,40 @@ class Outcome(msgspec.Struct, array_like=True, gc=False):
     seconds: float = 0.0  # exec wall time
     trace: str | None = None  # formatted traceback of a raised exception, logged at DEBUG
     kick_contexts: msgspec.Raw = NIL  # the kicked jobs' JCs, as one msgpack array
+
+
+class Results(msgspec.Struct, array_like=True, gc=False):
+    """The outcomes of one batch of execs, in the batch's order.
+
+    ``plain[i]`` is the index in ``next_states`` of job i's next state when its exec
+    returned just a valid context and a next state; its context is then the next
+    element of ``contexts``. Otherwise ``plain[i]`` is -1 and its outcome is the next
+    of ``others``.
+    """
+
+    plain: list[int]
+    seconds: list[float]  # exec wall time of each job
+    next_states: list[str] = []
+    contexts: msgspec.Raw = EMPTY_ARRAY  # msgpack array of the plain outcomes' contexts
+    others: list[Outcome] = []
+
+    @classmethod
+    def of(cls, outcomes: list[Outcome]) -> Results:
+        """Results holding ``outcomes`` whole (for failures reported by a backend)."""
+        return cls([-1] * len(outcomes), [o.seconds for o in outcomes], others=outcomes)
+
+    def outcomes(self) -> Iterator[Outcome]:
+        """Every job's outcome as an `Outcome`, the plain ones rebuilt (the general path)."""
+        contexts = iter(_decode_raws(self.contexts))
+        others = iter(self.others)
+        for k, seconds in zip(self.plain, self.seconds, strict=True):
+            if k < 0:
+                yield next(others)
+            else:
+                yield Outcome(OK, next(contexts), self.next_states[k], seconds=seconds)
+
+
+_decode_raws = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
 
 
 class Startup(msgspec.Struct, array_like=True):

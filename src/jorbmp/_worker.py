@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
 from typing import Any
 
 import msgspec
 
 from ._comms import WorkerEnd
-from ._execute import ContextCodec, describe, execute
-from ._protocol import SLOT_INDEX, SLOT_STARTED, Startup, WorkerSpec
+from ._execute import ContextCodec, describe, run_batch
+from ._protocol import Startup, WorkerSpec
 
 
 def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None:
@@ -44,16 +43,9 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
     if startup.error is not None:
         return
     fn, oc, state, codec = spec.exec, spec.overall, spec.state, ContextCodec(spec.job_type)
-    monotonic = time.monotonic
     while (data := link.recv()) is not None:
-        slot[SLOT_INDEX] = 0
-        outcomes = []
-        for i, jc in enumerate(decoder.decode(data)):
-            slot[SLOT_INDEX] = i
-            slot[SLOT_STARTED] = monotonic()
-            outcomes.append(execute(state, fn, ac, oc, jc, codec))
-        slot[SLOT_STARTED] = 0.0
+        results = run_batch(state, fn, ac, oc, decoder.decode(data), codec, slot)
         try:
-            link.send(encoder.encode(outcomes))
+            link.send(encoder.encode(results))
         except OSError:
             return  # the coordinator is gone

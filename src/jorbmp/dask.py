@@ -47,7 +47,7 @@ import msgspec
 
 from ._backends import Backend, Sink
 from ._execute import describe
-from ._protocol import FAILED_ATTEMPT, Outcome, WorkerSpec
+from ._protocol import FAILED_ATTEMPT, Outcome, Results, WorkerSpec
 from .run import Job
 
 __all__ = ["DaskBackend"]
@@ -200,7 +200,7 @@ class DaskPool(Backend):
         self.pinged_at = 0.0
         self.lost = False  # the scheduler is gone: nothing to tidy up there
         self._encode = msgspec.msgpack.Encoder().encode
-        self._decode_outcomes = msgspec.msgpack.Decoder(list[Outcome]).decode
+        self._decode_results = msgspec.msgpack.Decoder(Results).decode
 
     def __repr__(self) -> str:
         return f"<DaskPool {self.state!r} {self.config.address()!r} tasks={len(self.tasks)}>"
@@ -324,9 +324,9 @@ class DaskPool(Backend):
         try:
             if error is None:
                 assert data is not None
-                outcomes = self._decode_outcomes(data)
+                results = self._decode_results(data)
                 self._settled(task.jobs)
-                self.sink.done(task.jobs, outcomes)
+                self.sink.done(task.jobs, results)
             elif type(error).__name__ == "KilledWorker":
                 reason = f"worker died (Dask gave up: {describe(error)})"
                 self._lost([task], reason, certain=len(task.jobs) == 1)
@@ -383,7 +383,7 @@ class DaskPool(Backend):
 
     def _charge(self, jobs: list[Job[Any]], reason: str) -> None:
         self._settled(jobs)
-        self.sink.done(jobs, [Outcome(FAILED_ATTEMPT, error=reason) for _ in jobs])
+        self.sink.done(jobs, Results.of([Outcome(FAILED_ATTEMPT, error=reason) for _ in jobs]))
 
     def _settled(self, jobs: list[Job[Any]]) -> None:
         """These jobs ran (or were charged): they are no longer suspects."""
