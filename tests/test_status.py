@@ -97,6 +97,19 @@ def test_cpu_and_memory_are_measured_for_process_states(listener: Any) -> None:
     assert peak_rss > 1_000_000
 
 
+def test_a_short_run_reports_all_of_its_workers_cpu() -> None:
+    # Shorter than one psutil sample period: the only sample is the final one, and the
+    # workers' CPU time counts from their start (they were not sampled at the start).
+    run = make_run(2)
+    proc = Processor(None, [State("new", burn, concurrency=2), State("done", terminal=True)])
+    proc.exec(run)
+    report = proc.last_report
+    assert report is not None
+    new = next(s for s in report.states if s.state == "new")
+    # Two workers burning 0.5 s of CPU each.
+    assert new.cpu_percent * report.wall_seconds / 100 > 0.9, (new, report.wall_seconds)
+
+
 def burn(ac: Any, oc: Any, jc: JC) -> Any:
     end = time.process_time() + 0.5
     while time.process_time() < end:

@@ -60,6 +60,9 @@ class Backend(ABC):
     #: How the run report names where this backend runs execs, when not by the state's
     #: kind (e.g. "dask": the cores are not this machine's).
     label: str | None = None
+    #: True when `pids` are processes started for this run (their CPU time counts from
+    #: zero): the coordinator then needs no baseline sample of them at the start.
+    started_pids = False
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (processes, threads); called inside the running loop."""

@@ -248,7 +248,7 @@ class Coordinator:
                         lane.queue.append(job)
                 notify(self.listener, self.snapshot())
                 self.changed = False
-                self.sample_processes()  # primes psutil's CPU counters
+                self.sample_processes(baseline=True)
                 for lane in lanes.values():
                     lane.pump()
                 self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
@@ -334,12 +334,15 @@ class Coordinator:
             return
         self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
 
-    def sample_processes(self) -> None:
+    def sample_processes(self, baseline: bool = False) -> None:
+        """Sample the CPU and memory of every state's processes; with ``baseline`` (at
+        the start), only those whose CPU time since the start needs a baseline."""
         now = asyncio.get_running_loop().time()
         seconds, self.sample_time = now - self.sample_time, now
         for lane in self.lanes.values():
-            if lane.backend is not None:
-                lane.metrics.sample(lane.backend.pids(), seconds)
+            backend = lane.backend
+            if backend is not None and not (baseline and backend.started_pids):
+                lane.metrics.sample(backend.pids(), seconds, backend.started_pids)
 
     def snapshot(self) -> list[StatusCount]:
         now = asyncio.get_running_loop().time()

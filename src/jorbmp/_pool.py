@@ -81,6 +81,7 @@ class ProcessPool(Backend):
     """``kind="process"``: ``concurrency`` worker processes, each fed batches over a socket."""
 
     max_batch = MAX_BATCH
+    started_pids = True
 
     def __init__(
         self,

@@ -93,7 +93,7 @@ class StateMetrics:
         self.rate_wait = 0.0
         self.cpu_seconds = 0.0  # CPU time of the state's processes, from the samples
         self._samples: deque[tuple[float, int]] = deque()
-        self._procs: dict[int, psutil.Process] = {}
+        self._procs: dict[int, tuple[psutil.Process, float]] = {}  # pid -> (it, CPU seconds)
         self._cpu = 0.0
         self._rss = 0
         self._p95 = 0.0
@@ -120,27 +120,35 @@ class StateMetrics:
         t0, n0 = samples[0]
         return (self.processed - n0) / (now - t0) if now > t0 else 0.0
 
-    def sample(self, pids: list[int], seconds: float) -> None:
-        """Refresh CPU% and RSS over ``pids`` (psutil; cpu_percent since the last sample,
-        ``seconds`` ago)."""
-        cpu = 0.0
+    def sample(self, pids: list[int], seconds: float, started: bool) -> None:
+        """Refresh CPU% and RSS over ``pids`` (psutil): CPU time since the last sample,
+        ``seconds`` ago.
+
+        ``started``: the pids are processes started for this run, whose CPU time counts
+        from zero, so all of it is new. Any other process seen for the first time only
+        sets the baseline for the next sample.
+        """
+        cpu_seconds = 0.0
         rss = 0
-        live: dict[int, psutil.Process] = {}
+        live: dict[int, tuple[psutil.Process, float]] = {}
         for pid in pids:
-            proc = self._procs.get(pid)
+            known = self._procs.get(pid)
             try:
-                if proc is None:
-                    proc = psutil.Process(pid)
-                    proc.cpu_percent(None)  # first call only primes the counter
-                else:
-                    cpu += proc.cpu_percent(None)
+                proc = psutil.Process(pid) if known is None else known[0]
+                times = proc.cpu_times()
+                total = times.user + times.system
+                if known is not None:
+                    cpu_seconds += total - known[1]
+                elif started:
+                    cpu_seconds += total
                 rss += proc.memory_info().rss
-                live[pid] = proc
             except psutil.Error:
                 continue
+            live[pid] = (proc, total)
         self._procs = live
-        self._cpu, self._rss = cpu, rss
-        self.cpu_seconds += cpu / 100 * seconds
+        self._cpu = 100 * cpu_seconds / seconds if seconds > 0 else 0.0
+        self._rss = rss
+        self.cpu_seconds += cpu_seconds
 
     def snapshot(
         self,
