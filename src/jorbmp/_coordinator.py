@@ -32,7 +32,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -460,9 +460,9 @@ class Coordinator:
 
     def _finish_batch(self, lane: Lane, jobs: list[Job[Any]], results: Results) -> None:
         lanes = self.lanes
-        targets = [lanes.get(name) for name in results.next_states]
+        found = [lanes.get(name) for name in results.next_states]
         contexts: list[Any] | None = None
-        if lane.gate is None and not self.debug and None not in targets:
+        if lane.gate is None and not self.debug and None not in found:
             # A context that does not decode: `finish` decodes each on its own, to fail
             # only the bad ones.
             with contextlib.suppress(msgspec.ValidationError):
@@ -471,25 +471,34 @@ class Coordinator:
             for job, o in zip(jobs, results.outcomes(), strict=True):
                 self.finish(lane, job, o)
             return
+        targets = cast("list[Lane]", found)
+        names = [target.name for target in targets]  # the lanes' own strings, shared by jobs
         next_context, next_other = iter(contexts).__next__, iter(results.others).__next__
-        pending, now = self.pending, self.now
+        # Per target: how many jobs go there, and its queue's append (None for a
+        # terminal state). Counts and pending lanes are settled once, after the loop.
+        moved = [0] * len(targets)
+        appends = [None if t.terminal else t.queue.append for t in targets]
+        now = self.now
         for job, k in zip(jobs, results.plain, strict=True):
             if k < 0:
                 self.finish(lane, job, next_other())
                 continue
-            target: Lane = targets[k]  # type: ignore[assignment]  # checked above
             job.context = next_context()
             job.retries = 0
             job.last_update = now
-            if target is not lane:
-                lane.count -= 1
-                target.count += 1
-                job.state = target.name
-            if target.terminal:
-                self.active -= 1
-            else:
-                target.queue.append(job)
-                pending[target] = None
+            job.state = names[k]
+            moved[k] += 1
+            if (append := appends[k]) is not None:
+                append(job)
+        for target, n in zip(targets, moved, strict=True):
+            if n:
+                if target is not lane:
+                    lane.count -= n
+                    target.count += n
+                if target.terminal:
+                    self.active -= n
+                else:
+                    self.pending[target] = None
 
     def finish(self, lane: Lane, job: Job[Any], o: Outcome) -> None:
         """Apply one exec's outcome to its job: all of it, or (on a problem) none of it."""
