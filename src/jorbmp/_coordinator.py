@@ -227,7 +227,10 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         lanes = self.lanes
         for job in self.run.jobs.values():
-            lanes[job.state].count += 1
+            lane = lanes[job.state]
+            lane.count += 1
+            if not lane.terminal:
+                lane.queue.append(job)
         self.active = sum(lane.count for lane in lanes.values() if not lane.terminal)
         self.serializer.begin(self.run)
         try:
@@ -242,10 +245,6 @@ class Coordinator:
                     if not lane.terminal:
                         lane.backend = self.make_backend(lane.state, lane)
                         lane.backend.start()
-                for job in self.run.jobs.values():
-                    lane = lanes[job.state]
-                    if not lane.terminal:
-                        lane.queue.append(job)
                 notify(self.listener, self.snapshot())
                 self.changed = False
                 self.sample_processes(baseline=True)
