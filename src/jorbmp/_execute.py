@@ -151,11 +151,13 @@ def run_batch(
     jcs: Sequence[Any],
     codec: ContextCodec,
     slot: Any = None,
+    timed: bool = False,
 ) -> Results:
     """Call a blocking exec on each context in turn, and collect the outcomes.
 
-    ``slot`` (a worker's shared slot) is kept at (index, start time) of the running
-    exec, and its start time at 0 once the batch is done.
+    ``slot`` (a worker's shared slot) holds the index of the running exec and, while
+    the batch runs, a start time: the batch's, or with ``timed`` (the state has a
+    timeout) each exec's. It is 0 once the batch is done.
     """
     job_type = codec.job_type
     plain: list[int] = []
@@ -163,18 +165,25 @@ def run_batch(
     next_states: dict[str, int] = {}
     contexts: list[Any] = []
     others: list[Outcome] = []
-    clock, monotonic = time.perf_counter, time.monotonic
+    clock = time.perf_counter
+    if slot is not None:
+        slot[SLOT_INDEX] = 0  # first: a death from here on is the first job's
+        slot[SLOT_STARTED] = time.monotonic()
+    # One clock reading per exec: each ends where the one before ended, so an exec's
+    # time includes the bookkeeping since (well under a microsecond).
+    started = clock()
     for i, jc in enumerate(jcs):
         if slot is not None:
             slot[SLOT_INDEX] = i
-            slot[SLOT_STARTED] = monotonic()
-        started = clock()
+            if timed:
+                slot[SLOT_STARTED] = time.monotonic()
         try:
             ret = fn(ac, oc, jc)
         except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
-            outcome = from_exception(state, exc, clock() - started)
+            ended = clock()
+            outcome = from_exception(state, exc, ended - started)
         else:
-            elapsed = clock() - started
+            ended = clock()
             # The common case, `(jc, next_state)` with a jc of exactly the job type,
             # needs no checks beyond these and no `Outcome` (see `Results`).
             if type(ret) is tuple and len(ret) == 2:
@@ -184,10 +193,12 @@ def run_batch(
                     if k is None:
                         k = next_states[next_state] = len(next_states)
                     plain.append(k)
-                    seconds.append(elapsed)
+                    seconds.append(ended - started)
                     contexts.append(context)
+                    started = ended
                     continue
-            outcome = interpret(state, ret, codec, elapsed)
+            outcome = interpret(state, ret, codec, ended - started)
+        started = ended
         plain.append(-1)
         seconds.append(outcome.seconds)
         others.append(outcome)

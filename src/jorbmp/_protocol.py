@@ -16,9 +16,10 @@ socket to the coordinator (framing in `jorbmp._comms`) and one small shared arra
 - AC, OC, the exec function and the job type cross once, at start (``WorkerSpec``,
   pickled by multiprocessing for spawn, inherited for fork). Per job only the msgpack
   encoding of its context goes out, and its outcome comes back in a batch's `Results`.
-- The slot holds (index in batch, start time of the running exec or 0). When the
-  socket hits EOF the coordinator knows which job the worker died in; the
-  housekeeping tick uses the start time to enforce ``State.timeout``.
+- The slot holds (index in batch of the running exec, start time or 0): the batch's
+  start, or each exec's when the state has a timeout. When the socket hits EOF the
+  coordinator knows which job the worker died in; the housekeeping tick uses the
+  start time to enforce ``State.timeout``.
 - `Results` keeps the common outcome (a context and a next state, nothing else) in
   columns: its contexts travel as one encoded array, decoded by the coordinator in one
   call, and it costs no `Outcome` on either side. Every other outcome travels whole.
@@ -118,6 +119,7 @@ class WorkerSpec(msgspec.Struct):
     ac_factory: Callable[[], Any] | None
     overall: Any
     job_type: Any
+    timed: bool = False  # the state has a timeout: workers note when each exec starts
 
     def app_context(self) -> Any:
         """The AC for execs in the process calling this: built by ``ac_factory`` if given."""

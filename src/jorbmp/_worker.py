@@ -44,7 +44,7 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
         return
     fn, oc, state, codec = spec.exec, spec.overall, spec.state, ContextCodec(spec.job_type)
     while (data := link.recv()) is not None:
-        results = run_batch(state, fn, ac, oc, decoder.decode(data), codec, slot)
+        results = run_batch(state, fn, ac, oc, decoder.decode(data), codec, slot, spec.timed)
         try:
             link.send(encoder.encode(results))
         except OSError:

@@ -271,7 +271,9 @@ class Processor(Generic[AC]):
         name, fn, oc = state.trigger_state, state.exec, run.overall
         if kind == "process" and not self.inline:
             ac = None if self.ac_factory is not None else self.ac
-            spec = WorkerSpec(name, fn, ac, self.ac_factory, oc, job_type)
+            spec = WorkerSpec(
+                name, fn, ac, self.ac_factory, oc, job_type, timed=state.timeout is not None
+            )
             factory = state.backend if state.backend is not None else self.backend
             if factory is not None:
                 return factory.create(spec, state.concurrency, lane, state.timeout)
