@@ -34,7 +34,7 @@ FANOUT_RUNS_PER_ROUND = 5
 # Pairs of pipeline runs (without and with the status listener) per round: the
 # listener costs a few percent at most, and one pair alone varies by 10% on a shared
 # machine.
-STATUS_PAIRS_PER_ROUND = 3
+STATUS_PAIRS_PER_ROUND = 5
 GO_JORB_JSON_3000_SECONDS = 130.0  # 3,000 jobs with its JsonSerializer
 
 
@@ -425,9 +425,14 @@ def scenario_status(quick: bool, rounds: int) -> list[Row]:
     pairs = STATUS_PAIRS_PER_ROUND * rounds
     nil, bars = [], []
     with open(os.devnull, "w") as devnull:
-        for _ in range(pairs):
-            nil.append(pipeline_seconds(jobs))
-            bars.append(pipeline_seconds(jobs, listener=jorbmp.TqdmStatusListener(file=devnull)))
+        for i in range(pairs):
+            # Each goes first in every other pair, so that neither gains from its place.
+            for with_bars in (False, True) if i % 2 == 0 else (True, False):
+                if with_bars:
+                    listener = jorbmp.TqdmStatusListener(file=devnull)
+                    bars.append(pipeline_seconds(jobs, listener=listener))
+                else:
+                    nil.append(pipeline_seconds(jobs))
     # The median of each pair's ratio: a pair runs back to back, so drift in the
     # machine's speed cancels out, where it would not between two medians.
     ratio = statistics.median(n / b for n, b in zip(nil, bars, strict=True))
