@@ -59,6 +59,10 @@ def cpu_task(spins: int) -> int:
     return spin(spins)
 
 
+def fan_out_task(n: int) -> list[int]:
+    return [n * 10 + i for i in range(10)]
+
+
 # -- exec functions -------------------------------------------------------------------
 
 
