@@ -7,6 +7,7 @@ import logging
 import os
 import pty
 import select
+import threading
 import time
 from typing import Any
 
@@ -143,6 +144,7 @@ def test_nil_listener_accepts_updates() -> None:
 def test_tqdm_listener_draws_one_bar_per_state_and_closes() -> None:
     out = io.StringIO()
     listener = TqdmStatusListener(file=out, plain=False)
+    threads = set(threading.enumerate())
     Processor(None, STATES, None, listener).exec(make_run(20))
     text = out.getvalue()
     for name in ("new", "middle", "done", FAILED):
@@ -150,6 +152,9 @@ def test_tqdm_listener_draws_one_bar_per_state_and_closes() -> None:
     assert "10/20" in text  # terminal bars: arrived out of all jobs
     assert "\r" in text
     assert listener.bars == []
+    # No thread is left behind (tqdm's monitor would be): a later run's workers are
+    # forked from a process with no other thread.
+    assert set(threading.enumerate()) - threads == set()
 
 
 def test_tqdm_listener_writes_plain_lines_when_not_a_terminal() -> None:

@@ -23,6 +23,17 @@ __all__ = ["TqdmStatusListener"]
 PLAIN_INTERVAL = 10.0
 
 
+class _Bar(tqdm):  # type: ignore[misc]  # tqdm ships no types
+    """A tqdm bar without tqdm's monitor thread.
+
+    The listener refreshes every bar on each update, so the monitor has nothing to do,
+    and it outlives the bars: every worker that a later run forks would be forked from
+    a process with a thread in it, which Python 3.12+ warns is unsafe.
+    """
+
+    monitor_interval = 0
+
+
 def _fmt_seconds(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.1f}s"
@@ -102,7 +113,7 @@ class TqdmStatusListener(StatusListener):
                 sizing = {"ncols": size.columns, "nrows": max(size.lines, len(counts) + 1)}
             sizing.update(self.tqdm_kwargs)
             self.bars = [
-                tqdm(
+                _Bar(
                     desc=c.state.ljust(width),
                     total=None,
                     position=i,
