@@ -1,4 +1,4 @@
-"""Shared fixtures: status listeners that record what they see."""
+"""Shared fixtures (status listeners that record what they see), and the test order."""
 
 from __future__ import annotations
 
@@ -31,3 +31,10 @@ class RecordingListener(StatusListener):
 @pytest.fixture
 def listener() -> RecordingListener:
     return RecordingListener()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the Dask tests last: a Dask client leaves threads running in this process
+    (its IO loop), and every worker a later test forked would come from a process with
+    threads in it, which Python 3.12+ warns may deadlock the child."""
+    items.sort(key=lambda item: item.path.name == "test_dask.py")
