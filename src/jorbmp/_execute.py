@@ -209,13 +209,14 @@ def run_batch(
         try:
             results.contexts = msgspec.Raw(codec.encode(contexts))
         except Exception:
-            _demote(state, results, contexts, codec)
+            return _whole(state, results, contexts, codec)
     return results
 
 
-def _demote(state: str, results: Results, contexts: list[Any], codec: ContextCodec) -> None:
-    """Some plain context cannot be encoded: make each plain outcome whole, so that the
-    general path encodes it again and reports why for the ones that fail."""
+def _whole(state: str, results: Results, contexts: list[Any], codec: ContextCodec) -> Results:
+    """Some plain context cannot be encoded: ``results`` with every outcome whole, so
+    that the general path encodes each context again and reports why for those that
+    fail."""
     others = iter(results.others)
     pending = iter(contexts)
     whole = []
@@ -225,9 +226,7 @@ def _demote(state: str, results: Results, contexts: list[Any], codec: ContextCod
         else:
             ret = (next(pending), results.next_states[k])
             whole.append(interpret(state, ret, codec, results.seconds[i]))
-    results.plain = [-1] * len(whole)
-    results.next_states = []
-    results.others = whole
+    return Results.of(whole)
 
 
 async def execute_async(
