@@ -556,6 +556,30 @@ def print_table(rows: list[Row]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) CPU ticks of this machine so far, from /proc/stat (Linux), or None.
+
+    Steal is the time a virtual machine's cores were ready to run but its host ran
+    something else: on a shared VM it says how far a figure was bent by neighbours.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is
+    # already counted in user and nice.
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
+def steal_since(before: tuple[int, int] | None) -> float | None:
+    """The percentage of CPU time stolen by the host since ``before`` (None if unknown)."""
+    after = cpu_ticks()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100 * (after[0] - before[0]) / (after[1] - before[1])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jorbmp.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one round (< 60 s)")
@@ -575,13 +599,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         fn = scenario_scaling if name == "scaling" else SCENARIOS[name]
         start = time.perf_counter()
+        ticks = cpu_ticks()
         try:
             new = fn(args.quick, rounds)
         except Skipped as exc:
             skipped.append(f"{name}: skipped ({exc})")
             continue
+        took = time.perf_counter() - start
+        steal = steal_since(ticks)
+        for row in new:
+            row.extra["steal_percent"] = steal
         rows.extend(new)
-        print(f"  {name}: {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        stolen = "" if steal is None else f", steal {steal:.0f}%"
+        print(f"  {name}: {took:.1f}s{stolen}", file=sys.stderr, flush=True)
     if args.quick:
         # Quick sizes are below those the targets are set for: figures only.
         for row in rows:
