@@ -109,6 +109,26 @@ def some_invalid_contexts(ac: Any, oc: Any, jc: JC) -> Any:
     return jc, "done"
 
 
+def some_unencodable_kicks(ac: Any, oc: Any, jc: JC) -> Any:
+    if jc.tag.startswith("kid"):
+        return jc, "done"
+    jc.count += 1
+    kid = JC(tag="kid-" + jc.tag)
+    if jc.tag in BAD_TAGS:
+        kid.pid = 2**70  # too big for msgpack
+    return jc, "done", [KickRequest(JC(tag="kid"), "done"), KickRequest(kid, "new")]
+
+
+def some_invalid_kicks(ac: Any, oc: Any, jc: JC) -> Any:
+    if jc.tag.startswith("kid"):
+        return jc, "done"
+    jc.count += 1
+    kid = JC(tag="kid-" + jc.tag)
+    if jc.tag in BAD_TAGS:
+        kid.count = "many"  # type: ignore[assignment]  # encodes, but is not a valid JC
+    return jc, "done", [KickRequest(JC(tag="kid"), "done"), KickRequest(kid, "new")]
+
+
 def kicks_unknown_state(ac: Any, oc: Any, jc: JC) -> Any:
     jc.count += 1
     return jc, "done", [KickRequest(JC(tag="kid"), "done"), KickRequest(JC(), "nowhere")]
@@ -222,6 +242,63 @@ def test_a_bad_context_in_a_batch_fails_only_its_own_job(fn: Any, text: str, kin
             assert (job.state, job.context.count, job.recorded_errors()) == ("done", 1, {})
 
 
+@pytest.mark.parametrize(
+    ("fn", "text"),
+    [
+        (some_unencodable_kicks, "kicked a job with a context that cannot be encoded"),
+        (some_invalid_kicks, "kicked a job with a context that is not a valid JC"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_bad_kick_in_a_batch_fails_only_its_own_job(fn: Any, text: str, kind: str) -> None:
+    # Kicks of a batch travel as one array too (see jorbmp._protocol.Results).
+    run = run_of(60)
+    Processor(None, states(fn, max_retries=0, kind=kind)).exec(run)
+    parents = [job for job in run.jobs.values() if job.parent is None]
+    for job in parents:
+        kids = sorted(j.context.tag for j in run.jobs.values() if j.parent == job.id)
+        if job.context.tag in BAD_TAGS:
+            assert (job.state, job.context.count, kids) == (FAILED, 0, [])
+            assert text in job.state_errors["new"][0], job.state_errors
+        else:
+            assert (job.state, job.context.count, job.recorded_errors()) == ("done", 1, {})
+            assert kids == ["kid", "kid-" + job.context.tag]
+    assert len(run.jobs) == 60 + 2 * (60 - len(BAD_TAGS))
+    assert all(job.state == "done" for job in run.jobs.values() if job.parent is not None)
+
+
+def kick_into_own_state(ac: Any, oc: Any, jc: JC) -> Any:
+    order.append(jc.tag)
+    if jc.tag.startswith("kid"):
+        return jc, "done"
+    jc.count += 1
+    kids = [KickRequest(JC(tag=f"kid{jc.tag}.{2 * jc.count + i - 2}"), "new") for i in range(2)]
+    return jc, ("new" if jc.count == 1 else "done"), kids
+
+
+order: list[str] = []
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_kicked_jobs_queue_before_their_parent(debug: bool, caplog: Any) -> None:
+    # As with any transition, a parent's kicks join their queue before the parent
+    # does, in the batch's order; the same with debug logging on (the general path).
+    if debug:
+        caplog.set_level(logging.DEBUG, logger="jorbmp")
+    order.clear()
+    run = run_of(3)
+    Processor(None, states(kick_into_own_state, kind="thread")).exec(run)
+    assert order == [
+        "0", "1", "2",
+        "kid0.0", "kid0.1", "0", "kid1.0", "kid1.1", "1", "kid2.0", "kid2.1", "2",
+        "kid0.2", "kid0.3", "kid1.2", "kid1.3", "kid2.2", "kid2.3",
+    ]  # fmt: skip
+    assert run.jobs["0"].kicks == 4
+    assert sorted(run.jobs) == sorted(
+        [str(i) for i in range(3)] + [f"{i}->{k}" for i in range(3) for k in range(4)]
+    )
+
+
 def test_run_batch_keeps_plain_outcomes_in_columns_and_the_rest_whole() -> None:
     codec = ContextCodec(JC)
     jcs = [JC(tag=str(i)) for i in range(4)]
@@ -240,6 +317,28 @@ def test_run_batch_keeps_plain_outcomes_in_columns_and_the_rest_whole() -> None:
     assert results.plain == [-1, -1]
     assert [o.code for o in results.others] == [OK, FAILED_ATTEMPT]
     assert "cannot be encoded" in (results.others[1].error or "")
+
+
+def test_run_batch_keeps_kicks_in_columns() -> None:
+    codec = ContextCodec(JC)
+    jcs = [JC(tag=str(i)) for i in range(3)] + [JC(tag="kid")]
+    results = run_batch("new", some_invalid_kicks, None, None, jcs, codec)
+    assert (results.plain, results.next_states) == ([0, 0, 0, 0], ["done", "new"])
+    assert (results.kick_counts, results.kick_states) == ([2, 2, 2, 0], [0, 1] * 3)
+    kids = msgspec.msgpack.decode(results.kick_contexts, type=list[JC])
+    assert [kid.tag for kid in kids] == ["kid", "kid-0", "kid", "kid-1", "kid", "kid-2"]
+    # The coordinator's general path sees whole outcomes, each with its own kicks.
+    whole = list(results.outcomes())
+    assert [o.kick_states for o in whole] == [["done", "new"]] * 3 + [None]
+    kicked = msgspec.msgpack.decode(whole[1].kick_contexts, type=list[JC])
+    assert [kid.tag for kid in kicked] == ["kid", "kid-1"]
+    # A kick that cannot be encoded: the batch travels whole, with the kicks.
+    jcs = [JC(tag="1"), JC(tag="20")]
+    results = run_batch("new", some_unencodable_kicks, None, None, jcs, codec)
+    assert (results.plain, results.kick_counts) == ([-1, -1], [])
+    assert [o.code for o in results.others] == [OK, FAILED_ATTEMPT]
+    assert results.others[0].kick_states == ["done", "new"]
+    assert "kicked a job with a context that cannot be encoded" in (results.others[1].error or "")
 
 
 def test_returned_rate_limit_error_waits_retry_after_without_failing() -> None:

@@ -445,8 +445,8 @@ class Coordinator:
         """Apply a batch of outcomes from ``lane``, in order.
 
         This loop is the coordinator's cost per transition, so plain outcomes (a
-        valid context and a known next state, nothing else; see `Results`) are
-        applied inline when the lane has no rate limiter and debug logging is off;
+        valid context, a known next state and maybe kicks, no error; see `Results`)
+        are applied inline when the lane has no rate limiter and debug logging is off;
         everything else goes through `finish`. Both do the same to a job. Every job of
         the batch changed (each got at least a new ``last_update``): the serializer
         hears of them all at once, at the end.
@@ -461,10 +461,13 @@ class Coordinator:
         lanes = self.lanes
         found = [lanes.get(name) for name in results.next_states]
         contexts: list[Any] | None = None
+        kick_contexts: list[Any] = []
         if lane.gate is None and not self.debug and None not in found:
             # A context that does not decode: `finish` decodes each on its own, to fail
             # only the bad ones.
             with contextlib.suppress(msgspec.ValidationError):
+                if results.kick_counts:
+                    kick_contexts = self.decode_many(results.kick_contexts)
                 contexts = self.decode_many(results.contexts)
         if contexts is None:
             for job, o in zip(jobs, results.outcomes(), strict=True):
@@ -473,15 +476,22 @@ class Coordinator:
         targets = cast("list[Lane]", found)
         names = [target.name for target in targets]  # the lanes' own strings, shared by jobs
         next_context, next_other = iter(contexts).__next__, iter(results.others).__next__
+        kick_states, kicked = results.kick_states, 0  # kicked: kicks applied so far
         # Per target: how many jobs go there, and its queue's append (None for a
         # terminal state). Counts and pending lanes are settled once, after the loop.
         moved = [0] * len(targets)
         appends = [None if t.terminal else t.queue.append for t in targets]
         now = self.now
-        for job, k in zip(jobs, results.plain, strict=True):
+        counts = results.kick_counts or [0] * len(jobs)
+        for job, k, n in zip(jobs, results.plain, counts, strict=True):
             if k < 0:
                 self.finish(lane, job, next_other())
                 continue
+            if n:  # before the job moves, as in `finish`
+                end = kicked + n
+                kick_lanes = [targets[i] for i in kick_states[kicked:end]]
+                self.kick(job, kick_lanes, kick_contexts[kicked:end])
+                kicked = end
             job.context = next_context()
             job.retries = 0
             job.last_update = now
@@ -613,16 +623,24 @@ class Coordinator:
             )
             jobs[job_id] = child
             children.append(child)
-            lane.count += 1
-            if not lane.terminal:
-                self.active += 1
-                lane.queue.append(child)
-                self.pending[lane] = None
             if self.debug:
                 log.debug("job %s: kicked %s into %r", parent_id, job_id, lane.name)
         parent.kicks = n
+        if lanes.count(lanes[0]) == len(lanes):  # the usual: all into one state, at once
+            self.arrive(lanes[0], children)
+        else:
+            for lane, child in zip(lanes, children, strict=True):
+                self.arrive(lane, [child])
         if self.jobs_changed is not None:
             self.jobs_changed(children)
+
+    def arrive(self, lane: Lane, jobs: list[Job[Any]]) -> None:
+        """Count new jobs in ``lane``, and queue them if it has work to do."""
+        lane.count += len(jobs)
+        if not lane.terminal:
+            self.active += len(jobs)
+            lane.queue.extend(jobs)
+            self.pending[lane] = None
 
     def retry_later(self, lane: Lane, job: Job[Any], delay: float) -> None:
         """Keep a rate-limited job out of the queue for ``delay`` seconds (Retry-After)."""

@@ -11,6 +11,7 @@ import asyncio
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -165,6 +166,10 @@ def run_batch(
     next_states: dict[str, int] = {}
     contexts: list[Any] = []
     others: list[Outcome] = []
+    kickers: list[int] = []  # the plain jobs that kicked, by index in the batch
+    kick_counts: list[int] = []  # how many each of them kicked
+    kick_states: list[int] = []
+    kick_contexts: list[Any] = []
     clock = time.perf_counter
     if slot is not None:
         slot[SLOT_INDEX] = 0  # first: a death from here on is the first job's
@@ -184,19 +189,34 @@ def run_batch(
             outcome = from_exception(state, exc, ended - started)
         else:
             ended = clock()
-            # The common case, `(jc, next_state)` with a jc of exactly the job type,
-            # needs no checks beyond these and no `Outcome` (see `Results`).
+            # The common case, `(jc, next_state)` or `(jc, next_state, kicks)` with
+            # contexts of exactly the job type, needs no checks beyond these and no
+            # `Outcome` (see `Results`).
+            kicks = None
             if type(ret) is tuple and len(ret) == 2:
                 context, next_state = ret
-                if type(context) is job_type and type(next_state) is str:
-                    k = next_states.get(next_state)
-                    if k is None:
-                        k = next_states[next_state] = len(next_states)
-                    plain.append(k)
-                    seconds.append(ended - started)
-                    contexts.append(context)
-                    started = ended
-                    continue
+            elif type(ret) is tuple and len(ret) == 3 and _plain_kicks(ret[2], job_type):
+                context, next_state, kicks = ret
+            else:
+                context = next_state = None  # not plain
+            if type(context) is job_type and type(next_state) is str:
+                k = next_states.get(next_state)
+                if k is None:
+                    k = next_states[next_state] = len(next_states)
+                if kicks:
+                    kickers.append(len(plain))
+                    kick_counts.append(len(kicks))
+                    for kick in kicks:
+                        kick_contexts.append(kick.context)
+                        kk = next_states.get(kick.state)
+                        if kk is None:
+                            kk = next_states[kick.state] = len(next_states)
+                        kick_states.append(kk)
+                plain.append(k)
+                seconds.append(ended - started)
+                contexts.append(context)
+                started = ended
+                continue
             outcome = interpret(state, ret, codec, ended - started)
         started = ended
         plain.append(-1)
@@ -205,27 +225,58 @@ def run_batch(
     if slot is not None:
         slot[SLOT_STARTED] = 0.0
     results = Results(plain, seconds, list(next_states), others=others)
+    if kickers:
+        results.kick_counts = counts = [0] * len(plain)
+        for i, n in zip(kickers, kick_counts, strict=True):
+            counts[i] = n
+        results.kick_states = kick_states
     if contexts:
         try:
             results.contexts = msgspec.Raw(codec.encode(contexts))
+            if kick_contexts:
+                results.kick_contexts = msgspec.Raw(codec.encode(kick_contexts))
         except Exception:
-            return _whole(state, results, contexts, codec)
+            return _whole(state, results, contexts, kick_contexts, codec)
     return results
 
 
-def _whole(state: str, results: Results, contexts: list[Any], codec: ContextCodec) -> Results:
+def _plain_kicks(kicks: Any, job_type: type | None) -> bool:
+    """Whether ``kicks`` (an exec's third return value) needs no checks beyond these:
+    a list of `KickRequest` with contexts of exactly the job type and str states."""
+    if type(kicks) is not list:
+        return False
+    for kick in kicks:
+        if type(kick) is not KickRequest or type(kick.context) is not job_type:
+            return False
+        if type(kick.state) is not str:
+            return False
+    return True
+
+
+def _whole(
+    state: str,
+    results: Results,
+    contexts: list[Any],
+    kick_contexts: list[Any],
+    codec: ContextCodec,
+) -> Results:
     """Some plain context cannot be encoded: ``results`` with every outcome whole, so
     that the general path encodes each context again and reports why for those that
     fail."""
     others = iter(results.others)
     pending = iter(contexts)
+    kicks = iter(zip(results.kick_states, kick_contexts, strict=True))
+    counts = results.kick_counts or [0] * len(results.plain)
+    names = results.next_states
     whole = []
-    for i, k in enumerate(results.plain):
+    for i, (k, n) in enumerate(zip(results.plain, counts, strict=True)):
         if k < 0:
             whole.append(next(others))
-        else:
-            ret = (next(pending), results.next_states[k])
-            whole.append(interpret(state, ret, codec, results.seconds[i]))
+            continue
+        ret: tuple[Any, ...] = (next(pending), names[k])
+        if n:
+            ret += ([KickRequest(context, names[s]) for s, context in islice(kicks, n)],)
+        whole.append(interpret(state, ret, codec, results.seconds[i]))
     return Results.of(whole)
 
 

@@ -20,9 +20,10 @@ socket to the coordinator (framing in `jorbmp._comms`) and one small shared arra
   start, or each exec's when the state has a timeout. When the socket hits EOF the
   coordinator knows which job the worker died in; the housekeeping tick uses the
   start time to enforce ``State.timeout``.
-- `Results` keeps the common outcome (a context and a next state, nothing else) in
-  columns: its contexts travel as one encoded array, decoded by the coordinator in one
-  call, and it costs no `Outcome` on either side. Every other outcome travels whole.
+- `Results` keeps the common outcome (a context, a next state and maybe kicks, no
+  error) in columns: its contexts, and its kicks' contexts, travel as one encoded
+  array each, decoded by the coordinator in one call, and it costs no `Outcome` on
+  either side. Every other outcome travels whole.
 - Contexts in an `Outcome` travel as ``msgspec.Raw`` so the coordinator decodes each
   one against the run's job type on its own: one bad context fails one job. (When a
   batch's array of contexts does not decode, the coordinator falls back to that.)
@@ -74,9 +75,13 @@ class Results(msgspec.Struct, array_like=True, gc=False):
     """The outcomes of one batch of execs, in the batch's order.
 
     ``plain[i]`` is the index in ``next_states`` of job i's next state when its exec
-    returned just a valid context and a next state; its context is then the next
-    element of ``contexts``. Otherwise ``plain[i]`` is -1 and its outcome is the next
-    of ``others``.
+    returned a valid context, a next state and maybe valid kicks, and no error; its
+    context is then the next element of ``contexts``. Otherwise ``plain[i]`` is -1
+    and its outcome is the next of ``others``.
+
+    When any plain outcome kicked, ``kick_counts[i]`` is how many jobs job i kicked
+    (0 for the others): the next that many of ``kick_states`` (indexes in
+    ``next_states``) and ``kick_contexts``.
     """
 
     plain: list[int]
@@ -84,6 +89,9 @@ class Results(msgspec.Struct, array_like=True, gc=False):
     next_states: list[str] = []
     contexts: msgspec.Raw = EMPTY_ARRAY  # msgpack array of the plain outcomes' contexts
     others: list[Outcome] = []
+    kick_counts: list[int] = []  # empty when no plain outcome kicked
+    kick_states: list[int] = []
+    kick_contexts: msgspec.Raw = EMPTY_ARRAY  # msgpack array of every kick's context
 
     @classmethod
     def of(cls, outcomes: list[Outcome]) -> Results:
@@ -94,14 +102,24 @@ class Results(msgspec.Struct, array_like=True, gc=False):
         """Every job's outcome as an `Outcome`, the plain ones rebuilt (the general path)."""
         contexts = iter(_decode_raws(self.contexts))
         others = iter(self.others)
-        for k, seconds in zip(self.plain, self.seconds, strict=True):
+        next_states = self.next_states
+        counts = self.kick_counts or [0] * len(self.plain)
+        kick_contexts = _decode_raws(self.kick_contexts)
+        at = 0  # the first kick of the next job that kicked
+        for k, seconds, n in zip(self.plain, self.seconds, counts, strict=True):
             if k < 0:
                 yield next(others)
-            else:
-                yield Outcome(OK, next(contexts), self.next_states[k], seconds=seconds)
+                continue
+            outcome = Outcome(OK, next(contexts), next_states[k], seconds=seconds)
+            if n:
+                outcome.kick_states = [next_states[i] for i in self.kick_states[at : at + n]]
+                outcome.kick_contexts = msgspec.Raw(_encode(kick_contexts[at : at + n]))
+                at += n
+            yield outcome
 
 
 _decode_raws = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
+_encode = msgspec.msgpack.Encoder().encode
 
 
 class Startup(msgspec.Struct, array_like=True):
