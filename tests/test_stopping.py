@@ -23,7 +23,15 @@ if str(TESTS) not in sys.path:
 
 import helpers_workers as h  # noqa: E402
 
-from jorbmp import JsonSerializer, Processor, Run, State, Stopped  # noqa: E402
+from jorbmp import (  # noqa: E402
+    JsonSerializer,
+    Processor,
+    Run,
+    State,
+    StatusCount,
+    StatusListener,
+    Stopped,
+)
 
 MP = pytest.mark.parametrize("mp_context", ["fork", "spawn"])
 
@@ -117,6 +125,40 @@ def test_stop_from_thread_async_and_thread_states(tmp_path: Path) -> None:
     saved = load(path)
     assert all(job.state == "spin" for job in saved.jobs.values())
     assert sum(job.context.value for job in saved.jobs.values()) > 0
+
+
+class LastCounts(StatusListener):
+    def __init__(self) -> None:
+        self.last: list[StatusCount] = []
+
+    def status_update(self, counts: list[StatusCount]) -> None:
+        self.last = counts
+
+
+@pytest.mark.timeout(30)
+def test_abandoned_execs_end_as_waiting_in_the_final_status(tmp_path: Path) -> None:
+    """After the grace period, execs still running are abandoned: the final status shows
+    their jobs waiting, none executing, and their workers are gone when exec returns."""
+    path = tmp_path / "slow.json"
+    run: Run[h.WOC, h.WJob] = Run("slow", h.WOC(str(tmp_path), sleep=30), h.WJob)
+    for i in range(3):
+        run.add_job(h.WJob(n=i), state="spin")
+    listener = LastCounts()
+    proc = Processor(
+        None,
+        spin_states(),
+        JsonSerializer(path, h.WOC, h.WJob),
+        listener,
+        grace_period=0.2,
+    )
+    before = {c.pid for c in psutil.Process().children()}  # a resource tracker, say
+    threading.Timer(1.0, proc.stop).start()
+    with pytest.raises(Stopped):
+        proc.exec(run)
+    spin = listener.last[0]
+    assert (spin.state, spin.executing, spin.waiting) == ("spin", 0, 3)
+    assert all(job.state == "spin" and job.context.value == 0 for job in load(path).jobs.values())
+    assert {c.pid for c in psutil.Process().children()} <= before
 
 
 @pytest.mark.timeout(30)

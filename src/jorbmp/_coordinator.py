@@ -286,7 +286,11 @@ class Coordinator:
         return done.result()
 
     def shutdown(self) -> None:
-        """Release everything, write the final checkpoint and the final status."""
+        """Release everything, write the final checkpoint and the final status.
+
+        Worker processes exit meanwhile: once its backend is closed, nothing a worker
+        does can change the run, so the final writes need not wait for them.
+        """
         outcome = self.ended()
         abandon = self.abandoning or outcome == "failed"
         for lane in self.lanes.values():
@@ -294,25 +298,27 @@ class Coordinator:
                 lane.gate_task.cancel()
         for handle in self.delayed.values():
             handle.cancel()
+        backends = [lane.backend for lane in self.lanes.values() if lane.backend is not None]
         try:
-            self.sample_processes()  # CPU since the last sample, for the final update
-            backends = [lane.backend for lane in self.lanes.values() if lane.backend is not None]
             try:
+                self.sample_processes()  # CPU since the last sample, for the final update
+            finally:
                 for backend in backends:
                     backend.close(abandon)
+        finally:
+            try:
+                try:
+                    self.store_report(outcome)
+                    self.serializer.flush(self.run, final=True)
+                finally:
+                    notify(self.listener, self.snapshot())
+                    try:
+                        self.listener.close()
+                    except Exception:
+                        log.exception("status listener %r failed to close", self.listener)
             finally:
                 for backend in backends:
                     backend.wait_closed()
-        finally:
-            try:
-                self.store_report(outcome)
-                self.serializer.flush(self.run, final=True)
-            finally:
-                notify(self.listener, self.snapshot())
-                try:
-                    self.listener.close()
-                except Exception:
-                    log.exception("status listener %r failed to close", self.listener)
 
     def housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

@@ -170,6 +170,8 @@ class ProcessPool(Backend):
         return sum(max(0, depth - len(w.batches)) for w in self.workers if w.ready)
 
     def executing(self) -> int:
+        if self.closing:
+            return 0  # what workers still hold was abandoned: it will never finish
         return sum(1 for w in self.workers if w.batches)
 
     def pids(self) -> list[int]:
