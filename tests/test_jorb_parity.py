@@ -358,6 +358,34 @@ def test_kick_ids_never_collide_across_loops_and_restarts(tmp_path: Any) -> None
     assert loaded.jobs["0->3"].parent == "0"
 
 
+def test_kicks_skip_ids_already_taken() -> None:
+    # A parent whose kick count was lost (reset here by hand) must not replace the jobs
+    # it kicked before: its new kicks take the next free ids.
+    run = new_run(1)
+    states = [State("new", kick_once_per_pass), State("done", terminal=True)]
+    Processor(None, states).exec(run)
+    before = {job_id: job.last_update for job_id, job in run.jobs.items() if job.parent}
+    run.jobs["0"].state, run.jobs["0"].kicks, run.jobs["0"].context.count = "new", 0, 0
+    Processor(None, states).exec(run)
+    assert sorted(run.jobs) == ["0", "0->0", "0->1", "0->2", "0->3", "0->4", "0->5"]
+    assert all(run.jobs[job_id].last_update == t for job_id, t in before.items())
+    assert run.jobs["0"].kicks == 6
+
+
+def kick_300(ac: Any, oc: Any, jc: JC) -> tuple[JC, str, list[KickRequest[JC]]]:
+    if jc.note == "kid":
+        return jc, "done", []
+    return jc, "done", [KickRequest(JC(note="kid", count=i), "new") for i in range(300)]
+
+
+def test_a_parent_kicking_hundreds_numbers_them_all() -> None:
+    run = new_run(1)
+    Processor(None, [State("new", kick_300), State("done", terminal=True)]).exec(run)
+    assert len(run.jobs) == 301
+    assert [run.jobs[f"0->{i}"].context.count for i in range(300)] == list(range(300))
+    assert all(job.state == "done" for job in run.jobs.values())
+
+
 def kick_once_per_pass(ac: Any, oc: Any, jc: JC) -> tuple[JC, str, list[KickRequest[JC]]]:
     jc.count += 1
     return jc, ("done" if jc.count >= 3 else "new"), [KickRequest(JC(note="kid"), "done")]

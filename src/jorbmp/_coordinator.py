@@ -53,6 +53,9 @@ TICK_SECONDS = 0.1
 # Errors kept per job and state; a job retried forever must not grow without bound.
 # The first error is always kept (it is often the telling one), then the latest.
 MAX_ERRORS_PER_STATE = 100
+# str(n) for the kick counts most parents stay under: formatting the number was a
+# good part of building a kicked job's id.
+_DIGITS = tuple(str(n) for n in range(256))
 
 
 class Lane:
@@ -617,17 +620,20 @@ class Coordinator:
     def kick(self, parent: Job[Any], lanes: list[Lane], contexts: list[Any]) -> None:
         """Create the jobs kicked by ``parent``, one per lane and context; each id counts
         every kick the parent ever made."""
-        jobs, now, parent_id = self.run.jobs, self.now, parent.id
+        add, now, parent_id = self.run.jobs.setdefault, self.now, parent.id
+        prefix = parent_id + "->"
         n = parent.kicks
         children = []
         for lane, context in zip(lanes, contexts, strict=True):
-            while (job_id := f"{parent_id}->{n}") in jobs:
-                n += 1  # never replace an existing job, whatever happened before
-            n += 1
+            job_id = prefix + (_DIGITS[n] if n < len(_DIGITS) else str(n))
             child: Job[Any] = Job(
                 id=job_id, context=context, state=lane.name, parent=parent_id, last_update=now
             )
-            jobs[job_id] = child
+            while add(job_id, child) is not child:
+                # Taken: never replace an existing job, whatever happened before.
+                n += 1
+                child.id = job_id = prefix + str(n)
+            n += 1
             children.append(child)
             if self.debug:
                 log.debug("job %s: kicked %s into %r", parent_id, job_id, lane.name)
