@@ -502,7 +502,8 @@ class Coordinator:
                 self.kick(job, kick_lanes, kick_contexts[kicked:end])
                 kicked = end
             job.context = next_context()
-            job.retries = 0
+            if job.retries:  # a read is cheaper than a write, and it is 0 but after errors
+                job.retries = 0
             job.last_update = now
             job.state = names[k]
             moved[k] += 1
