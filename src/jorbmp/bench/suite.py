@@ -16,14 +16,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jorbmp
 from jorbmp import Processor, Run, State
 
 from . import _work
 from ._work import Item, Work
+
+T = TypeVar("T")
 
 # Reference figures for Go jorb measured on a 2-core machine of this kind (see the
 # throughput issue); Go is not installed here, so they are constants, not re-runs.
@@ -66,6 +69,14 @@ def missing(module: str, install: str) -> str | None:
 
 def median_of(rounds: int, fn: Callable[[], float]) -> float:
     return statistics.median(fn() for _ in range(rounds))
+
+
+def in_turn(round_: int, contenders: list[T]) -> list[T]:
+    """``contenders`` in their order for round ``round_`` (from 0): each goes first in
+    turn, so that neither the machine's drift nor running right after another one
+    favours any of them."""
+    k = round_ % len(contenders)
+    return contenders[k:] + contenders[:k]
 
 
 @contextmanager
@@ -236,12 +247,14 @@ def scenario_pipeline(quick: bool, rounds: int) -> list[Row]:
     kinds = ["nil"] + [k for k in ("journal",) if k in available_serializers()]
     no_mpire = missing("mpire", "pip install mpire")
     walls: dict[str, list[float]] = {k: [] for k in [*kinds, "pool", "mpire"]}
-    for _ in range(rounds):  # alternate so that drift hits every contender alike
-        for k in kinds:
-            walls[k].append(pipeline_seconds(jobs, k))
-        walls["pool"].append(pool_seconds(2 * jobs))
-        if no_mpire is None:
-            walls["mpire"].append(mpire_seconds(2 * jobs))
+    measures: dict[str, Callable[[], float]] = {
+        **{k: partial(pipeline_seconds, jobs, k) for k in kinds},
+        "pool": partial(pool_seconds, 2 * jobs),
+        **({"mpire": partial(mpire_seconds, 2 * jobs)} if no_mpire is None else {}),
+    }
+    for i in range(rounds):
+        for k in in_turn(i, list(measures)):
+            walls[k].append(measures[k]())
     pool_rate = 2 * jobs / statistics.median(walls["pool"])
     rows = []
     for k in kinds:
@@ -320,11 +333,17 @@ def scenario_linear(quick: bool, rounds: int) -> list[Row]:
 def scenario_cpu(quick: bool, rounds: int) -> list[Row]:
     spins = _work.calibrate(10.0)
     jobs = 100 if quick else 200
-    serial, ours, ppe = [], [], []
-    for _ in range(rounds):
-        serial.append(cpu_serial_seconds(jobs, spins))
-        ours.append(cpu_jorbmp_seconds(jobs, spins, 2))
-        ppe.append(cpu_ppe_seconds(jobs, spins, 2))
+    serial: list[float] = []
+    ours: list[float] = []
+    ppe: list[float] = []
+    contenders: list[tuple[list[float], Callable[[], float]]] = [
+        (serial, lambda: cpu_serial_seconds(jobs, spins)),
+        (ours, lambda: cpu_jorbmp_seconds(jobs, spins, 2)),
+        (ppe, lambda: cpu_ppe_seconds(jobs, spins, 2)),
+    ]
+    for i in range(rounds):
+        for walls, measure in in_turn(i, contenders):
+            walls.append(measure())
     speedups = [s / o for s, o in zip(serial, ours, strict=True)]
     ppe_speedups = [s / p for s, p in zip(serial, ppe, strict=True)]
     sp, pp = statistics.median(speedups), statistics.median(ppe_speedups)
@@ -410,8 +429,8 @@ def scenario_checkpoint(quick: bool, rounds: int) -> list[Row]:
     kinds = ["nil", *available_serializers()]
     for jobs in (10_000,) if quick else (10_000, 100_000):
         walls: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(rounds):
-            for k in kinds:
+        for i in range(rounds):
+            for k in in_turn(i, kinds):
                 walls[k].append(pipeline_seconds(jobs, k))
         nil = statistics.median(walls["nil"])
         for k in kinds[1:]:
