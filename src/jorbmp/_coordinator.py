@@ -55,7 +55,8 @@ TICK_SECONDS = 0.1
 MAX_ERRORS_PER_STATE = 100
 # str(n) for the kick counts most parents stay under: formatting the number was a
 # good part of building a kicked job's id.
-_DIGITS = tuple(str(n) for n in range(256))
+_SMALL = 256
+_DIGITS = tuple(str(n) for n in range(_SMALL))
 
 
 class Lane:
@@ -626,7 +627,7 @@ class Coordinator:
         n = parent.kicks
         children = []
         for lane, context in zip(lanes, contexts, strict=True):
-            job_id = prefix + (_DIGITS[n] if n < len(_DIGITS) else str(n))
+            job_id = prefix + (_DIGITS[n] if 0 <= n < _SMALL else str(n))
             child: Job[Any] = Job(
                 id=job_id, context=context, state=lane.name, parent=parent_id, last_update=now
             )
