@@ -127,12 +127,18 @@ def test_stop_from_thread_async_and_thread_states(tmp_path: Path) -> None:
     assert sum(job.context.value for job in saved.jobs.values()) > 0
 
 
-class LastCounts(StatusListener):
+class StopWhenExecuting(StatusListener):
+    """Stops the processor (from its own thread: no other thread while workers fork)
+    once jobs execute; keeps the last counts."""
+
     def __init__(self) -> None:
+        self.proc: Processor | None = None
         self.last: list[StatusCount] = []
 
     def status_update(self, counts: list[StatusCount]) -> None:
         self.last = counts
+        if self.proc is not None and counts[0].executing:
+            self.proc.stop()
 
 
 @pytest.mark.timeout(30)
@@ -143,7 +149,7 @@ def test_abandoned_execs_end_as_waiting_in_the_final_status(tmp_path: Path) -> N
     run: Run[h.WOC, h.WJob] = Run("slow", h.WOC(str(tmp_path), sleep=30), h.WJob)
     for i in range(3):
         run.add_job(h.WJob(n=i), state="spin")
-    listener = LastCounts()
+    listener = StopWhenExecuting()
     proc = Processor(
         None,
         spin_states(),
@@ -151,8 +157,8 @@ def test_abandoned_execs_end_as_waiting_in_the_final_status(tmp_path: Path) -> N
         listener,
         grace_period=0.2,
     )
+    listener.proc = proc
     before = {c.pid for c in psutil.Process().children()}  # a resource tracker, say
-    threading.Timer(1.0, proc.stop).start()
     with pytest.raises(Stopped):
         proc.exec(run)
     spin = listener.last[0]
