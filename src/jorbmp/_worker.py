@@ -8,6 +8,7 @@ socket closes.
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 from typing import Any
@@ -21,6 +22,11 @@ from ._protocol import Startup, WorkerSpec
 
 def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    # What a forked worker inherits (the coordinator's heap: the run, the application's
+    # objects) is never garbage here. Left to the cyclic collector, a full collection
+    # would write to every page holding such an object and so copy them all: memory
+    # the worker shares with the coordinator would become its own.
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A forked worker inherits the coordinator's handlers and wakeup fd: SIGTERM must
     # kill it like any process, and its signals must not wake the coordinator's loop.
