@@ -35,9 +35,9 @@ GO_JORB_FANOUT_SECONDS = 3.8  # 1,000 jobs x 10 kicks
 # can cost it a third, so the median of 3 alone moves by 20% from run to run.
 FANOUT_RUNS_PER_ROUND = 5
 # Pairs of pipeline runs (without and with the status listener) per round: the
-# listener costs a few percent at most, and one pair alone varies by 10% on a shared
-# machine.
-STATUS_PAIRS_PER_ROUND = 5
+# listener itself takes well under 1% of a run, but back-to-back runs vary by +-15% on
+# a shared VM, and a median over 15 pairs still moved by +-5% from one bench to the next.
+STATUS_PAIRS_PER_ROUND = 10
 GO_JORB_JSON_3000_SECONDS = 130.0  # 3,000 jobs with its JsonSerializer
 
 
@@ -476,19 +476,23 @@ def scenario_checkpoint(quick: bool, rounds: int) -> list[Row]:
 def scenario_status(quick: bool, rounds: int) -> list[Row]:
     jobs = 20_000 if quick else 100_000
     pairs = STATUS_PAIRS_PER_ROUND * rounds
-    nil, bars = [], []
+    nil: list[float] = []
+    bars: list[float] = []
+    in_listener: list[float] = []  # seconds spent in the listener, per run with bars
     with open(os.devnull, "w") as devnull:
         for i in range(pairs):
             # Each goes first in every other pair, so that neither gains from its place.
             for with_bars in (False, True) if i % 2 == 0 else (True, False):
                 if with_bars:
-                    listener = jorbmp.TqdmStatusListener(file=devnull)
+                    listener = _TimedTqdm(file=devnull)
                     bars.append(pipeline_seconds(jobs, listener=listener))
+                    in_listener.append(listener.seconds)
                 else:
                     nil.append(pipeline_seconds(jobs))
     # The median of each pair's ratio: a pair runs back to back, so drift in the
     # machine's speed cancels out, where it would not between two medians.
     ratio = statistics.median(n / b for n, b in zip(nil, bars, strict=True))
+    share = statistics.median(s / b for s, b in zip(in_listener, bars, strict=True))
     return [
         Row(
             f"tqdm status, {jobs:,} jobs (median of {pairs} pairs)",
@@ -499,8 +503,27 @@ def scenario_status(quick: bool, rounds: int) -> list[Row]:
             ratio,
             ">= 0.95",
             ratio >= 0.95,
+            # The listener runs in the coordinator's thread: its own time is what the
+            # bars cost at most, and it does not depend on the host's noise.
+            {"listener_seconds": statistics.median(in_listener), "listener_share": share},
         )
     ]
+
+
+class _TimedTqdm(jorbmp.TqdmStatusListener):
+    """`TqdmStatusListener`, adding up the time spent in it."""
+
+    seconds = 0.0
+
+    def status_update(self, counts: list[jorbmp.StatusCount]) -> None:
+        start = time.perf_counter()
+        super().status_update(counts)
+        self.seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        start = time.perf_counter()
+        super().close()
+        self.seconds += time.perf_counter() - start
 
 
 def scenario_ratelimit(quick: bool, rounds: int) -> list[Row]:
