@@ -311,18 +311,23 @@ class Coordinator:
                     backend.close(abandon)
         finally:
             try:
-                try:
-                    self.store_report(outcome)
-                    self.serializer.flush(self.run, final=True)
-                finally:
-                    notify(self.listener, self.snapshot())
-                    try:
-                        self.listener.close()
-                    except Exception:
-                        log.exception("status listener %r failed to close", self.listener)
+                self.final_writes(outcome)
             finally:
                 for backend in backends:
                     backend.wait_closed()
+
+    def final_writes(self, outcome: str) -> None:
+        """The report, the final checkpoint and the final status, each whatever the
+        ones before did."""
+        try:
+            self.store_report(outcome)
+            self.serializer.flush(self.run, final=True)
+        finally:
+            notify(self.listener, self.snapshot())
+            try:
+                self.listener.close()
+            except Exception:
+                log.exception("status listener %r failed to close", self.listener)
 
     def housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

@@ -345,9 +345,9 @@ def scenario_cpu(quick: bool, rounds: int) -> list[Row]:
     ours: list[float] = []
     ppe: list[float] = []
     contenders: list[tuple[list[float], Callable[[], float]]] = [
-        (serial, lambda: cpu_serial_seconds(jobs, spins)),
-        (ours, lambda: cpu_jorbmp_seconds(jobs, spins, 2)),
-        (ppe, lambda: cpu_ppe_seconds(jobs, spins, 2)),
+        (serial, partial(cpu_serial_seconds, jobs, spins)),
+        (ours, partial(cpu_jorbmp_seconds, jobs, spins, 2)),
+        (ppe, partial(cpu_ppe_seconds, jobs, spins, 2)),
     ]
     for i in range(rounds):
         for walls, measure in in_turn(i, contenders):
