@@ -16,7 +16,6 @@ from typing import Any
 import msgspec
 
 from .checkpoint import open_checkpoint
-from .checkpoint.base import CheckpointLock
 from .errors import CheckpointError
 from .report import RunReport
 from .run import Run
@@ -82,15 +81,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_redrive(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     serializer = open_checkpoint(path)
-    lock = CheckpointLock(path)
-    lock.acquire()  # refuses while a processor executes this checkpoint
-    try:
+    # Read and write under one hold of the lock (refused while a processor executes
+    # this checkpoint), so that no processor starts in between.
+    with serializer.locked():
         run = serializer.deserialize()
         moved = run.redrive(args.from_state, args.to_state, args.error_contains)
         if moved and not args.dry_run:
             serializer.serialize(run)
-    finally:
-        lock.release()
     verb = "would move" if args.dry_run else "moved"
     print(f"{verb} {len(moved)} jobs from {args.from_state!r} to {args.to_state!r}")
     return 0

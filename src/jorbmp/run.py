@@ -6,6 +6,7 @@ coordinator and the serializers build on these types.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 __all__ = ["FAILED", "NEW", "Job", "Run"]
 
@@ -44,6 +46,28 @@ def utcnow() -> datetime:
 
 
 _NO_ERRORS: Mapping[str, list[str]] = MappingProxyType({})
+# Serialises the claim of a run by a processor (check and set in one step).
+_claim_lock = threading.Lock()
+_encode = msgspec.msgpack.Encoder().encode
+
+ACCEPTED_TYPES = (
+    "a msgspec.Struct, a dataclass, an attrs class, a TypedDict, a NamedTuple, or "
+    "plain data (dict, list, str, int, float, bool, None, bytes, datetime, ...)"
+)
+
+
+def _decoder_for(what: str, typ: Any) -> msgspec.msgpack.Decoder[Any]:
+    """A decoder for ``typ``, or ``TypeError`` saying what a context may be."""
+    name = getattr(typ, "__name__", repr(typ))
+    try:
+        # msgspec takes any other class as a custom type, for hooks we do not have.
+        if isinstance(msgspec.inspect.type_info(typ), msgspec.inspect.CustomType):
+            raise TypeError(f"msgspec cannot encode or decode {name} without hooks")
+        return msgspec.msgpack.Decoder(typ)
+    except TypeError as exc:
+        raise TypeError(
+            f"{what} {name} cannot be checkpointed ({exc}); use {ACCEPTED_TYPES}"
+        ) from None
 
 
 # gc=False: a run can hold millions of jobs; keeping them out of the cyclic garbage
@@ -54,6 +78,9 @@ class Job(msgspec.Struct, Generic[JC], omit_defaults=True, gc=False):
     ``state_errors`` maps a state to the error texts recorded there, oldest first.
     ``retries`` counts failed attempts in the current state; ``kicks`` counts every
     job this one ever kicked, so the next kick's id is ``f"{id}->{kicks}"``.
+    ``not_before`` (seconds since the epoch, or None) is the earliest time of its next
+    attempt: a retry delay or a ``retry_after``, kept on the job so that it survives
+    a stop and a resume.
     """
 
     id: str
@@ -66,6 +93,7 @@ class Job(msgspec.Struct, Generic[JC], omit_defaults=True, gc=False):
     last_update: datetime = msgspec.field(default_factory=utcnow)
     retries: int = 0
     kicks: int = 0
+    not_before: float | None = None
 
     @property
     def state_errors(self) -> dict[str, list[str]]:
@@ -100,8 +128,18 @@ class Run(Generic[OC, JC]):
 
     def __init__(self, name: str, overall: OC = None, job_type: type[JC] | None = None) -> None:  # type: ignore[assignment]
         self.name = name
+        try:
+            _encode(overall)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise TypeError(
+                f"run {name!r}: the overall context, of type {type(overall).__name__}, cannot "
+                f"be checkpointed ({exc}); use {ACCEPTED_TYPES}"
+            ) from None
         self.overall = overall
         self.job_type = job_type
+        self._check: msgspec.msgpack.Decoder[Any] | None = None
+        if job_type is not None:
+            self._check = _decoder_for(f"run {name!r}: job_type", job_type)
         self.jobs: dict[str, Job[JC]] = {}
         self.next_id = 0
         # The summary of the latest execution (a RunReport as plain data), stored in
@@ -117,12 +155,38 @@ class Run(Generic[OC, JC]):
                 f"run {self.name!r}: cannot add jobs while a processor is executing it"
             )
         if self.job_type is None:
+            self._check = _decoder_for(f"run {self.name!r}: job context", type(context))
             self.job_type = type(context)
         while (job_id := str(self.next_id)) in self.jobs:
             self.next_id += 1
+        self.validate(context, f"job {job_id!r}")
         self.next_id += 1
         self.jobs[job_id] = Job(id=job_id, context=context, state=state)
         return job_id
+
+    def validate(self, context: Any, what: str) -> None:
+        """``ValueError`` (naming ``what``) unless ``context`` is a valid ``job_type``, as
+        a checkpoint would read it back: a context the run could not be reloaded with
+        never gets in."""
+        check = self._check
+        if check is None:
+            if self.job_type is None:
+                return
+            check = self._check = _decoder_for(f"run {self.name!r}: job_type", self.job_type)
+        try:
+            check.decode(_encode(context))
+        except (TypeError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+            name = getattr(self.job_type, "__name__", "the job type")
+            raise ValueError(
+                f"run {self.name!r}: {what}: context {context!r} is not a valid {name}: {exc}"
+            ) from None
+
+    def _claim(self) -> None:
+        """Mark the run as executing; ``RuntimeError`` if a processor already is."""
+        with _claim_lock:
+            if self._executing:
+                raise RuntimeError(f"run {self.name!r} is already being executed")
+            self._executing = True
 
     def redrive(
         self, from_state: str, to_state: str, error_contains: str | None = None

@@ -37,8 +37,9 @@ log = logging.getLogger("jorbmp")
 
 _job_id = attrgetter("id")
 
-# The first write of an execution waits for jobs to change before it stores them, at
-# most this long per job in the run (at least an ``interval``): about twice what
+# A first write that can wait (the file already holds the run as it began: see
+# `SqliteSerializer`'s rewrite pass) waits for jobs to change before it rewrites them,
+# at most this long per job in the run (at least an ``interval``): about twice what
 # storing them can take on a busy machine. A run that goes through its jobs quickly
 # then has each of them written once, not once as loaded and again as changed.
 FIRST_WAIT_PER_JOB = 20e-6
@@ -91,9 +92,23 @@ class IncrementalSerializer(Serializer):
     def run_changed(self) -> None:
         self._run_dirty = True
 
-    def _first_deadline(self, run: Run[Any, Any]) -> float:
-        """When the first write of an execution stops waiting (see `FIRST_WAIT_PER_JOB`)."""
+    def _first_deadline(self) -> float:
+        """When the first write of an execution that must store the whole run stops
+        waiting for jobs to change. Nothing this execution does is in the file before
+        that write is complete, so it waits no more than an ``interval``: a kill loses
+        at most that, plus the time the write takes."""
+        return time.monotonic() + self.interval
+
+    def _patient_deadline(self, run: Run[Any, Any]) -> float:
+        """When a first write that can wait (see `FIRST_WAIT_PER_JOB`) stops waiting."""
         return time.monotonic() + max(self.interval, FIRST_WAIT_PER_JOB * len(run.jobs))
+
+    def serialize(self, run: Run[Any, Any]) -> None:
+        """Write the whole run now (see `Serializer.serialize`); not while a processor
+        executes a run with this serializer (``RuntimeError``): its writer owns the file."""
+        if self._active:
+            raise RuntimeError(f"{self!r}: a processor is executing a run with it")
+        super().serialize(run)
 
     def flush(self, run: Run[Any, Any], final: bool = False) -> None:
         self._final = final
@@ -144,24 +159,28 @@ class IncrementalSerializer(Serializer):
             log.error("%s: checkpoint write failed (%s); retrying", self.path, failed)
         return True
 
-    def _stop_writer(self, last: Callable[[], None] | None = None) -> None:
+    def _stop_writer(self, last: Callable[[], None] | None = None) -> bool:
         """Wait for the write in flight, run ``last`` on the writer thread (if it was
-        started) and stop it. Errors are logged: this runs in `end`, after the final flush
-        has reported them."""
+        started) and stop it; False if either failed. Errors are logged: this runs in
+        `end`, after the final flush has reported them."""
         writer, self._writer = self._writer, None
         self._active = False
         if writer is None:
-            return
+            return True
+        ok = True
         try:
             if self._pending is not None:
                 wait_for([self._pending])
                 failed = self._pending.exception()
                 if failed is not None:
+                    ok = False
                     log.error("%s: checkpoint write failed: %s", self.path, failed)
                 self._pending = None
             if last is not None:
                 error = writer.submit(last).exception()
                 if error is not None:
+                    ok = False
                     log.error("%s: closing the checkpoint failed: %s", self.path, error)
         finally:
             writer.shutdown(wait=True)
+        return ok

@@ -3,25 +3,31 @@
 The checkpoint is one file::
 
     header    b"\\x89jorbmp journal\\n"  u32 version                       20 bytes
-    record    b"\\xa5JR\\x5a"  u32 length  u32 crc32  msgpack payload
-    record    ...
+    frame     b"\\xa5JR\\x5a"  u32 length  u32 crc32  payload         a whole record
+    frame     b"\\xa5JR\\x5b"  u32 length  u32 crc32  payload piece   a record goes on...
+    frame     b"\\xa5JR\\x5a"  u32 length  u32 crc32  payload piece   ...and ends here
+    ...
 
-A record's payload is a `_Begin` (run name, overall context, next id) or a `_Jobs`
-(a batch of whole jobs, each replacing any earlier copy with its id, plus the run's
-next id). The crc covers the marker, the length and the payload. A file is always
-a *snapshot* (the header, one `_Begin`, then every job in chunks of
-`SNAPSHOT_CHUNK_JOBS`), written to a temporary file and renamed into place, followed
-by *journal* records appended as the run executes: one record per flush, holding
-the jobs that changed since the previous one. Replaying the records in order
-rebuilds the run.
+A record's payload (msgpack) is a `_Begin` (run name, overall context, next id) or a
+`_Jobs` (a batch of whole jobs, each replacing any earlier copy with its id, plus the
+run's next id). A record is one frame, or, when its payload is bigger than a frame's
+u32 length can say (`MAX_FRAME_BYTES`), several: every frame but the last is marked
+``\\x5b`` (continued), and the record is its frames' payloads joined. Each frame's crc
+covers its marker, its length and its payload. A file is always a *snapshot* (the
+header, one `_Begin`, then every job in chunks of `SNAPSHOT_CHUNK_JOBS`), written to a
+temporary file and renamed into place, followed by *journal* records appended as the
+run executes: one record per flush, holding the jobs that changed since the previous
+one. Replaying the records in order rebuilds the run.
 
 Who does what while a processor executes:
 
 - `begin` writes nothing. The first write of an execution is a snapshot of the whole
-  run, made at the first flush after `FIRST_WAIT_PER_JOB` per job (at least an
-  ``interval``) or at the final flush, whichever comes first: a run that goes through
-  its jobs quickly has each of them written once. Until then the file holds what it
-  held before (nothing, or the run as loaded), which is a valid past of this run.
+  run, made at the first flush once an ``interval`` has passed (or at the final flush,
+  if that comes first): a kill before it loses at most that interval of work, plus
+  the time the snapshot takes to reach the disk (it is encoded on the coordinator's
+  thread, while nothing else happens, and written as fast as the disk goes). Until
+  then the file holds what it held before (nothing, or the run as loaded), which is a
+  valid past of this run.
 - `jobs_changed` (coordinator thread, after every batch of transitions and kicks)
   notes the jobs in an ordered set of dirty jobs: O(1) per job, whatever the size of
   the run (and nothing before the first snapshot, which holds every job anyway).
@@ -37,10 +43,11 @@ Who does what while a processor executes:
   costs O(run) once per O(run) journal bytes: O(1) per transition.
 
 Crash safety: every flush is one record, so a transition (a job, its kicks and the
-jobs it changed) is in the file entirely or not at all. A crash while appending
-leaves a torn last record, which loading ignores (the next execution starts with a
-fresh snapshot, so nothing is ever appended after it). A crash while compacting leaves
-either the old file or the new one, both complete. A damaged record *followed by
+jobs it changed) is in the file entirely or not at all; a record of several frames
+counts only once its last frame is there. A crash while appending leaves a torn last
+record (maybe some of its frames), which loading ignores (the next execution starts
+with a fresh snapshot, so nothing is ever appended after it). A crash while
+compacting leaves either the old file or the new one, both complete. A damaged record *followed by
 intact records* is not a crash artefact: loading raises `CheckpointError` naming the
 byte offset, and `begin` refuses to overwrite the file. (A damaged *last* record
 cannot be told from a torn write, and is ignored like one.)
@@ -76,11 +83,15 @@ JC = TypeVar("JC")
 JOURNAL_VERSION = 1
 FILE_MAGIC = JOURNAL_MAGIC
 _FILE_HEADER = struct.Struct("<16sI")  # magic, version
-RECORD_MAGIC = b"\xa5JR\x5a"
+RECORD_MAGIC = b"\xa5JR\x5a"  # the frame of a record, or the last frame of one
+CONTINUED_MAGIC = b"\xa5JR\x5b"  # a frame of a record that goes on in the next frame
+_MAGIC_PREFIX = RECORD_MAGIC[:3]
 _RECORD_HEAD = struct.Struct("<4sI")  # marker, payload length; then the crc
 _CRC = struct.Struct("<I")
 RECORD_HEADER_SIZE = _RECORD_HEAD.size + _CRC.size
-MAX_RECORD_BYTES = 0xFFFFFFFF
+# Payload bytes in one frame: its length is a u32. A record's payload bigger than this
+# is split over several frames (read at each call, so a test can lower it).
+MAX_FRAME_BYTES = 0xFFFFFFFF
 
 # Jobs per record in a snapshot. A snapshot is made atomic by its rename, not by its
 # records, so it can be chunked: smaller chunks bound the memory a load needs at once,
@@ -113,40 +124,55 @@ class _Jobs(msgspec.Struct, Generic[JC], tag="jobs"):
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
-def _frame(payload: bytes) -> list[bytes]:
-    """One record, as its header (marker, length, crc32 of marker, length and payload)
-    and its payload: two pieces, so a payload of megabytes is never copied to join them."""
-    if len(payload) > MAX_RECORD_BYTES:
-        raise ValueError(f"journal record of {len(payload)} bytes is too big")
-    head = _RECORD_HEAD.pack(RECORD_MAGIC, len(payload))
-    return [head + _CRC.pack(zlib.crc32(payload, zlib.crc32(head))), payload]
+_Piece = bytes | memoryview
 
 
-def _check_record(data: memoryview, offset: int) -> tuple[int, str | None]:
-    """(end of the record at ``offset``, None) if it is intact, else (-1, what is wrong)."""
+def _frame(payload: bytes) -> list[_Piece]:
+    """One record, as its frames' headers (marker, length, crc32 of marker, length and
+    payload) and payloads: a header and a payload per frame, so that a payload of
+    megabytes is never copied to join them, and one frame unless it is bigger than
+    `MAX_FRAME_BYTES`."""
+    limit = MAX_FRAME_BYTES
+    size = len(payload)
+    if size <= limit:
+        pieces: list[_Piece] = [payload]
+    else:
+        view = memoryview(payload)
+        pieces = [view[start : start + limit] for start in range(0, size, limit)]
+    frames: list[_Piece] = []
+    for i, piece in enumerate(pieces):
+        marker = RECORD_MAGIC if i == len(pieces) - 1 else CONTINUED_MAGIC
+        head = _RECORD_HEAD.pack(marker, len(piece))
+        frames += [head + _CRC.pack(zlib.crc32(piece, zlib.crc32(head))), piece]
+    return frames
+
+
+def _check_frame(data: memoryview, offset: int) -> tuple[int, str | None, bool]:
+    """(end of the frame at ``offset``, None, whether its record goes on in the next
+    frame) if it is intact, else (-1, what is wrong, False)."""
     size = len(data)
     if size - offset < RECORD_HEADER_SIZE:
-        return -1, f"{size - offset} bytes, too short for a record header"
+        return -1, f"{size - offset} bytes, too short for a record header", False
     marker, length = _RECORD_HEAD.unpack_from(data, offset)
-    if marker != RECORD_MAGIC:
-        return -1, "no record marker"
+    if marker != RECORD_MAGIC and marker != CONTINUED_MAGIC:
+        return -1, "no record marker", False
     start = offset + RECORD_HEADER_SIZE
     end = start + length
     if end > size:
-        return -1, f"a {length}-byte record runs past the end of the file"
+        return -1, f"a {length}-byte record runs past the end of the file", False
     (crc,) = _CRC.unpack_from(data, offset + _RECORD_HEAD.size)
     if zlib.crc32(data[start:end], zlib.crc32(data[offset : offset + _RECORD_HEAD.size])) != crc:
-        return -1, "checksum mismatch"
-    return end, None
+        return -1, "checksum mismatch", False
+    return end, None, marker == CONTINUED_MAGIC
 
 
-def _next_valid_record(data: memoryview, raw: bytes, start: int) -> int | None:
-    """Offset of the first intact record at or after ``start``, if any."""
-    offset = raw.find(RECORD_MAGIC, start)
+def _next_valid_frame(data: memoryview, raw: bytes, start: int) -> int | None:
+    """Offset of the first intact frame at or after ``start``, if any."""
+    offset = raw.find(_MAGIC_PREFIX, start)
     while offset != -1:
-        if _check_record(data, offset)[1] is None:
+        if _check_frame(data, offset)[1] is None:
             return offset
-        offset = raw.find(RECORD_MAGIC, offset + 1)
+        offset = raw.find(_MAGIC_PREFIX, offset + 1)
     return None
 
 
@@ -241,10 +267,19 @@ class JournalSerializer(IncrementalSerializer):
         decode = self._decoder.decode
         run: Run[Any, Any] | None = None
         offset = _FILE_HEADER.size
-        while offset < len(raw):
-            end, problem = _check_record(data, offset)
+        start = offset  # where the record being read begins
+        pieces: list[memoryview] = []  # its payload so far, while its frames go on
+        while True:
+            if offset == len(raw):
+                if pieces:  # the record's last frame never made it to the file
+                    log.warning(
+                        "%s: ignoring %d bytes at byte %d (a record without its last "
+                        "frame): a write torn by a crash", path, len(raw) - start, start,
+                    )  # fmt: skip
+                break
+            end, problem, continued = _check_frame(data, offset)
             if problem is not None:
-                following = _next_valid_record(data, raw, offset + 1)
+                following = _next_valid_frame(data, raw, offset + 1)
                 if following is not None:
                     raise CheckpointError(
                         f"{path}: corrupt record at byte {offset} ({problem}); intact "
@@ -253,46 +288,51 @@ class JournalSerializer(IncrementalSerializer):
                     )
                 log.warning(
                     "%s: ignoring %d bytes at byte %d (%s): a write torn by a crash",
-                    path, len(raw) - offset, offset, problem,
+                    path, len(raw) - start, start, problem,
                 )  # fmt: skip
                 break
-            payload = data[offset + RECORD_HEADER_SIZE : end]
+            pieces.append(data[offset + RECORD_HEADER_SIZE : end])
+            offset = end
+            if continued:
+                continue
+            payload = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+            pieces = []
             try:
                 record = decode(payload)
             except msgspec.ValidationError as exc:
                 raise CheckpointError(
-                    f"{path}: record at byte {offset} does not fit the types{_job_id_at(payload, str(exc))}: {exc}"  # noqa: E501
+                    f"{path}: record at byte {start} does not fit the types{_job_id_at(payload, str(exc))}: {exc}"  # noqa: E501
                 ) from None
             except msgspec.DecodeError as exc:
                 raise CheckpointError(
-                    f"{path}: record at byte {offset} is not a jorbmp record: {exc}"
+                    f"{path}: record at byte {start} is not a jorbmp record: {exc}"
                 ) from None
             if isinstance(record, _Begin):
                 if run is not None:
-                    raise CheckpointError(f"{path}: a second run record at byte {offset}")
+                    raise CheckpointError(f"{path}: a second run record at byte {start}")
                 run = Run(record.name, record.overall, self.job_type)
                 run.next_id = record.next_id
                 run.report = record.report
             else:
                 if run is None:
-                    raise CheckpointError(f"{path}: jobs before the run record, at byte {offset}")
+                    raise CheckpointError(f"{path}: jobs before the run record, at byte {start}")
                 jobs = run.jobs
                 for job in record.jobs:
                     jobs[job.id] = job
                 run.next_id = record.next_id
                 if record.report is not None:
                     run.report = record.report
-            offset = end
+            start = offset
         if run is None:
             raise CheckpointError(f"{path}: the journal holds no run record")
         return run
 
     # -- writing --------------------------------------------------------------------
 
-    def _snapshot(self, run: Run[Any, Any]) -> list[bytes]:
+    def _snapshot(self, run: Run[Any, Any]) -> list[_Piece]:
         """The whole run as the chunks of a new file."""
         encode = self._encode
-        chunks = [
+        chunks: list[_Piece] = [
             _FILE_HEADER.pack(FILE_MAGIC, JOURNAL_VERSION),
             *_frame(encode(_Begin(run.name, run.next_id, run.overall, run.report))),
         ]
@@ -301,16 +341,11 @@ class JournalSerializer(IncrementalSerializer):
             chunks += _frame(encode(_Jobs(run.next_id, jobs[i : i + SNAPSHOT_CHUNK_JOBS])))
         return chunks
 
-    def serialize(self, run: Run[Any, Any]) -> None:
-        """Write the whole run now, as a fresh snapshot (not while a processor executes
-        the run with this serializer)."""
-        if self._active:
-            raise RuntimeError(f"{self!r}: a processor is executing a run with it")
-        self.check_overwritable()
+    def _write_run(self, run: Run[Any, Any]) -> None:
+        """A fresh snapshot."""
         write_atomic(self.path, self._snapshot(run))
-        self._known_good = True
 
-    def _replace(self, chunks: list[bytes]) -> None:
+    def _replace(self, chunks: list[_Piece]) -> None:
         """Writer: make ``chunks`` the whole file (atomically) and append to it from now on."""
         write_atomic(self.path, chunks)
         self._close_fd()  # the old file is gone: never append to it again
@@ -323,11 +358,11 @@ class JournalSerializer(IncrementalSerializer):
         _fds.register(fd)  # a forked worker must not keep a replaced file alive
         self._fd = fd
 
-    def _compact(self, chunks: list[bytes]) -> None:
+    def _compact(self, chunks: list[_Piece]) -> None:
         self._replace(chunks)
         self.compactions += 1
 
-    def _append(self, record: list[bytes]) -> None:
+    def _append(self, record: list[_Piece]) -> None:
         """Writer: append one record (its pieces) at the end of the intact records, then
         fsync."""
         fd = self._fd
@@ -356,19 +391,14 @@ class JournalSerializer(IncrementalSerializer):
     # -- processor hooks ------------------------------------------------------------
 
     def begin(self, run: Run[Any, Any]) -> None:
-        self._lock.acquire()
-        try:
-            self.check_overwritable()
-        except BaseException:
-            self._lock.release()
-            raise
+        self._claim(run)
         # Nothing is written until the first snapshot (see the module docstring), which
         # also leaves the file compact and without any torn tail.
         self._close_fd()
         self._known_good = True
         self._reset_batches()
         self._tracking = False  # whether changed jobs must be noted: once a snapshot is made
-        self._first_due = self._first_deadline(run)
+        self._first_due = self._first_deadline()
         self._active = True
 
     def job_changed(self, job: Job[Any]) -> None:
@@ -407,4 +437,4 @@ class JournalSerializer(IncrementalSerializer):
             self._stop_writer()
         finally:
             self._close_fd()
-            self._lock.release()
+            self._release()

@@ -62,8 +62,7 @@ class JsonSerializer(Serializer):
         self._known_good = True
         return run
 
-    def serialize(self, run: Run[Any, Any]) -> None:
-        self.check_overwritable()
+    def _write_run(self, run: Run[Any, Any]) -> None:
         started = time.monotonic()
         enc = self._encoder.encode
         header = enc(record_of(run, []))
@@ -71,17 +70,16 @@ class JsonSerializer(Serializer):
         jobs = [enc(job) for job in run.jobs.values()]
         body = b",\n".join(jobs)
         write_atomic(self.path, [header[:-2], b"\n", body, b"\n]}\n"])
-        self._known_good = True
         self._dirty = False
         self._last_write = time.monotonic()
         self._write_seconds = self._last_write - started
 
     def begin(self, run: Run[Any, Any]) -> None:
-        self._lock.acquire()
+        self._claim(run)
         try:
-            self.serialize(run)
+            self.serialize(run)  # under the lock just taken
         except BaseException:
-            self._lock.release()
+            self._release()
             raise
 
     def job_changed(self, job: Job[Any]) -> None:
@@ -102,4 +100,4 @@ class JsonSerializer(Serializer):
             self.serialize(run)
 
     def end(self) -> None:
-        self._lock.release()
+        self._release()

@@ -4,7 +4,11 @@ Schema (``PRAGMA application_id`` marks the file as a jorbmp checkpoint)::
 
     run   (id = 0, format, name, overall JSON, next_id)                 one row
     jobs  (id TEXT PRIMARY KEY, state, context JSON, state_errors JSON,
-           parent, retries, kicks, last_update RFC 3339 UTC)            one row per job
+           parent, retries, kicks, last_update RFC 3339 UTC,
+           not_before REAL seconds since the epoch, or NULL)           one row per job
+
+(``not_before`` came later: a database without it is read as if it were NULL
+everywhere, and gains the column when it is next opened for writing.)
 
 Contexts are JSON text (msgspec), so a run can be inspected while it executes::
 
@@ -15,25 +19,38 @@ place). There is no index besides the primary key, so writes stay cheap; add one
 (``create index jobs_state on jobs (state)``) if you query a big run by state often.
 
 While a processor executes the run, a writer thread does the writing, so the
-coordinator only encodes rows:
+coordinator only encodes rows. Every flush (at most every ``interval`` seconds) hands
+the writer one step, and exactly one transaction (WAL mode, ``synchronous=FULL``: each
+commit is fsynced) holds, per step:
 
-- `begin` locks and checks the file. The first write stores the whole run in one
-  transaction that spans several flushes. It trails the processor: each flush stores
-  the run's jobs, in order, as far as they have changed, so that a run that goes
-  through its jobs quickly writes each of them once (not as it was, then again as it
-  became); the rest go once waiting is over (a bound in proportion to the run's size)
-  or at the final flush. The flush that stores the last ones also stores the jobs
-  that changed since, and commits. A new database is built beside the path (without
-  journal or fsyncs, as no one sees it), made durable and renamed into place, so it
-  appears complete or not at all; an existing one is rewritten in place. Until then
-  the file holds what it held before (nothing, or the run as loaded): a valid past of
-  this run.
-- `jobs_changed` notes the jobs (O(1) each). Every ``interval`` seconds `flush` encodes the
-  changed jobs as rows and the writer upserts them in one transaction (WAL mode,
-  ``synchronous=FULL``: each commit is fsynced). While it is busy, changed jobs
-  collect (and coalesce) for the next one. The final flush waits for the disk.
+- Usually: the jobs that changed since the previous step (each batch of transitions
+  whole: a job, its kicks and the jobs it changed), upserted, and the run's
+  ``next_id`` and report. While the writer is busy, changed jobs collect (and
+  coalesce) for the next step. The final flush waits for the disk.
+- When the file already holds the run as the execution began (this process loaded or
+  wrote it, and the file has not changed since: `Serializer._base_jobs`), the first
+  steps are as usual, plus a *rewrite pass* that stores every job once more, so that
+  what was changed in the Run object itself before the execution (``redrive``, an
+  edited context) reaches the file: the first step also stores the jobs added since
+  the file was written; the pass waits for jobs to change (`FIRST_WAIT_PER_JOB` each,
+  as a run that goes through its jobs quickly changes them anyway), then each step
+  also rewrites at most `REWRITE_JOBS_PER_STEP` of the jobs that have not changed yet,
+  and the final step all that are left. Every step commits: a kill loses at most the
+  transitions of one ``interval``, whatever the size of the run.
+- Otherwise (a new file, or one that holds something else), nothing valid for this
+  run is in the file until the whole run is: the *first write* stores the whole run
+  (its job rows replaced) in one transaction spanning the steps of about an
+  ``interval``. It trails the processor: each step stores the run's jobs, in order,
+  as far as they have changed, so that jobs the run goes through quickly are written
+  once; the step after an ``interval`` (or the final one) stores the rest and the jobs
+  that changed since, and commits. A kill before that loses what was done meanwhile
+  (an ``interval`` and the time the write takes). A new database is built beside the
+  path (without journal or fsyncs, as no one sees it), made durable and renamed into
+  place, so it appears complete or not at all; an existing one is rewritten in place.
+  Until then the file holds what it held before (nothing, or something this run
+  replaces).
 
-After a crash, a reload has every committed batch; SQLite rolls back a torn one.
+After a crash, a reload has every committed step; SQLite rolls back a torn one.
 Loading opens the file read-only and never changes it.
 """
 
@@ -56,7 +73,7 @@ import msgspec
 from ..errors import CheckpointError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
-from .base import CheckpointLock, format_hint, fsync_dir
+from .base import CheckpointLock, file_state, format_hint, fsync_dir, temp_path
 
 __all__ = ["SqliteSerializer"]
 
@@ -82,8 +99,12 @@ PAGE_SIZE = 16384
 # milliseconds for it behind the busy coordinator thread: few, long statements keep
 # the writer up with a fast run. Not longer: preparing one costs more per row than
 # running it (sqlite3 keeps the few distinct ones, per connection).
-ROWS_PER_STATEMENT = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 8
+ROWS_PER_STATEMENT = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 9
 _CHUNK = 2 * ROWS_PER_STATEMENT  # jobs the first write stores at a time
+# Jobs a step of the rewrite pass rewrites besides the changed ones: a few tens of
+# milliseconds of work per step, so that a step still commits about an interval
+# after the transitions it holds.
+REWRITE_JOBS_PER_STEP = 2 * _CHUNK
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS run (
@@ -102,25 +123,28 @@ _SCHEMA = (
         parent TEXT,
         retries INTEGER NOT NULL,
         kicks INTEGER NOT NULL,
-        last_update TEXT NOT NULL
+        last_update TEXT NOT NULL,
+        not_before REAL
     )""",
 )
 _PUT_RUN = (
     "INSERT OR REPLACE INTO run (id, format, name, overall, next_id, report) "
     "VALUES (0, ?, ?, ?, ?, ?)"
 )
-_COLUMNS = "id, state, context, state_errors, parent, retries, kicks, last_update"
+_COLUMNS = "id, state, context, state_errors, parent, retries, kicks, last_update, not_before"
 # A row's parameters. Python's sqlite3 binds str, int and float directly but takes a
 # slow path for None (an adapter lookup that formats and drops an AttributeError), so
-# a job without a parent binds the integer 0 there, which no id (text) equals. Most
-# jobs have no errors, parent, retries nor kicks: a short row binds only the rest
-# (about a quarter cheaper to write).
-_ROW = "?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?"
-_SHORT_ROW = "?, ?, ?, '{}', NULL, 0, 0, ?"
-_WIDTH = 8  # parameters per row
+# a job without a parent binds the integer 0 there, which no id (text) equals, and one
+# without a not_before binds NaN, which SQLite stores as NULL (it has no NaN). Most
+# jobs have no errors, parent, retries, kicks nor not_before: a short row binds only
+# the rest (about a quarter cheaper to write).
+_ROW = "?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?, ?"
+_SHORT_ROW = "?, ?, ?, '{}', NULL, 0, 0, ?, NULL"
+_WIDTH = 9  # parameters per row
 _SHORT_WIDTH = 4
 _NO_PARENT = 0
 _NO_ERRORS = "{}"
+_NO_TIME = float("nan")
 
 # Rows for `_insert`, flattened: (short rows, full rows).
 _Rows = tuple[list[Any], list[Any]]
@@ -139,7 +163,7 @@ def _insert_sql(rows: int, upsert: bool, short: bool) -> str:
         state = excluded.state, context = excluded.context,
         state_errors = excluded.state_errors, parent = excluded.parent,
         retries = excluded.retries, kicks = excluded.kicks,
-        last_update = excluded.last_update"""
+        last_update = excluded.last_update, not_before = excluded.not_before"""
     return sql
 
 
@@ -162,13 +186,28 @@ def _insert(conn: sqlite3.Connection, rows: _Rows, upsert: bool = True) -> None:
 
 # Rows come back as JSON documents, so one typed msgspec decode checks a whole job
 # and names the field that does not fit (``$.context.count``). No errors reads back as
-# null, as a job that never had any holds them.
+# null, as a job that never had any holds them. ``not_before`` comes beside it, as a
+# float: SQLite writes a REAL into JSON with 15 significant digits, which would not
+# give the same float back.
 _GET_RUN = """SELECT json_object('format', format, 'name', name, 'next_id', next_id,
     'overall', json(overall), 'report', json(report)) FROM run"""
 _GET_JOBS = """SELECT id, json_object('id', id, 'context', json(context), 'state', state,
     'state_errors', CASE state_errors WHEN '{}' THEN NULL ELSE json(state_errors) END,
-    'parent', parent, 'last_update', last_update, 'retries', retries, 'kicks', kicks)
-    FROM jobs ORDER BY rowid"""
+    'parent', parent, 'last_update', last_update, 'retries', retries, 'kicks', kicks),
+    %s FROM jobs ORDER BY rowid"""
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database that an earlier version wrote up to this schema: add the columns
+    it lacks (nullable, so its rows stay as they were)."""
+    columns = _columns(conn)
+    if columns and "not_before" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN not_before REAL")
+
 
 _Head = tuple[int, str, str, int, str | None]
 
@@ -204,6 +243,20 @@ def _sniff(path: Path) -> str:
             return format_hint(f.read(32))
     except OSError:
         return ""
+
+
+class _Rewrite:
+    """How far the rewrite pass of an execution is (see the module docstring). The
+    coordinator thread prepares its steps; the writer thread sets ``stored`` and
+    ``added`` as they commit, which the coordinator reads only while the writer is idle
+    (so a step that failed is simply made again)."""
+
+    def __init__(self, jobs: list[Job[Any]], added: list[Job[Any]], deadline: float) -> None:
+        self.jobs = jobs  # the run's jobs that the file held when it began, in order
+        self.added = added  # the jobs added to the run since, not stored yet
+        self.deadline = deadline  # when it stops waiting for jobs to change
+        self.stored = 0  # jobs[:stored] are in the file as they are now, or have changed
+        self.changed: set[str] = set()  # ids of the jobs that changed since it began
 
 
 class _FirstWrite:
@@ -245,6 +298,7 @@ class SqliteSerializer(IncrementalSerializer):
         self._conn: sqlite3.Connection | None = None  # the writer thread's own
         self._need_full = False  # the next write must store the whole run
         self._first: _FirstWrite | None = None  # the first write, while it is not done
+        self._rewrite: _Rewrite | None = None  # the rewrite pass, while it is not done
         # The first write's connection, its transaction open, between its steps.
         self._filling: sqlite3.Connection | None = None
         self._tmp: Path | None = None  # the new database being built
@@ -264,11 +318,15 @@ class SqliteSerializer(IncrementalSerializer):
         # WAL database creates -wal and -shm files it cannot remove (read-only): when
         # no one writes it (no -wal file, no processor holding the lock), read it as
         # immutable, which needs neither.
+        lock = self._lock
+        assert lock is not None
         quiet = not (
             path.with_name(path.name + "-wal").exists()
             or path.with_name(path.name + "-journal").exists()
-            or (self._lock.fd is None and CheckpointLock.held(path))  # ours: no writes yet
+            or (lock.fd is None and CheckpointLock.held(path))  # ours: no writes yet
         )
+        # Before reading: a change made while it reads makes this differ at `begin`.
+        files = file_state(*self._files())
         uri = f"{path.resolve().as_uri()}?mode=ro{'&immutable=1' if quiet else ''}"
         try:
             conn = sqlite3.connect(uri, uri=True)
@@ -282,7 +340,13 @@ class SqliteSerializer(IncrementalSerializer):
                 f"{path}: not a readable jorbmp SQLite checkpoint: {exc}{_sniff(path)}"
             ) from None
         self._known_good = True
+        self._note_base(run, files)
         return run
+
+    def _files(self) -> tuple[Path, ...]:
+        # A commit appends to the -wal file; closing the last connection folds it
+        # into the database (whose modification time changes) and removes it.
+        return (self.path, self.path.with_name(self.path.name + "-wal"))
 
     def _load(self, conn: sqlite3.Connection) -> Run[Any, Any]:
         path = self.path
@@ -311,21 +375,28 @@ class SqliteSerializer(IncrementalSerializer):
         run.report = head.report
         jobs = run.jobs
         decode = self._job_decoder.decode
-        for job_id, text in conn.execute(_GET_JOBS):
+        sql = _GET_JOBS % ("not_before" if "not_before" in _columns(conn) else "NULL")
+        for job_id, text, not_before in conn.execute(sql):
             try:
-                jobs[job_id] = decode(text)
+                job = jobs[job_id] = decode(text)
             except msgspec.ValidationError as exc:
                 raise CheckpointError(
                     f"{path}: job {job_id!r} does not fit the types: {exc}"
                 ) from None
+            if not_before is not None:
+                if type(not_before) is not float:  # a REAL column gives floats (or text)
+                    raise CheckpointError(
+                        f"{path}: job {job_id!r}: not_before is {not_before!r}, not a number"
+                    )
+                job.not_before = not_before
         return run
 
     # -- writing --------------------------------------------------------------------
 
     def _rows(self, jobs: list[Job[Any]], split: bool = True) -> _Rows:
         """The rows of ``jobs``, for `_insert`: short rows for jobs without errors,
-        parent, retries or kicks, full rows for the others (all of them unless
-        ``split``), each in the order of ``jobs``."""
+        parent, retries, kicks or not_before, full rows for the others (all of them
+        unless ``split``), each in the order of ``jobs``."""
         enc = self._encode
         short: list[Any] = []
         full: list[Any] = []
@@ -340,7 +411,15 @@ class SqliteSerializer(IncrementalSerializer):
                 last_time, last_text = when, enc(when)[1:-1].decode()  # RFC 3339
             errors = job._state_errors
             parent = job.parent
-            if split and not errors and parent is None and not job.retries and not job.kicks:
+            not_before = job.not_before
+            if (
+                split
+                and not errors
+                and parent is None
+                and not job.retries
+                and not job.kicks
+                and not_before is None
+            ):
                 add_short((job.id, job.state, enc(job.context).decode(), last_text))
                 continue
             add_full((
@@ -352,6 +431,7 @@ class SqliteSerializer(IncrementalSerializer):
                 job.retries,
                 job.kicks,
                 last_text,
+                _NO_TIME if not_before is None else not_before,
             ))  # fmt: skip
         return short, full
 
@@ -381,6 +461,7 @@ class SqliteSerializer(IncrementalSerializer):
                 conn.execute("PRAGMA synchronous = OFF")
             else:
                 self._wal(conn, path)
+                _migrate(conn)
             conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         except BaseException:
             conn.close()
@@ -416,10 +497,10 @@ class SqliteSerializer(IncrementalSerializer):
         renamed into place when it is complete; an existing one is rewritten in place."""
         path = self.path
         if self._conn is None and not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            for leftover in (tmp, *_companions(tmp), *_companions(path)):
-                # Ours from a crash (tmp), or orphans of a deleted database, which SQLite
-                # would otherwise apply to the new one.
+            tmp = temp_path(path)  # (`_acquire` removed any that a crash left)
+            for leftover in _companions(path):
+                # Orphans of a deleted database, which SQLite would otherwise apply to
+                # the new one.
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
             self._tmp = tmp
@@ -469,12 +550,8 @@ class SqliteSerializer(IncrementalSerializer):
                 with contextlib.suppress(FileNotFoundError):
                     leftover.unlink()
 
-    def serialize(self, run: Run[Any, Any]) -> None:
-        """Write the whole run now, in one transaction (not while a processor executes
-        the run with this serializer)."""
-        if self._active:
-            raise RuntimeError(f"{self!r}: a processor is executing a run with it")
-        self.check_overwritable()
+    def _write_run(self, run: Run[Any, Any]) -> None:
+        """The whole run, in one transaction."""
         try:
             conn = self._start_all()
             try:
@@ -486,7 +563,7 @@ class SqliteSerializer(IncrementalSerializer):
             self._commit_all(conn, self._head(run), ([], []))
         finally:
             self._close()
-        self._known_good = True
+        self._note_base(run)
 
     def _store_first(self, chunks: list[_Rows], commit: tuple[_Head, _Rows] | None) -> None:
         """Writer thread: one step of the first write of an execution: insert ``chunks``
@@ -520,6 +597,24 @@ class SqliteSerializer(IncrementalSerializer):
 
         self._transaction(conn, body)
 
+    def _store_rewrite(self, rewrite: _Rewrite, chunks: list[_Rows], head: _Head, end: int) -> None:
+        """Writer thread: one step of the rewrite pass, in one transaction: upsert
+        ``chunks`` (in order) and the run's row; then ``rewrite.jobs[:end]`` are done."""
+        if self._conn is None:
+            self._conn = self._connect(self.path)
+        conn = self._conn
+
+        def body() -> None:
+            for rows in chunks:
+                _insert(conn, rows)
+            conn.execute(_PUT_RUN, head)
+
+        self._transaction(conn, body)
+        rewrite.stored = end
+        rewrite.added = []
+        if end == len(rewrite.jobs):
+            self._need_full = False
+
     def _close(self) -> None:
         """Writer thread: abandon an unfinished first write; close the connection (the
         last one also folds the WAL back in)."""
@@ -533,35 +628,72 @@ class SqliteSerializer(IncrementalSerializer):
     # -- processor hooks ------------------------------------------------------------
 
     def begin(self, run: Run[Any, Any]) -> None:
-        self._lock.acquire()
-        try:
-            self.check_overwritable()
-        except BaseException:
-            self._lock.release()
-            raise
-        # The whole run is written by the writer thread from the first flush (the next
-        # housekeeping tick) on, not here: the processor starts meanwhile, and the first
-        # write waits for jobs to change (see `_prepare_first`). Until it commits, the
-        # file holds what it held before (nothing, or the run as loaded), which is a
-        # valid past of this run.
+        base = self._claim(run)
+        # Nothing is written here: the processor starts meanwhile, and the writer thread
+        # writes from the first flush on, either the first write or the steps of the
+        # rewrite pass (see the module docstring). Until the first commit, the file
+        # holds what it held before.
+        self._note_base(None)  # the file is about to change
         self._known_good = True
         self._reset_batches()
         self._need_full = True
         self._first = None
+        self._rewrite = None
+        if base is not None:
+            jobs = list(run.jobs.values())
+            self._rewrite = _Rewrite(jobs[:base], jobs[base:], self._patient_deadline(run))
         self._filling = None
         self._run = run
         self._active = True
 
     @property
     def _urgent(self) -> bool:
-        return self._need_full
+        if not self._need_full:
+            return False
+        rewrite = self._rewrite
+        if rewrite is None or self._final:
+            return True  # the first write: a step at every flush until it commits
+        # A step of the rewrite pass beyond the changed jobs, at most every interval:
+        # the jobs added before the execution at once, the others once waiting is over.
+        # (Read while the writer is idle, as `_prepare` is.)
+        now = time.monotonic()
+        return now - self._last_flush >= self.interval and (
+            bool(rewrite.added) or now >= rewrite.deadline
+        )
 
     def _prepare(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
         if self._need_full:
+            if self._rewrite is not None:
+                return self._prepare_rewrite(run, jobs)
             return self._prepare_first(run, jobs)
-        self._first = None
+        self._first = self._rewrite = None
         head = self._head(run)
         return partial(self._store, self._rows(list(jobs.values())), head[3], head[4])
+
+    def _prepare_rewrite(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
+        """The next step of the rewrite pass: the jobs that changed, the jobs added
+        before the execution (until they are stored), and, once waiting is over, up to
+        `REWRITE_JOBS_PER_STEP` of the jobs that have not changed (all that are left at
+        the final flush). A step that failed is made again: the writer notes how far
+        the pass is only when a step commits."""
+        rewrite = self._rewrite
+        assert rewrite is not None
+        changed = rewrite.changed
+        changed.update(jobs)
+        start = rewrite.stored
+        total = len(rewrite.jobs)
+        if self._final:
+            end = total
+        elif time.monotonic() >= rewrite.deadline:
+            end = min(total, start + REWRITE_JOBS_PER_STEP)
+        else:
+            end = start
+        take = [job for job in rewrite.jobs[start:end] if job.id not in changed]
+        added = [job for job in rewrite.added if job.id not in jobs]
+        # Added jobs first and in order: they are new rows, which load back in the
+        # order they were inserted (changed ones are upserts in place, or kicks).
+        chunks = [*self._in_order(added), self._rows([*jobs.values(), *take])]
+        return partial(self._store_rewrite, rewrite, chunks, self._head(run), end)
 
     def _prepare_first(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
         """The next step of the first write: the whole run, in one transaction, stored
@@ -572,12 +704,13 @@ class SqliteSerializer(IncrementalSerializer):
         So the first write trails the processor. Each flush stores the run's jobs, in
         order, up to the first that had not changed at the flush before (a job often
         changes again soon after: its next state), in whole chunks. It waits so at most
-        FIRST_WAIT_PER_JOB per job, or until the final flush, then stores the rest. The
+        an interval (nothing of this execution is durable meanwhile), or until the
+        final flush, then stores the rest. The
         step that stores the last jobs also stores those that changed since they were
         stored (and new ones), and commits: the run as it is at this flush."""
         first = self._first
         if first is None or (first.started and self._filling is None):  # or a step failed
-            first = self._first = _FirstWrite(list(run.jobs.values()), self._first_deadline(run))
+            first = self._first = _FirstWrite(list(run.jobs.values()), self._first_deadline())
         first.started = True
         changed = first.changed
         changed.update(jobs)
@@ -602,13 +735,17 @@ class SqliteSerializer(IncrementalSerializer):
         return partial(self._store_first, self._in_order(take), commit)
 
     def end(self) -> None:
+        run, self._run = self._run, None
         try:
-            if self._active and self._need_full and self._run is not None:
+            if self._active and self._need_full and run is not None:
                 # Nothing flushed yet (a run with nothing to execute): write it now.
-                self.flush(self._run, final=True)
+                self.flush(run, final=True)
         finally:
-            self._run = None
             try:
-                self._stop_writer(self._close)
+                written = self._stop_writer(self._close)
+                # The file now holds the run exactly, if every write succeeded: a later
+                # execution of it in this process can start with the rewrite pass.
+                complete = written and not self._need_full and not self._dirty
+                self._note_base(run if complete else None)
             finally:
-                self._lock.release()
+                self._release()
