@@ -354,7 +354,8 @@ def test_returned_rate_limit_error_waits_retry_after_without_failing() -> None:
 
 def test_max_retries_none_retries_until_success(tmp_path: Any) -> None:
     run = run_of(1)
-    Processor(None, states(fail_until_file_count, max_retries=None, kind="thread")).exec(run)
+    states_ = states(fail_until_file_count, max_retries=None, kind="thread", retry_delay=0)
+    Processor(None, states_).exec(run)
     assert run.jobs["0"].state == "done"
     assert len(run.jobs["0"].state_errors["new"]) == 5
 

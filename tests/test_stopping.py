@@ -439,3 +439,28 @@ def test_stop_outside_exec_does_not_carry_over(tmp_path: Path) -> None:
     proc.stop()  # nothing is executing: ignored
     proc.exec(run)
     assert run.counts() == {"done": 3}
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_ends_exec_with_keyboard_interrupt_even_when_the_run_completes(
+    tmp_path: Path,
+) -> None:
+    # Both jobs are running when Ctrl-C comes; they finish, and that completes the run.
+    # 9baee05 then returned from exec as if nothing had happened.
+    proc, err = start_coordinator(
+        tmp_path, "--jobs", "2", "--sleep", "1.0", "--concurrency", "2", "--grace", "20"
+    )
+    try:
+        wait_for(lambda: len(started_ids(tmp_path)) == 2, 20, "both jobs to start")
+        proc.send_signal(signal.SIGINT)
+        rc = finish(proc, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = err.read_text()
+    assert rc != 0
+    assert "KeyboardInterrupt" in stderr, stderr[-2000:]
+    assert "COMPLETE" not in (tmp_path / "out.out").read_text()
+    saved = load(tmp_path / "run.json")
+    assert saved.counts() == {"done": 2}  # the final checkpoint has both

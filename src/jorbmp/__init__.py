@@ -5,6 +5,7 @@ The public API is everything in ``__all__``; modules starting with ``_`` are int
 
 import logging
 
+from .backoff import Backoff
 from .checkpoint import (
     JournalSerializer,
     JsonSerializer,
@@ -30,6 +31,7 @@ __all__ = [
     "FAILED",
     "NEW",
     "AIMDRateLimiter",
+    "Backoff",
     "CheckpointError",
     "DaskBackend",
     "Job",

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,8 +26,13 @@ from typing import Any, Protocol
 import msgspec
 
 from ._execute import ContextCodec, execute_async, from_exception, run_batch
-from ._protocol import Outcome, Results, WorkerSpec
+from ._protocol import CHUNK_BYTES, FAILED_ATTEMPT, Outcome, Results, WorkerSpec
 from .run import Job
+
+
+class BadContext(Exception):
+    """A job's context does not survive the encode/decode round trip (the message says
+    why); its job fails without running."""
 
 
 class Sink(Protocol):
@@ -36,8 +42,10 @@ class Sink(Protocol):
         """These jobs ran (their outcomes in ``results``, same order); their slot is free
         again."""
 
-    def unrun(self, jobs: list[Job[Any]]) -> None:
-        """These jobs were handed out but never ran: put them back at the front."""
+    def unrun(self, jobs: list[Job[Any]], isolate: list[Job[Any]] | None = None) -> None:
+        """These jobs were handed out but never ran (or their results were lost): put
+        them back at the front. Those in ``isolate`` are suspects of killing a worker
+        outside an exec: each of them is sent alone from now on, until it finishes."""
 
     def freed(self) -> None:
         """Capacity became available without a job finishing (a worker is ready)."""
@@ -57,6 +65,10 @@ class Backend(ABC):
     #: Wall time of work the coordinator aims to put in one batch: the longer a
     #: backend's round trip, the more work a batch needs to hide it.
     batch_seconds = 0.02
+    #: Encoded bytes of contexts the coordinator aims to put in one batch at most, and
+    #: the mean encoded size of one context as the backend last saw it (0: unknown).
+    batch_bytes: float = CHUNK_BYTES
+    job_bytes: float = 0.0
     #: How the run report names where this backend runs execs, when not by the state's
     #: kind (e.g. "dask": the cores are not this machine's).
     label: str | None = None
@@ -128,10 +140,17 @@ class _InProcess(Backend):
         self.running = 0
         self.closed = False
         self.codec = ContextCodec(job_type)
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by `start`, for threads
         self._decode = msgspec.msgpack.Decoder(job_type).decode
+        self._type_name = getattr(job_type, "__name__", "the job type")
 
     def copy(self, context: Any) -> Any:
-        return self._decode(self.codec.encode(context))
+        """A copy of ``context`` through the encode/decode a worker's would go through;
+        `BadContext` if it does not survive it."""
+        try:
+            return self._decode(self.codec.encode(context))
+        except (TypeError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+            raise BadContext(f"job context is not a valid {self._type_name}: {exc}") from None
 
     def free(self) -> int:
         return self.concurrency - self.running
@@ -141,7 +160,10 @@ class _InProcess(Backend):
 
     def run(self, job: Job[Any]) -> Results:
         """Run the exec on a copy of ``job``'s context, here and now."""
-        context = self.copy(job.context)
+        try:
+            context = self.copy(job.context)
+        except BadContext as exc:
+            return Results.of([Outcome(FAILED_ATTEMPT, error=str(exc))])
         return run_batch(self.state, self.fn, self.ac, self.oc, [context], self.codec)
 
     def report(self, job: Job[Any], results: Results) -> None:
@@ -149,35 +171,90 @@ class _InProcess(Backend):
         if not self.closed:
             self.sink.done([job], results)
 
+    def finished(self, job: Job[Any], results: Results) -> None:
+        """An exec of ``job`` is over (on the loop's thread): report it."""
+        self.report(job, results)
+
+    def _finished_in_thread(self, job: Job[Any], fut: Future[Results]) -> None:
+        # Called in the thread that ran the exec: hand the results to the loop.
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            results = fut.result()
+        else:
+            results = Results.of([from_exception(self.state, exc, 0.0)])
+        # RuntimeError: the loop is closed, the run was abandoned while this exec ran.
+        assert self.loop is not None
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.finished, job, results)
+
 
 class AsyncBackend(_InProcess):
-    """``kind="async"``: each job is a task on the coordinator's loop."""
+    """``kind="async"``: each job is a task on the coordinator's loop.
+
+    The state's timeout is a timer per task that cancels it, not ``asyncio.wait_for``:
+    a ``TimeoutError`` or ``CancelledError`` that the exec raises itself is then an
+    ordinary failed attempt, told apart from our own timeout and abandon by the
+    task's entry in `timers` and by `closed`.
+    """
 
     def __init__(self, *args: Any, timeout: float | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.timeout = timeout
-        self.tasks: set[asyncio.Task[Outcome]] = set()
+        # task -> its start time and timeout timer
+        self.tasks: dict[asyncio.Task[Outcome], tuple[float, asyncio.TimerHandle | None]] = {}
+        self.timed_out: set[asyncio.Task[Outcome]] = set()
 
     def submit(self, jobs: list[Job[Any]]) -> None:
+        loop = asyncio.get_running_loop()
         for job in jobs:
             self.running += 1
-            coro = execute_async(
-                self.state, self.fn, self.ac, self.oc, self.copy(job.context), self.codec,
-                self.timeout,
-            )  # fmt: skip
-            task = asyncio.get_running_loop().create_task(coro)
-            self.tasks.add(task)
+            try:
+                context = self.copy(job.context)
+            except BadContext as exc:
+                failed = Outcome(FAILED_ATTEMPT, error=str(exc))
+                loop.call_soon(self.report, job, Results.of([failed]))
+                continue
+            coro = execute_async(self.state, self.fn, self.ac, self.oc, context, self.codec)
+            task = loop.create_task(coro)
+            timer = None
+            if self.timeout is not None:
+                timer = loop.call_later(self.timeout, self._time_out, task)
+            self.tasks[task] = (time.perf_counter(), timer)
             task.add_done_callback(functools.partial(self._finished, job))
 
+    def _time_out(self, task: asyncio.Task[Outcome]) -> None:
+        if task in self.tasks and not task.done():
+            self.timed_out.add(task)
+            task.cancel()
+
     def _finished(self, job: Job[Any], task: asyncio.Task[Outcome]) -> None:
-        self.tasks.discard(task)
-        if task.cancelled():
-            self.running -= 1
-            return
-        exc = task.exception()
-        # An exotic BaseException escaped the exec: still a failed attempt, never a
-        # job left "executing" forever.
-        outcome = task.result() if exc is None else from_exception(self.state, exc, 0.0)
+        started, timer = self.tasks.pop(task, (0.0, None))
+        if timer is not None:
+            timer.cancel()
+        seconds = time.perf_counter() - started
+        if task in self.timed_out:
+            self.timed_out.discard(task)
+            # Ours, whatever the exec made of the cancellation (even a return value).
+            outcome = Outcome(
+                FAILED_ATTEMPT, error=f"timed out after {self.timeout:g}s", seconds=seconds
+            )
+        elif task.cancelled():
+            if self.closed:  # abandoned by our stop: the job stays where it was
+                self.running -= 1
+                return
+            # The exec itself ended in CancelledError (cancelled something of its own,
+            # or raised it): a failed attempt like any other exception.
+            try:
+                task.result()
+            except asyncio.CancelledError as exc:
+                outcome = from_exception(self.state, exc, seconds)
+        else:
+            error = task.exception()
+            # An exotic BaseException escaped the exec: still a failed attempt, never a
+            # job left "executing" forever.
+            outcome = task.result() if error is None else from_exception(self.state, error, seconds)
         self.report(job, Results.of([outcome]))
 
     def close(self, abandon: bool) -> None:
@@ -200,18 +277,6 @@ class ThreadBackend(_InProcess):
             fut = self.pool.submit(self.run, job)
             fut.add_done_callback(functools.partial(self._finished_in_thread, job))
 
-    def _finished_in_thread(self, job: Job[Any], fut: Future[Results]) -> None:
-        if fut.cancelled():
-            return
-        exc = fut.exception()
-        if exc is None:
-            results = fut.result()
-        else:
-            results = Results.of([from_exception(self.state, exc, 0.0)])
-        # RuntimeError: the loop is closed, the run was abandoned while this exec ran.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.report, job, results)
-
     def close(self, abandon: bool) -> None:
         self.closed = True
         if hasattr(self, "pool"):
@@ -221,20 +286,41 @@ class ThreadBackend(_InProcess):
 
 
 class InlineRunner:
-    """The single slot all inline process states share: one job at a time, in the loop thread."""
+    """The single slot all inline process states share: one job at a time, in FIFO
+    order, on one thread of the coordinator process.
+
+    Not on the event loop's thread: a blocking exec there would hold up the loop,
+    and with it every async and thread state, status and checkpoints (an async exec
+    beside a 240 ms inline exec took 720 ms). Debuggers work in that thread as in any.
+    """
 
     def __init__(self) -> None:
         self.busy = False
         self.backends: list[InlineBackend] = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[[], Results]) -> Future[Results]:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="jorbmp-inline")
+        return self.pool.submit(fn)
+
+    def close(self, abandon: bool) -> None:
+        if self.pool is not None and all(b.closed for b in self.backends):
+            self.pool.shutdown(wait=not abandon, cancel_futures=True)
+            self.pool = None
 
 
 class InlineBackend(_InProcess):
-    """A process state under ``inline=True``: its exec runs in the coordinator's thread."""
+    """A process state under ``inline=True``: its exec runs in the coordinator process,
+    on the inline runner's thread."""
 
     def __init__(self, *args: Any, runner: InlineRunner, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.runner = runner
         runner.backends.append(self)
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
 
     def free(self) -> int:
         return 0 if self.runner.busy or self.closed else 1
@@ -243,15 +329,10 @@ class InlineBackend(_InProcess):
         (job,) = jobs
         self.runner.busy = True
         self.running += 1
-        # call_soon, not a direct call: the coordinator is in the middle of dispatching.
-        asyncio.get_running_loop().call_soon(self._run, job)
+        fut = self.runner.submit(functools.partial(self.run, job))
+        fut.add_done_callback(functools.partial(self._finished_in_thread, job))
 
-    def _run(self, job: Job[Any]) -> None:
-        if self.closed:
-            self.running -= 1
-            self.runner.busy = False
-            return
-        results = self.run(job)
+    def finished(self, job: Job[Any], results: Results) -> None:
         self.runner.busy = False
         # Offer the free slot to the other inline states first (round robin), so one
         # state that keeps itself busy cannot starve the rest.
@@ -262,3 +343,4 @@ class InlineBackend(_InProcess):
 
     def close(self, abandon: bool) -> None:
         self.closed = True
+        self.runner.close(abandon)

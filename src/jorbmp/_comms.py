@@ -15,8 +15,14 @@ import struct
 from collections.abc import Callable
 
 HEADER = struct.Struct("!I")
+# The largest payload a header can describe. Module-level so that a test can lower it.
+MAX_PAYLOAD = 2**32 - 1
 # Bytes asked of the kernel per read: a whole batch of results for small jobs.
 READ_SIZE = 256 * 1024
+# Payloads smaller than this are copied behind their header and sent in one call.
+_COPY_BELOW = 1 << 20
+# Send errors that mean the worker's end is gone (the reader then sees EOF).
+_GONE = (BrokenPipeError, ConnectionResetError)
 
 
 def socket_pair() -> tuple[socket.socket, socket.socket]:
@@ -42,10 +48,22 @@ class CoordinatorEnd:
     """The coordinator's end of one worker's socket, registered with the event loop.
 
     ``on_message(payload)`` is called for each complete message, in order;
-    ``on_closed()`` once, after the last message, when the worker's end is gone.
+    ``on_closed()`` once, after the last message, when the worker's end is gone;
+    ``on_failed(exc)`` when a send fails while the worker may still be there (the
+    message is lost: the worker must go, or it would wait for it forever).
     """
 
-    __slots__ = ("_in", "_out", "closed", "fd", "loop", "on_closed", "on_message", "sock")
+    __slots__ = (
+        "_in",
+        "_out",
+        "closed",
+        "fd",
+        "loop",
+        "on_closed",
+        "on_failed",
+        "on_message",
+        "sock",
+    )
 
     def __init__(
         self,
@@ -53,6 +71,7 @@ class CoordinatorEnd:
         loop: asyncio.AbstractEventLoop,
         on_message: Callable[[bytes], None],
         on_closed: Callable[[], None],
+        on_failed: Callable[[OSError], None],
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -60,6 +79,7 @@ class CoordinatorEnd:
         self.loop = loop
         self.on_message = on_message
         self.on_closed = on_closed
+        self.on_failed = on_failed
         self.closed = False
         self._in = bytearray()
         self._out = bytearray()
@@ -76,8 +96,11 @@ class CoordinatorEnd:
             sent = self.sock.send(frame)
         except BlockingIOError:
             sent = 0
-        except OSError:
+        except _GONE:
             return  # the worker is gone; the reader sees EOF and reports it
+        except OSError as exc:
+            self.on_failed(exc)
+            return
         if sent < len(frame):
             self._out += frame[sent:]
             self.loop.add_writer(self.fd, self._flush)
@@ -87,8 +110,11 @@ class CoordinatorEnd:
             sent = self.sock.send(self._out)
         except BlockingIOError:
             return
-        except OSError:
+        except _GONE:
             sent = len(self._out)  # the worker is gone; drop what it will never read
+        except OSError as exc:
+            sent = len(self._out)
+            self.on_failed(exc)
         del self._out[:sent]
         if not self._out:
             self.loop.remove_writer(self.fd)
@@ -165,4 +191,11 @@ class WorkerEnd:
             buf += data
 
     def send(self, payload: bytes) -> None:
-        self.sock.sendall(HEADER.pack(len(payload)) + payload)
+        size = len(payload)
+        if size > MAX_PAYLOAD:
+            raise ValueError(f"message of {size} bytes, over the limit of {MAX_PAYLOAD}")
+        if size < _COPY_BELOW:
+            self.sock.sendall(HEADER.pack(size) + payload)
+        else:  # no copy of a big payload just to put a header in front
+            self.sock.sendall(HEADER.pack(size))
+            self.sock.sendall(payload)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -37,6 +38,7 @@ from typing import Any, cast
 import msgspec
 
 from ._backends import Backend
+from ._delays import DelayQueue
 from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome, Results
 from .checkpoint.base import Serializer
 from .ratelimit import RateGate, make_gate
@@ -68,6 +70,8 @@ class Lane:
         "count",
         "gate",
         "gate_task",
+        "gate_token",
+        "isolated",
         "metrics",
         "name",
         "queue",
@@ -87,6 +91,10 @@ class Lane:
             None if self.terminal else make_gate(self.name, state.rate_limit)
         )
         self.gate_task: asyncio.Task[None] | None = None
+        self.gate_token = False  # the gate let one job through, and no slot was free
+        # Ids of jobs suspected of killing a worker outside an exec: while there are
+        # any, batches hold one job, so that the culprit alone is charged.
+        self.isolated: set[str] = set()
         self.metrics = StateMetrics()
 
     def __repr__(self) -> str:
@@ -108,7 +116,7 @@ class Lane:
             if self.gate_task is None and backend.free():
                 self.gate_task = asyncio.get_running_loop().create_task(self._gated())
             return
-        limit = self.batch_limit(backend)
+        limit = 1 if self.isolated else self.batch_limit(backend)
         spread = 2 * self.state.concurrency
         while queue and backend.free():
             # Guided: shrink towards one job as the queue drains, so every slot gets a
@@ -127,21 +135,31 @@ class Lane:
         metrics, max_batch = self.metrics, backend.max_batch
         if max_batch == 1 or not metrics.processed:
             return 1
+        if backend.job_bytes:  # and not too many bytes
+            max_batch = min(max_batch, int(backend.batch_bytes / backend.job_bytes))
         mean = metrics.total_seconds / metrics.processed
         return max(1, min(max_batch, int(backend.batch_seconds / max(mean, 1e-7))))
 
     async def _gated(self) -> None:
-        assert self.gate is not None and self.backend is not None
+        gate, backend = self.gate, self.backend
+        assert gate is not None and backend is not None
         try:
             loop = asyncio.get_running_loop()
-            while self.queue and self.backend.free() and not self.coord.stopping:
-                waited_from = loop.time()
-                await self.gate.acquire()
-                self.metrics.rate_wait += loop.time() - waited_from
-                if self.coord.is_stopping():
+            while self.queue and not self.coord.stopping:
+                if not self.gate_token:
+                    waited_from = loop.time()
+                    await gate.acquire()
+                    self.metrics.rate_wait += loop.time() - waited_from
+                    self.gate_token = True
+                # While the gate waited, a worker may have died (no free slot now) and
+                # the queue may have changed: check both again. A token with nowhere
+                # to go is kept for the next free slot, not spent.
+                if self.coord.is_stopping() or not self.queue or not backend.free():
                     break
-                # Only this task takes from the queue or fills slots, so both still hold.
-                self.backend.submit([self.queue.popleft()])
+                self.gate_token = False
+                backend.submit([self.queue.popleft()])
+        except Exception as exc:  # a task's exception would only be logged, much later
+            self.coord.fail(exc)
         finally:
             self.gate_task = None
 
@@ -150,6 +168,9 @@ class Lane:
 
     def done(self, jobs: list[Job[Any]], results: Results) -> None:
         try:
+            if self.isolated:
+                for job in jobs:
+                    self.isolated.discard(job.id)
             coord = self.coord
             # One timestamp per batch: datetime.now() per job would cost more than
             # the rest of a no-op transition.
@@ -161,8 +182,10 @@ class Lane:
         except Exception as exc:
             self.coord.fail(exc)
 
-    def unrun(self, jobs: list[Job[Any]]) -> None:
+    def unrun(self, jobs: list[Job[Any]], isolate: list[Job[Any]] | None = None) -> None:
         self.queue.extendleft(reversed(jobs))
+        if isolate:
+            self.isolated.update(job.id for job in isolate)
         self.freed()
 
     def freed(self) -> None:
@@ -207,7 +230,7 @@ class Coordinator:
         self.changed = True
         self.pending: dict[Lane, None] = {}  # lanes to pump next (an ordered set)
         self.pump_scheduled = False
-        self.delayed: dict[str, asyncio.TimerHandle] = {}  # job id -> retry_after timer
+        self.delays = DelayQueue(self.release)  # jobs waiting out a retry delay
         self.debug = log.isEnabledFor(logging.DEBUG)
         # The serializer's change hook, or None when it has none (NilSerializer).
         self.jobs_changed: Callable[[list[Job[Any]]], None] | None = (
@@ -230,18 +253,22 @@ class Coordinator:
         ("stopped"); raises what made the run fail."""
         loop = asyncio.get_running_loop()
         lanes = self.lanes
+        wall = time.time()
         for job in self.run.jobs.values():
             lane = lanes[job.state]
             lane.count += 1
             if not lane.terminal:
-                lane.queue.append(job)
+                if job.not_before is not None and job.not_before > wall:
+                    self.delays.add(lane, job)  # a retry delay from before a stop
+                else:
+                    lane.queue.append(job)
         self.active = sum(lane.count for lane in lanes.values() if not lane.terminal)
         self.serializer.begin(self.run)
         try:
             if self.active == 0:
                 self.serializer.flush(self.run, final=True)
                 notify(self.listener, self.snapshot())
-                self.listener.close()
+                self.close_listener()
                 self.final_report = self.report("complete")
                 return "complete"
             try:
@@ -278,7 +305,7 @@ class Coordinator:
             lane.queue.clear()
             lane.backend = None
         self.pending.clear()
-        self.delayed.clear()
+        self.delays.close()
         del self.run, self.make_backend
 
     def ended(self) -> str:
@@ -300,8 +327,7 @@ class Coordinator:
         for lane in self.lanes.values():
             if lane.gate_task is not None:
                 lane.gate_task.cancel()
-        for handle in self.delayed.values():
-            handle.cancel()
+        self.delays.close()
         backends = [lane.backend for lane in self.lanes.values() if lane.backend is not None]
         try:
             try:
@@ -324,10 +350,13 @@ class Coordinator:
             self.serializer.flush(self.run, final=True)
         finally:
             notify(self.listener, self.snapshot())
-            try:
-                self.listener.close()
-            except Exception:
-                log.exception("status listener %r failed to close", self.listener)
+            self.close_listener()
+
+    def close_listener(self) -> None:
+        try:
+            self.listener.close()
+        except Exception:  # a listener is never worth failing the run
+            log.exception("status listener %r failed to close", self.listener)
 
     def housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -597,7 +626,8 @@ class Coordinator:
             self.move(job, lane, lane)
 
     def failed_attempt(self, lane: Lane, job: Job[Any], error: str) -> None:
-        """Record a failed attempt: retry in the same state, or after max_retries move on."""
+        """Record a failed attempt: retry in the same state after the state's retry
+        delay, or after max_retries move on."""
         self.record_error(job, lane.name, error)
         job.retries += 1
         limit = lane.state.max_retries
@@ -606,6 +636,10 @@ class Coordinator:
             if self.debug:
                 log.debug("job %s: %d failed attempts in %r", job.id, limit + 1, lane.name)
             self.move(job, lane, self.lanes[lane.state.error_state])
+            return
+        delay = lane.state.retry_seconds(job.retries)
+        if delay > 0:
+            self.retry_later(lane, job, delay)
         else:
             self.move(job, lane, lane)
 
@@ -662,13 +696,16 @@ class Coordinator:
             self.pending[lane] = None
 
     def retry_later(self, lane: Lane, job: Job[Any], delay: float) -> None:
-        """Keep a rate-limited job out of the queue for ``delay`` seconds (Retry-After)."""
+        """Keep a job in its state but out of the queue for ``delay`` seconds (a retry
+        delay, a Retry-After); the time is noted on the job, for the checkpoint."""
         job.last_update = self.now
-        loop = asyncio.get_running_loop()
-        self.delayed[job.id] = loop.call_later(delay, self.release, lane, job)
+        job.not_before = time.time() + delay
+        self.delays.add(lane, job)
 
     def release(self, lane: Lane, job: Job[Any]) -> None:
-        del self.delayed[job.id]
+        job.not_before = None
+        if self.stopping:
+            return  # it keeps its place in the checkpoint's eyes: a job in its state
         lane.queue.append(job)
         self.settle(lane)
 

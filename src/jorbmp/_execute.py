@@ -7,21 +7,24 @@ same way: `run_batch` for blocking execs, `execute_async` for coroutines.
 
 from __future__ import annotations
 
-import asyncio
+import math
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
 import msgspec
 
 from ._protocol import (
+    EXECUTING,
     FAILED_ATTEMPT,
     NIL,
     OK,
     RATE_LIMITED,
+    SENDING,
     SLOT_INDEX,
+    SLOT_PHASE,
     SLOT_STARTED,
     Outcome,
     Results,
@@ -63,7 +66,7 @@ class ContextCodec:
         """``value`` (a context, or a list of them) encoded, or `BrokenContract`."""
         try:
             return msgspec.Raw(self.encode(value))
-        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        except (TypeError, ValueError, OverflowError, MemoryError, msgspec.EncodeError) as exc:
             raise BrokenContract(
                 f"exec of state {state!r} {what} that cannot be encoded: {exc}"
             ) from None
@@ -107,6 +110,12 @@ def interpret(state: str, ret: Any, codec: ContextCodec, seconds: float) -> Outc
         return _failed(
             f"exec of state {state!r} returned an error of type {type(error).__name__}; "
             "expected str, Exception or None",
+            seconds,
+        )
+    if kicks is not None and not isinstance(kicks, (list, tuple)):
+        return _failed(
+            f"exec of state {state!r} returned kicks of type {type(kicks).__name__}; "
+            "expected a list of KickRequest(context, state) or None",
             seconds,
         )
     try:
@@ -153,12 +162,20 @@ def run_batch(
     codec: ContextCodec,
     slot: Any = None,
     timed: bool = False,
+    first: int = 0,
+    chunk_seconds: float = math.inf,
+    chunk_jobs: int | None = None,
+    bad: Mapping[int, str] | None = None,
 ) -> Results:
-    """Call a blocking exec on each context in turn, and collect the outcomes.
+    """Call a blocking exec on each context from ``jcs[first]`` on, and collect the
+    outcomes: of all of them, or (in a worker) of those that fit in one chunk of
+    results, ``chunk_seconds`` of exec time or ``chunk_jobs`` jobs. The caller learns
+    how many ran from the length of what it gets.
 
-    ``slot`` (a worker's shared slot) holds the index of the running exec and, while
-    the batch runs, a start time: the batch's, or with ``timed`` (the state has a
-    timeout) each exec's. It is 0 once the batch is done.
+    ``slot`` (a worker's shared slot, see `jorbmp._protocol`) holds the index of the
+    running exec and a start time (the chunk's, or with ``timed`` each exec's), then
+    the phase `SENDING` once the chunk is done. ``bad`` maps the index of a context
+    that could not be decoded to why: that job fails without running.
     """
     job_type = codec.job_type
     plain: list[int] = []
@@ -166,64 +183,76 @@ def run_batch(
     next_states: dict[str, int] = {}
     contexts: list[Any] = []
     others: list[Outcome] = []
-    kickers: list[int] = []  # the plain jobs that kicked, by index in the batch
+    kickers: list[int] = []  # the plain jobs that kicked, by index in the chunk
     kick_counts: list[int] = []  # how many each of them kicked
     kick_states: list[int] = []
     kick_contexts: list[Any] = []
     clock = time.perf_counter
+    stop = len(jcs) if chunk_jobs is None else min(len(jcs), first + chunk_jobs)
     if slot is not None:
-        slot[SLOT_INDEX] = 0  # first: a death from here on is the first job's
+        slot[SLOT_INDEX] = first  # first: a death from here on is the first job's
         slot[SLOT_STARTED] = time.monotonic()
+        slot[SLOT_PHASE] = EXECUTING
     # One clock reading per exec: each ends where the one before ended, so an exec's
     # time includes the bookkeeping since (well under a microsecond).
-    started = clock()
-    for i, jc in enumerate(jcs):
+    started = chunk_start = clock()
+    for i in range(first, stop):
+        jc = jcs[i]
         if slot is not None:
             slot[SLOT_INDEX] = i
             if timed:
                 slot[SLOT_STARTED] = time.monotonic()
-        try:
-            ret = fn(ac, oc, jc)
-        except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
+        if bad is not None and i in bad:
             ended = clock()
-            outcome = from_exception(state, exc, ended - started)
+            outcome = _failed(bad[i], 0.0)
         else:
-            ended = clock()
-            # The common case, `(jc, next_state)` or `(jc, next_state, kicks)` with
-            # contexts of exactly the job type, needs no checks beyond these and no
-            # `Outcome` (see `Results`).
-            kicks = None
-            if type(ret) is tuple and len(ret) == 2:
-                context, next_state = ret
-            elif type(ret) is tuple and len(ret) == 3 and _plain_kicks(ret[2], job_type):
-                context, next_state, kicks = ret
+            try:
+                ret = fn(ac, oc, jc)
+            except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
+                ended = clock()
+                outcome = from_exception(state, exc, ended - started)
             else:
-                context = next_state = None  # not plain
-            if type(context) is job_type and type(next_state) is str:
-                k = next_states.get(next_state)
-                if k is None:
-                    k = next_states[next_state] = len(next_states)
-                if kicks:
-                    kickers.append(len(plain))
-                    kick_counts.append(len(kicks))
-                    for kick in kicks:
-                        kick_contexts.append(kick.context)
-                        kk = next_states.get(kick.state)
-                        if kk is None:
-                            kk = next_states[kick.state] = len(next_states)
-                        kick_states.append(kk)
-                plain.append(k)
-                seconds.append(ended - started)
-                contexts.append(context)
-                started = ended
-                continue
-            outcome = interpret(state, ret, codec, ended - started)
+                ended = clock()
+                # The common case, `(jc, next_state)` or `(jc, next_state, kicks)` with
+                # contexts of exactly the job type, needs no checks beyond these and no
+                # `Outcome` (see `Results`).
+                kicks = None
+                if type(ret) is tuple and len(ret) == 2:
+                    context, next_state = ret
+                elif type(ret) is tuple and len(ret) == 3 and _plain_kicks(ret[2], job_type):
+                    context, next_state, kicks = ret
+                else:
+                    context = next_state = None  # not plain
+                if type(context) is job_type and type(next_state) is str:
+                    k = next_states.get(next_state)
+                    if k is None:
+                        k = next_states[next_state] = len(next_states)
+                    if kicks:
+                        kickers.append(len(plain))
+                        kick_counts.append(len(kicks))
+                        for kick in kicks:
+                            kick_contexts.append(kick.context)
+                            kk = next_states.get(kick.state)
+                            if kk is None:
+                                kk = next_states[kick.state] = len(next_states)
+                            kick_states.append(kk)
+                    plain.append(k)
+                    seconds.append(ended - started)
+                    contexts.append(context)
+                    started = ended
+                    if ended - chunk_start >= chunk_seconds:
+                        break
+                    continue
+                outcome = interpret(state, ret, codec, ended - started)
         started = ended
         plain.append(-1)
         seconds.append(outcome.seconds)
         others.append(outcome)
+        if ended - chunk_start >= chunk_seconds:
+            break
     if slot is not None:
         slot[SLOT_STARTED] = 0.0
+        slot[SLOT_PHASE] = SENDING
     results = Results(plain, seconds, list(next_states), others=others)
     if kickers:
         results.kick_counts = counts = [0] * len(plain)
@@ -287,17 +316,13 @@ async def execute_async(
     oc: Any,
     jc: Any,
     codec: ContextCodec,
-    timeout: float | None,
 ) -> Outcome:
-    """Await an async exec (abandoned after ``timeout`` seconds) and interpret the result."""
+    """Await an async exec and interpret the result. Whatever the exec raises, its own
+    ``TimeoutError`` included, is its outcome; a ``CancelledError`` propagates, for the
+    task's owner to tell its own cancellations from the exec's."""
     started = time.perf_counter()
     try:
-        if timeout is None:
-            ret = await fn(ac, oc, jc)
-        else:
-            ret = await asyncio.wait_for(fn(ac, oc, jc), timeout)
-    except asyncio.TimeoutError:
-        return _failed(f"timed out after {timeout:g}s", time.perf_counter() - started)
+        ret = await fn(ac, oc, jc)
     except (Exception, SystemExit) as exc:  # sys.exit() in an exec is a failed attempt too
         return from_exception(state, exc, time.perf_counter() - started)
     return interpret(state, ret, codec, time.perf_counter() - started)

@@ -8,18 +8,26 @@ socket to the coordinator (framing in `jorbmp._comms`) and one small shared arra
     -----------                                   --------------------------
     Process(args=(sock, WorkerSpec, slot))  --->  build AC (ac_factory) once
                                             <---  Startup(error=None | text)
-    encode([jc, jc, ...])  (a batch)        --->  for each jc: slot = (i, now)
+    encode([jc, jc, ...])  (a batch)        --->  for each jc: slot = (i, now, EXEC)
                                                     exec(ac, oc, jc)
-                                            <---  encode(Results)
+                                            <---  encode(Results) of the jobs done
+                                                  so far, every few ms of work
+                                            <---  ... until the batch is done
     close the socket                        --->  EOF: the worker exits
 
 - AC, OC, the exec function and the job type cross once, at start (``WorkerSpec``,
   pickled by multiprocessing for spawn, inherited for fork). Per job only the msgpack
   encoding of its context goes out, and its outcome comes back in a batch's `Results`.
-- The slot holds (index in batch of the running exec, start time or 0): the batch's
-  start, or each exec's when the state has a timeout. When the socket hits EOF the
-  coordinator knows which job the worker died in; the housekeeping tick uses the
-  start time to enforce ``State.timeout``.
+- Results stream back in chunks of at most `CHUNK_SECONDS` of work (and about
+  `CHUNK_BYTES`): a worker that dies loses the results of at most that much work,
+  so few finished jobs run again.
+- The slot holds (index in batch of the current job, start time or 0, phase). The
+  phase says what the worker was doing: waiting, decoding a batch, executing job
+  ``index``, or encoding and sending the results up to ``index``. When a worker
+  dies the coordinator knows whom to blame: the job it died in, or (outside an
+  exec) the jobs it was decoding or sending, which are then retried one at a time
+  until the culprit is found. The start time is the chunk's, or each exec's when
+  the state has a timeout; the housekeeping tick uses it to enforce ``State.timeout``.
 - `Results` keeps the common outcome (a context, a next state and maybe kicks, no
   error) in columns: its contexts, and its kicks' contexts, travel as one encoded
   array each, decoded by the coordinator in one call, and it costs no `Outcome` on
@@ -52,7 +60,23 @@ EMPTY_ARRAY = msgspec.Raw(b"\x90")  # msgpack []
 # Slot indexes.
 SLOT_INDEX = 0
 SLOT_STARTED = 1
-SLOT_SIZE = 2
+SLOT_PHASE = 2
+SLOT_BATCH = 3  # which of the batches this worker received, counting from 0
+SLOT_SIZE = 4
+
+# Slot phases: what a worker is doing.
+IDLE = 0.0  # waiting for a batch (or not started)
+DECODING = 1.0  # decoding the batch it received
+EXECUTING = 2.0  # running the exec of job ``index``
+SENDING = 3.0  # encoding and sending the results of the jobs up to ``index``
+
+# Results go back to the coordinator at least this often while a batch runs (in
+# seconds of exec time), so that a worker death loses at most this much finished
+# work; a job that takes longer goes back on its own as soon as it ends.
+CHUNK_SECONDS = 0.005
+# Aim for messages of at most about this many bytes, both ways: bigger ones cost
+# memory on both sides for no gain (the cost per message is long amortised).
+CHUNK_BYTES = 8 << 20
 
 
 class Outcome(msgspec.Struct, array_like=True, gc=False):
@@ -138,6 +162,8 @@ class WorkerSpec(msgspec.Struct):
     overall: Any
     job_type: Any
     timed: bool = False  # the state has a timeout: workers note when each exec starts
+    # The coordinator's pid when it is the worker's parent (fork, spawn), else 0.
+    parent_pid: int = 0
 
     def app_context(self) -> Any:
         """The AC for execs in the process calling this: built by ``ac_factory`` if given."""

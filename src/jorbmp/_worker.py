@@ -3,25 +3,85 @@
 Imports only the protocol, the framing and the exec runner (see `jorbmp._protocol`
 for the conversation). The coordinator owns shutdown: workers ignore SIGINT so a
 Ctrl-C in the terminal reaches only the coordinator, and they exit when their
-socket closes.
+socket closes, or at once when the coordinator dies (``PR_SET_PDEATHSIG``).
+
+Each worker leads its own process group, so that the coordinator can kill a worker
+together with whatever its exec started (a timed-out ``subprocess.run``, say).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
+import os
+import select
 import signal
 import socket
+import sys
+import threading
 from typing import Any
 
 import msgspec
 
+from . import _comms
 from ._comms import WorkerEnd
 from ._execute import ContextCodec, describe, run_batch
-from ._protocol import Startup, WorkerSpec
+from ._protocol import (
+    CHUNK_BYTES,
+    CHUNK_SECONDS,
+    DECODING,
+    FAILED_ATTEMPT,
+    IDLE,
+    SLOT_BATCH,
+    SLOT_INDEX,
+    SLOT_PHASE,
+    Outcome,
+    Results,
+    Startup,
+    WorkerSpec,
+)
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_coordinator(parent: int, sock: socket.socket) -> None:
+    """Make sure this worker (and what its exec started) dies with the coordinator.
+
+    When the coordinator is the parent (pid ``parent``), the kernel kills the worker
+    when it dies (``PR_SET_PDEATHSIG``, Linux). Otherwise (forkserver: the parent is
+    the server, which outlives the coordinator; or another OS) a thread waits for the
+    coordinator's end of the socket to close, which the kernel does when it dies.
+    """
+    if parent and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:
+                os._exit(0)  # orphaned between fork and prctl: the run is gone
+            return
+    if hasattr(select, "poll") and hasattr(select, "POLLRDHUP"):
+        threading.Thread(
+            target=_watch, args=(sock.fileno(),), name="jorbmp-watchdog", daemon=True
+        ).start()
+
+
+def _watch(fd: int) -> None:
+    """Kill this worker's process group once the coordinator's end of ``fd`` closes:
+    it died, or it is done with this worker (which is then exiting anyway)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    while not poller.poll():
+        pass
+    if os.getpgid(0) == os.getpid():  # never the coordinator's group
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # lead a group of its own (the coordinator does it too: a race)
+    _die_with_coordinator(spec.parent_pid, sock)
     # What a forked worker inherits (the coordinator's heap: the run, the application's
     # objects) is never garbage here. Left to the cyclic collector, a full collection
     # would write to every page holding such an object and so copy them all: memory
@@ -35,7 +95,6 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
     link = WorkerEnd(sock)
     slot = memoryview(shared_slot).cast("B").cast("d")  # faster stores than ctypes
     encoder = msgspec.msgpack.Encoder()
-    decoder = msgspec.msgpack.Decoder(list[spec.job_type])  # type: ignore[name-defined]
     try:
         ac = spec.app_context()
     except Exception as exc:
@@ -48,10 +107,92 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
         return  # the run ended before this worker was ready: nothing to do
     if startup.error is not None:
         return
+    decoder = _BatchDecoder(spec.job_type)
     fn, oc, state, codec = spec.exec, spec.overall, spec.state, ContextCodec(spec.job_type)
+    out_per_job = 0.0  # bytes of results per job, as last seen
+    batch = 0
     while (data := link.recv()) is not None:
-        results = run_batch(state, fn, ac, oc, decoder.decode(data), codec, slot, spec.timed)
+        slot[SLOT_INDEX] = 0
+        slot[SLOT_BATCH] = batch
+        slot[SLOT_PHASE] = DECODING
+        batch += 1
+        jcs, bad = decoder.decode(data)
+        in_per_job = len(data) / max(1, len(jcs))
+        first = 0
+        while first < len(jcs):
+            chunk_jobs = max(1, int(CHUNK_BYTES / max(in_per_job, out_per_job, 1.0)))
+            results = run_batch(
+                state, fn, ac, oc, jcs, codec, slot, spec.timed, first, CHUNK_SECONDS,
+                chunk_jobs, bad,
+            )  # fmt: skip
+            n = len(results.plain)
+            try:
+                sent = send_results(link, encoder.encode, results)
+            except OSError:
+                return  # the coordinator is gone
+            out_per_job = sent / n
+            first += n
+        slot[SLOT_PHASE] = IDLE
+
+
+class _BatchDecoder:
+    """Decodes a batch of contexts; when the batch as a whole does not decode, decodes
+    each on its own, so that a bad context fails its job instead of the worker."""
+
+    def __init__(self, job_type: Any) -> None:
+        self.many = msgspec.msgpack.Decoder(list[job_type]).decode
+        self.raws = msgspec.msgpack.Decoder(list[msgspec.Raw]).decode
+        self.one = msgspec.msgpack.Decoder(job_type).decode
+        self.name = getattr(job_type, "__name__", "the job type")
+
+    def decode(self, data: bytes) -> tuple[list[Any], dict[int, str] | None]:
         try:
-            link.send(encoder.encode(results))
-        except OSError:
-            return  # the coordinator is gone
+            return self.many(data), None
+        except msgspec.ValidationError:
+            pass
+        jcs: list[Any] = []
+        bad: dict[int, str] = {}
+        for i, raw in enumerate(self.raws(data)):
+            try:
+                jcs.append(self.one(raw))
+            except msgspec.ValidationError as exc:
+                jcs.append(None)
+                bad[i] = f"job context is not a valid {self.name} in the worker: {exc}"
+        return jcs, bad
+
+
+def send_results(link: WorkerEnd, encode: Any, results: Results) -> int:
+    """Send ``results``, split into smaller messages if they do not fit in one (or
+    cannot be encoded at once); a single job's results that cannot be sent at all
+    become a failed attempt that says why. Returns the bytes sent."""
+    try:
+        data = encode(results)
+    except MemoryError:
+        data = None
+    n = len(results.plain)
+    if (
+        data is not None
+        and (len(data) <= 2 * CHUNK_BYTES or n == 1)
+        and len(data) <= _comms.MAX_PAYLOAD
+    ):
+        link.send(data)
+        return len(data)
+    data = None  # let it go before splitting
+    outcomes = list(results.outcomes())
+    if n > 1:
+        half = n // 2
+        return send_results(link, encode, Results.of(outcomes[:half])) + send_results(
+            link, encode, Results.of(outcomes[half:])
+        )
+    try:
+        size = f"{len(encode(results))} bytes, over the limit of {_comms.MAX_PAYLOAD}"
+    except MemoryError:
+        size = "too big to encode: MemoryError"
+    failed = Outcome(
+        FAILED_ATTEMPT,
+        error=f"the results of this exec cannot be sent to the coordinator ({size})",
+        seconds=outcomes[0].seconds,
+    )
+    data = encode(Results.of([failed]))
+    link.send(data)
+    return len(data)

@@ -205,7 +205,15 @@ class Processor(Generic[AC]):
             coordinator.abandon()
 
     async def _execute(self, run: Run[Any, Any]) -> None:
+        _check_not_bootstrapping()
         self._check_run(run)
+        run._claim()  # atomic: two processors never execute one Run at once
+        try:
+            await self._execute_claimed(run)
+        finally:
+            run._executing = False
+
+    async def _execute_claimed(self, run: Run[Any, Any]) -> None:
         with self._lock:
             self._loop = asyncio.get_running_loop()
             self._interrupts = 0
@@ -221,28 +229,27 @@ class Processor(Generic[AC]):
             self._coordinator = coordinator
             if self._stop_requested:
                 coordinator.request_stop()
-        run._executing = True
         self.last_report = None
         try:
             outcome = await coordinator.execute()
         finally:
-            run._executing = False
             self.last_report = coordinator.final_report
             with self._lock:
                 self._coordinator = None
                 self._loop = None
+        # A Ctrl-C (or SIGTERM) always ends `exec` with KeyboardInterrupt, even when the
+        # jobs that were executing then finished the run: the program was asked to
+        # stop, and what follows `exec` must not run as if it had not been.
+        if self._interrupts:
+            raise KeyboardInterrupt
         if outcome == "stopped":
             left = sum(1 for job in run.jobs.values() if not self._terminal(job.state))
-            if self._interrupts:
-                raise KeyboardInterrupt
             raise Stopped(f"run {run.name!r} stopped with {left} jobs not terminal")
 
     def _terminal(self, state: str) -> bool:
         return any(s.trigger_state == state and s.terminal for s in self.states)
 
     def _check_run(self, run: Run[Any, Any]) -> None:
-        if run._executing:
-            raise RuntimeError(f"run {run.name!r} is already being executed")
         declared = {s.trigger_state for s in self.states}
         stray = [job for job in run.jobs.values() if job.state not in declared]
         if stray:
@@ -288,6 +295,32 @@ class Processor(Generic[AC]):
         return ThreadBackend(name, fn, ac, oc, job_type, state.concurrency, lane)
 
 
+def _check_retry_delay(state: State) -> None:
+    delay = state.retry_delay
+    if callable(delay):
+        state.retry_seconds(1)  # a function that cannot give a delay fails now, not mid-run
+        return
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+        raise ValueError(
+            f"state {state.trigger_state!r}: retry_delay must be seconds (a number) or a "
+            f"function of the attempt number, got {delay!r}"
+        )
+    state.retry_seconds(1)
+
+
+def _check_not_bootstrapping() -> None:
+    """Refuse to execute a run inside a worker process that is still starting: under
+    spawn and forkserver each worker imports the main module again, and a main module
+    that runs the processor without ``if __name__ == "__main__":`` would do it there."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "jorbmp: Processor.exec was called while a worker process was starting: under "
+            "the 'spawn' and 'forkserver' start methods every worker imports the main "
+            "module again, so the code that builds and executes the run must be guarded "
+            'by `if __name__ == "__main__":`'
+        )
+
+
 def _check_picklable(fn: object, what: str) -> None:
     try:
         pickle.dumps(fn)
@@ -328,8 +361,15 @@ def validate_states(states: Sequence[State]) -> list[State]:
             raise ValueError(f"state {name!r} is not terminal and has no exec")
         if not callable(state.exec):
             raise ValueError(f"state {name!r}: exec must be callable")
-        if not isinstance(state.concurrency, int) or state.concurrency < 1:
-            raise ValueError(f"state {name!r}: concurrency must be >= 1, got {state.concurrency}")
+        concurrency = state.concurrency
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+            raise ValueError(
+                f"state {name!r}: concurrency must be an int, got {concurrency!r} "
+                f"({type(concurrency).__name__})"
+            )
+        if concurrency < 1:
+            raise ValueError(f"state {name!r}: concurrency must be >= 1, got {concurrency}")
+        _check_retry_delay(state)
         if state.max_retries is not None and state.max_retries < 0:
             raise ValueError(f"state {name!r}: max_retries must be >= 0 or None")
         is_coro = is_coroutine_function(state.exec)

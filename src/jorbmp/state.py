@@ -9,7 +9,11 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
+from .backoff import Backoff
 from .run import FAILED
+
+# The default retry delay (a frozen dataclass: one instance serves every state).
+DEFAULT_RETRY_DELAY = Backoff()
 
 __all__ = ["KickRequest", "State"]
 
@@ -45,6 +49,11 @@ class State:
     max_retries: int | None = 3
     error_state: str = FAILED
     timeout: float | None = None
+    #: Seconds between a failed attempt and the next: a number, or a function of the
+    #: attempt number (1 for the first retry). The job waits off the queue, holding
+    #: no worker; the time is kept on the job (`Job.not_before`), so it survives a
+    #: stop and a resume. Default: exponential backoff with jitter (`Backoff`).
+    retry_delay: float | Callable[[int], float] = DEFAULT_RETRY_DELAY
     #: Where a process state's execs run instead of a local worker pool, e.g.
     #: ``jorbmp.dask.DaskBackend(...)``; None: the processor's default (local processes).
     backend: Any = None
@@ -54,6 +63,29 @@ class State:
         if self.kind != "auto":
             return self.kind
         return "async" if is_coroutine_function(self.exec) else "process"
+
+    def retry_seconds(self, attempt: int) -> float:
+        """The delay before retry number ``attempt``; ``ValueError`` naming the state when
+        ``retry_delay`` gives anything but a finite number of seconds >= 0."""
+        delay = self.retry_delay
+        try:
+            seconds = delay(attempt) if callable(delay) else delay
+        except Exception as exc:
+            raise ValueError(
+                f"state {self.trigger_state!r}: retry_delay({attempt}) raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not seconds >= 0
+            or seconds == float("inf")
+        ):
+            raise ValueError(
+                f"state {self.trigger_state!r}: retry_delay gave {seconds!r} for attempt "
+                f"{attempt}; expected a finite number of seconds >= 0"
+            )
+        return float(seconds)
 
     @property
     def name(self) -> str:
