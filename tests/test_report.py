@@ -65,7 +65,9 @@ def test_report_names_the_cpu_bound_bottleneck(listener: Any) -> None:
     assert by["burn"].execs == 20 and by["burn"].kind == "process"
     assert 0.8 <= by["burn"].utilisation <= 1.0
     assert by["cheap"].utilisation < 0.2
-    assert 0.04 <= by["burn"].mean_seconds <= by["burn"].p95_seconds < 1.0
+    # Not mean <= p95: one slow exec of twenty (a busy host) lifts the mean above it.
+    assert 0.04 <= by["burn"].mean_seconds < 1.0
+    assert 0.04 <= by["burn"].p95_seconds < 1.0
     assert by["done"].jobs == 20 and by["done"].terminal
     assert report.bottleneck == "burn"
     assert "state 'burn' was busy" in report.hint
