@@ -136,8 +136,11 @@ def sleep_child(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
 
 
 def write_forever(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
-    """Appends the time to its log every 50 ms for 20 s (as an orphan would go on)."""
+    """Starts a child process, then appends the time to its log every 50 ms for 20 s
+    (as an orphan would go on); notes its pid and its child's."""
     path = f"{jc.log}.{jc.n}"
+    child = subprocess.Popen(["sleep", "47.5"])
+    note(path + ".child", f"{child.pid}\n")
     note(path + ".pid", f"{os.getpid()}\n")
     for _ in range(400):
         note(path, f"{time.time()}\n")
@@ -199,4 +202,87 @@ def slow_log_then_hang(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
         time.sleep(30)
     time.sleep(0.012)
     note(jc.log, f"{jc.n} {time.time()}\n")
+    return jc, "done"
+
+
+def feed_b(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
+    """Feeds state "b" (thread state): job 51 takes a while, the others 2 ms."""
+    time.sleep(0.6 if jc.n == 51 else 0.002)
+    return jc, "b"
+
+
+def hang_50_once_keeping_fds(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
+    """Job 50 hangs (for the state's timeout) the first time, after forking a helper
+    that keeps the worker's fds open for 3 s: its death is seen late, while jobs keep
+    arriving."""
+    if jc.n == 50 and not os.path.exists(jc.log):
+        note(jc.log, "hung\n")
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(3)
+            os._exit(0)
+        time.sleep(100)
+    time.sleep(0.0002)
+    return jc, "done"
+
+
+def spin_main(log: str) -> None:
+    """A coordinator (run as a script by a test) that a timeout kill once made spin."""
+    from jorbmp import Processor, Run, State
+
+    run: Run[None, RJob] = Run("r", job_type=RJob)
+    for i in range(300):
+        run.add_job(RJob(n=i, log=log))
+    states = [
+        State("new", feed_b, kind="thread"),
+        State("b", hang_50_once_keeping_fds, timeout=0.3, retry_delay=0),
+        State("done", terminal=True),
+    ]
+    Processor(None, states, grace_period=1).exec(run)
+    print("COMPLETE", run.counts(), flush=True)
+
+
+def terminal_tool(ac: object, oc: object, jc: RJob) -> tuple[RJob, str, None, str]:
+    """Runs a tool that sets the terminal's mode on the fd 0 it inherits (as ffmpeg,
+    ssh or stty do); its outcome is recorded as the job's error text."""
+    tool = "import termios; a = termios.tcgetattr(0); termios.tcsetattr(0, termios.TCSANOW, a)"
+    try:
+        done = subprocess.run(["python3", "-c", tool], timeout=5, capture_output=True)
+        return jc, "done", None, f"tool rc={done.returncode}"
+    except subprocess.TimeoutExpired:
+        return jc, "done", None, "tool timed out"
+
+
+def tty_main(method: str) -> None:
+    from jorbmp import Processor, Run, State
+
+    run: Run[None, RJob] = Run("r", job_type=RJob)
+    run.add_job(RJob(n=0))
+    Processor(
+        None, [State("new", terminal_tool), State("done", terminal=True)], mp_context=method
+    ).exec(run)
+    print("RESULT", run.jobs["0"].state_errors["new"], flush=True)
+
+
+def sqlite_ac() -> object:
+    """ac_factory: a client that only works in the thread that made it."""
+    import sqlite3
+
+    return sqlite3.connect(":memory:")
+
+
+def use_sqlite(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
+    ac.execute("select 1")  # type: ignore[attr-defined]
+    return jc, "done"
+
+
+_inline_running: list[int] = []
+inline_overlap: list[int] = []
+
+
+def slow_inline(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
+    _inline_running.append(jc.n)
+    inline_overlap.append(len(_inline_running))
+    time.sleep(1.0)
+    _inline_running.remove(jc.n)
     return jc, "done"

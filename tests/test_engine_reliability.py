@@ -4,6 +4,7 @@ cancellations and timeouts, message sizes, the claim of a run, orphans, fds."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -328,7 +329,9 @@ def test_workers_die_with_a_killed_coordinator(tmp_path: Path, method: str) -> N
         child.wait()
     killed = time.time()
     time.sleep(0.5)
-    for pid in pids:
+    children = [int(p.read_text()) for p in tmp_path.glob("w.*.child")]
+    assert len(children) == 2
+    for pid in pids + children:  # the workers, and what their execs started
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     for log in tmp_path.glob("w.[0-9]"):
         last = float(log.read_text().split()[-1])
@@ -477,3 +480,86 @@ def test_workers_are_the_leaders_of_their_own_process_groups() -> None:
 
     Processor(None, states(h.process_100ms, concurrency=2), status_listener=Watch()).exec(run)
     assert len(seen) >= 1
+
+
+# -- found by attacking the fixes --------------------------------------------------------
+
+
+def _script(tmp_path: Path, call: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import helpers_reliability as h; {call}"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_a_timeout_kill_seen_late_does_not_make_the_pump_spin(tmp_path: Path) -> None:
+    # Between the kill and the death, free() counted the killed worker's room and
+    # submit() refused it: the pump asked again forever, off the event loop.
+    log = tmp_path / "hung"
+    out = _script(tmp_path, f"h.spin_main({str(log)!r})", timeout=40)
+    assert "COMPLETE" in out.stdout, out.stderr[-2000:]
+    assert "'done': 300" in out.stdout
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_an_exec_s_tool_that_sets_the_terminal_mode_does_not_stop_the_run(method: str) -> None:
+    # Workers lead background process groups of the terminal: without ignoring
+    # SIGTTOU the tool (and the worker with it) would be stopped for good.
+    import pty
+
+    code = f"import sys; sys.path.insert(0, {str(TESTS)!r}); import helpers_reliability as h; h.tty_main({method!r})"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the foreground job of a fresh terminal
+        os.execv(sys.executable, [sys.executable, "-c", code])
+    out = b""
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"RESULT ['tool rc=0']" in out, out[-2000:]
+
+
+def test_retry_after_is_checked_where_it_is_made() -> None:
+    from jorbmp import RateLimitError
+
+    assert RateLimitError("429", retry_after="7").retry_after == 7.0  # a Retry-After header
+    assert RateLimitError("429", retry_after=2).retry_after == 2.0
+    for bad in ("Wed, 21 Oct 2026 07:28:00 GMT", float("nan"), float("inf"), -1, True, [1]):
+        with pytest.raises(ValueError, match="retry_after must be a finite number"):
+            RateLimitError("429", retry_after=bad)  # type: ignore[arg-type]
+
+
+def test_inline_builds_the_app_context_on_the_thread_that_uses_it() -> None:
+    run = jobs(3)
+    processor = Processor(
+        None, states(h.use_sqlite, max_retries=0), ac_factory=h.sqlite_ac, inline=True
+    )
+    processor.exec(run)
+    assert Counter(j.state for j in run.jobs.values()) == {"done": 3}
+
+
+def test_an_abandoned_inline_exec_never_runs_beside_the_next_one() -> None:
+    from jorbmp import Stopped
+
+    h.inline_overlap.clear()
+    run = jobs(2)
+    processor = Processor(None, states(h.slow_inline), inline=True, grace_period=0.1)
+    threading.Timer(0.3, processor.stop).start()
+    with pytest.raises(Stopped):
+        processor.exec(run)
+    processor.exec(run)  # resumed at once, while the abandoned exec still runs
+    assert Counter(j.state for j in run.jobs.values()) == {"done": 2}
+    assert max(h.inline_overlap) == 1

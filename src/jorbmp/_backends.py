@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import functools
 import os
+import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -292,22 +294,59 @@ class InlineRunner:
     Not on the event loop's thread: a blocking exec there would hold up the loop,
     and with it every async and thread state, status and checkpoints (an async exec
     beside a 240 ms inline exec took 720 ms). Debuggers work in that thread as in any.
+    The thread is one per process (`_inline_thread`), shared by every run: an exec
+    abandoned by a stop cannot be interrupted, and the next run's inline execs wait
+    for it instead of running beside it. It is a daemon: leaving the program does not
+    wait for an abandoned exec.
     """
 
     def __init__(self) -> None:
         self.busy = False
         self.backends: list[InlineBackend] = []
-        self.pool: ThreadPoolExecutor | None = None
 
     def submit(self, fn: Callable[[], Results]) -> Future[Results]:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="jorbmp-inline")
-        return self.pool.submit(fn)
+        return _inline_thread().submit(fn)
 
-    def close(self, abandon: bool) -> None:
-        if self.pool is not None and all(b.closed for b in self.backends):
-            self.pool.shutdown(wait=not abandon, cancel_futures=True)
-            self.pool = None
+
+class _InlineThread:
+    """One daemon thread that runs what it is given, in order."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="jorbmp-inline", daemon=True).start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self.queue.put((fn, fut))
+        return fut
+
+    def _serve(self) -> None:
+        while True:
+            fn, fut = self.queue.get()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # reported to the loop, as a thread pool does
+                fut.set_exception(exc)
+
+
+_inline: _InlineThread | None = None
+_inline_lock = threading.Lock()
+
+
+def _inline_thread() -> _InlineThread:
+    global _inline
+    with _inline_lock:
+        if _inline is None:
+            _inline = _InlineThread()
+        return _inline
+
+
+def inline_call(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the inline thread, waited for (e.g. to build an AC that must live
+    on the thread that uses it)."""
+    return _inline_thread().submit(fn).result()
 
 
 class InlineBackend(_InProcess):
@@ -343,4 +382,3 @@ class InlineBackend(_InProcess):
 
     def close(self, abandon: bool) -> None:
         self.closed = True
-        self.runner.close(abandon)

@@ -25,6 +25,10 @@ _COPY_BELOW = 1 << 20
 _GONE = (BrokenPipeError, ConnectionResetError)
 
 
+def _ignore(*args: object) -> None:
+    pass
+
+
 def socket_pair() -> tuple[socket.socket, socket.socket]:
     """A connected pair: (coordinator's end, worker's end)."""
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -159,6 +163,10 @@ class CoordinatorEnd:
         if self._out:
             self.loop.remove_writer(self.fd)
         self.sock.close()
+        # The callbacks refer to the worker, which refers to this end: a cycle that
+        # only the cyclic collector would free, long after the worker is gone.
+        self.on_message = _ignore
+        self.on_closed = self.on_failed = _ignore
 
 
 class WorkerEnd:

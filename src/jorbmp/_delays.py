@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,8 @@ class DelayQueue:
     def add(self, lane: Any, job: Job[Any]) -> None:
         """Hold ``job`` (of ``lane``) until ``job.not_before``."""
         at = job.not_before or 0.0
+        if not math.isfinite(at):  # a hand-edited checkpoint: due now, not never
+            at = 0.0
         heapq.heappush(self.heap, (at, next(self.seq), lane, job))
         if self.timer is None or at < self.timer_at:
             self._arm()

@@ -190,9 +190,11 @@ def run_batch(
     clock = time.perf_counter
     stop = len(jcs) if chunk_jobs is None else min(len(jcs), first + chunk_jobs)
     if slot is not None:
-        slot[SLOT_INDEX] = first  # first: a death from here on is the first job's
+        # The phase before the index: a death in between shows the index of a job
+        # already reported (nobody to blame), never a next job "sending" results.
         slot[SLOT_STARTED] = time.monotonic()
         slot[SLOT_PHASE] = EXECUTING
+        slot[SLOT_INDEX] = first  # a death from here on is the first job's
     # One clock reading per exec: each ends where the one before ended, so an exec's
     # time includes the bookkeeping since (well under a microsecond).
     started = chunk_start = clock()

@@ -41,6 +41,7 @@ from ._protocol import (
     FAILED_ATTEMPT,
     SENDING,
     SLOT_BATCH,
+    SLOT_CLOSING,
     SLOT_INDEX,
     SLOT_PHASE,
     SLOT_SIZE,
@@ -139,6 +140,7 @@ class ProcessPool(Backend):
         # Forked and spawned workers are children of this process: they can tell when
         # it is gone. Under forkserver their parent is the server.
         parent = os.getpid() if ctx.get_start_method() in ("fork", "spawn") else 0
+        self.forkserver = ctx.get_start_method() == "forkserver"
         self.spec = msgspec.structs.replace(spec, parent_pid=parent)
         self.concurrency = concurrency
         self.ctx = ctx
@@ -223,7 +225,11 @@ class ProcessPool(Backend):
         if self.closing:
             return 0
         depth = self._depth()
-        return sum(max(0, depth - len(w.batches)) for w in self.workers if w.ready)
+        # Not a worker being killed: `submit` would not give it work (and the pump
+        # would ask again and again, never returning to the loop).
+        return sum(
+            max(0, depth - len(w.batches)) for w in self.workers if w.ready and w.kill_mark is None
+        )
 
     def executing(self) -> int:
         if self.closing:
@@ -241,9 +247,10 @@ class ProcessPool(Backend):
         # The ready worker with the least work: an idle one if there is one.
         worker = min(ready, key=lambda w: len(w.batches))
         data = self._encode([job.context for job in jobs])
-        while len(jobs) > 1 and len(data) > self.batch_bytes:
+        limit = min(self.batch_bytes, _comms.MAX_PAYLOAD)
+        while len(jobs) > 1 and len(data) > limit:
             # Too many bytes for one message: send what fits, give back the rest.
-            keep = max(1, min(len(jobs) - 1, int(len(jobs) * self.batch_bytes / len(data))))
+            keep = max(1, min(len(jobs) - 1, int(len(jobs) * limit / len(data))))
             self.sink.unrun(jobs[keep:])
             jobs = jobs[:keep]
             data = self._encode([job.context for job in jobs])
@@ -336,7 +343,9 @@ class ProcessPool(Backend):
         reason = worker.kill_reason or f"worker died (exit code {code})"
         # Stopping: a worker killed by the stop signal itself (a Ctrl-C or SIGTERM sent
         # to the whole process group) did nothing wrong; its jobs are not charged.
-        stop_signals = (-signal.SIGTERM, -signal.SIGINT)
+        stop_signals: tuple[int, ...] = (-signal.SIGTERM, -signal.SIGINT)
+        if self.forkserver and code == 255:
+            stop_signals += (255,)  # the server died with it: the worker's code is lost
         if self.sink.halting() and batches and code in stop_signals:
             self.sink.unrun([job for batch in batches for job in batch])
             return
@@ -449,6 +458,8 @@ class ProcessPool(Backend):
             self.loop.remove_reader(worker.process.sentinel)
             if abandon:
                 worker.kill()
+            else:
+                worker.slot[SLOT_CLOSING] = 1.0  # the EOF that follows is no death
             _fds.unregister(worker.link.fd)
             worker.link.close()  # EOF: an idle worker exits at once
 

@@ -62,7 +62,8 @@ SLOT_INDEX = 0
 SLOT_STARTED = 1
 SLOT_PHASE = 2
 SLOT_BATCH = 3  # which of the batches this worker received, counting from 0
-SLOT_SIZE = 4
+SLOT_CLOSING = 4  # set by the coordinator before it closes the socket on purpose
+SLOT_SIZE = 5
 
 # Slot phases: what a worker is doing.
 IDLE = 0.0  # waiting for a batch (or not started)

@@ -6,7 +6,11 @@ Ctrl-C in the terminal reaches only the coordinator, and they exit when their
 socket closes, or at once when the coordinator dies (``PR_SET_PDEATHSIG``).
 
 Each worker leads its own process group, so that the coordinator can kill a worker
-together with whatever its exec started (a timed-out ``subprocess.run``, say).
+together with whatever its exec started (a timed-out ``subprocess.run``, say). That
+group is in the background of the coordinator's terminal, if it has one, so workers
+ignore SIGTTOU and SIGTTIN (and so do the tools their execs run, which inherit that):
+a tool that sets the terminal's mode would otherwise stop the whole group, worker
+included, and the run would hang; one that reads the terminal gets an error instead.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ._protocol import (
     FAILED_ATTEMPT,
     IDLE,
     SLOT_BATCH,
+    SLOT_CLOSING,
     SLOT_INDEX,
     SLOT_PHASE,
     Outcome,
@@ -45,43 +50,59 @@ from ._protocol import (
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_coordinator(parent: int, sock: socket.socket) -> None:
-    """Make sure this worker (and what its exec started) dies with the coordinator.
+def _die_with_coordinator(parent: int, sock: socket.socket, slot: Any) -> None:
+    """Make sure this worker, and what its exec started, dies with the coordinator.
 
-    When the coordinator is the parent (pid ``parent``), the kernel kills the worker
-    when it dies (``PR_SET_PDEATHSIG``, Linux). Otherwise (forkserver: the parent is
-    the server, which outlives the coordinator; or another OS) a thread waits for the
-    coordinator's end of the socket to close, which the kernel does when it dies.
+    When the coordinator is the parent (pid ``parent``), the kernel sends SIGHUP when
+    it dies (``PR_SET_PDEATHSIG``, Linux), and the handler kills the worker's group;
+    until the handler is installed SIGHUP's default action kills the worker alone.
+    Otherwise (forkserver: the parent is the server, which outlives the coordinator;
+    or another OS) a thread waits for the coordinator's end of the socket to close,
+    which the kernel does when it dies.
     """
     if parent and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+            signal.signal(signal.SIGHUP, _orphaned)
             if os.getppid() != parent:
-                os._exit(0)  # orphaned between fork and prctl: the run is gone
+                _kill_group()  # orphaned between fork and prctl: the run is gone
             return
     if hasattr(select, "poll") and hasattr(select, "POLLRDHUP"):
         threading.Thread(
-            target=_watch, args=(sock.fileno(),), name="jorbmp-watchdog", daemon=True
+            target=_watch, args=(sock.fileno(), slot), name="jorbmp-watchdog", daemon=True
         ).start()
 
 
-def _watch(fd: int) -> None:
-    """Kill this worker's process group once the coordinator's end of ``fd`` closes:
-    it died, or it is done with this worker (which is then exiting anyway)."""
+def _orphaned(signum: int, frame: Any) -> None:
+    _kill_group()
+
+
+def _kill_group() -> None:
+    """SIGKILL this worker and what its exec started (its group, if it leads one)."""
+    if os.getpgid(0) == os.getpid():  # never the coordinator's group
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _watch(fd: int, slot: Any) -> None:
+    """Kill this worker's group once the coordinator's end of ``fd`` closes without
+    the coordinator having said it would (`SLOT_CLOSING`): it died."""
     poller = select.poll()
     poller.register(fd, select.POLLRDHUP)
     while not poller.poll():
         pass
-    if os.getpgid(0) == os.getpid():  # never the coordinator's group
-        os.killpg(0, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if not slot[SLOT_CLOSING]:
+        _kill_group()
 
 
 def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None:
     """Entry point of a worker process (the target of ``multiprocessing.Process``)."""
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)  # lead a group of its own (the coordinator does it too: a race)
-    _die_with_coordinator(spec.parent_pid, sock)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # see the module docstring
+    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+    slot = memoryview(shared_slot).cast("B").cast("d")  # faster stores than ctypes
+    _die_with_coordinator(spec.parent_pid, sock, slot)
     # What a forked worker inherits (the coordinator's heap: the run, the application's
     # objects) is never garbage here. Left to the cyclic collector, a full collection
     # would write to every page holding such an object and so copy them all: memory
@@ -93,7 +114,6 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     link = WorkerEnd(sock)
-    slot = memoryview(shared_slot).cast("B").cast("d")  # faster stores than ctypes
     encoder = msgspec.msgpack.Encoder()
     try:
         ac = spec.app_context()

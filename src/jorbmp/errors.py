@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 __all__ = ["CheckpointError", "RateLimitError", "Stopped"]
 
 
@@ -21,14 +23,35 @@ class RateLimitError(Exception):
     e.g. from an HTTP 429 ``Retry-After``) the job waits at least that long.
     """
 
-    def __init__(self, message: str = "", retry_after: float | None = None) -> None:
+    def __init__(self, message: str = "", retry_after: float | str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after = retry_after
+        self.retry_after = _seconds(retry_after)
 
     def __reduce__(self) -> tuple[object, ...]:
         # Keep retry_after when the exception crosses a process boundary.
         return (type(self), (self.message, self.retry_after))
+
+
+def _seconds(value: float | str | None) -> float | None:
+    """``retry_after`` as seconds (a number, or the digits of a ``Retry-After`` header);
+    ``ValueError`` for anything else, so that the exec fails with a clear error."""
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            seconds = None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(
+            f"RateLimitError: retry_after must be a finite number of seconds >= 0 "
+            f"(or a string of one), got {value!r}"
+        )
+    return seconds
 
 
 class Stopped(Exception):
