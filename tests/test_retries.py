@@ -186,3 +186,18 @@ def test_delayed_jobs_show_as_waiting(tmp_path: Path) -> None:
         status_listener=Watch(),
     ).exec(run)
     assert (0, 1) in seen
+
+
+def test_a_redrive_cancels_a_pending_retry_delay(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    run = run_of(1, log)
+    processor = Processor(None, [State("new", h.fail_with_time, retry_delay=3600)])
+    threading.Timer(0.4, processor.stop).start()
+    with pytest.raises(Stopped):
+        processor.exec(run)
+    assert run.jobs["0"].not_before is not None
+    assert run.redrive("new", "new") == ["0"]
+    assert run.jobs["0"].not_before is None
+    processor = Processor(None, [State("new", h.fail_with_time, max_retries=0, retry_delay=0)])
+    processor.exec(run)
+    assert len(attempts(log)[0]) == 2  # tried again at once

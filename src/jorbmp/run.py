@@ -192,7 +192,8 @@ class Run(Generic[OC, JC]):
         self, from_state: str, to_state: str, error_contains: str | None = None
     ) -> list[str]:
         """Move the jobs in ``from_state`` (only those with an error containing
-        ``error_contains``, if given) to ``to_state``, resetting their retry counts.
+        ``error_contains``, if given) to ``to_state``, resetting their retry counts and
+        any retry delay they were waiting out.
 
         The jorb way to patch a run: park failures in a terminal state, fix the code,
         send them back. Returns the ids of the jobs moved.
@@ -210,6 +211,7 @@ class Run(Generic[OC, JC]):
                 continue
             job.state = to_state
             job.retries = 0
+            job.not_before = None  # a redrive means "try it now"
             job.last_update = now
             moved.append(job.id)
         return moved
