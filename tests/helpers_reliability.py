@@ -7,6 +7,7 @@ import asyncio
 import multiprocessing
 import os
 import resource
+import signal
 import subprocess
 import threading
 import time
@@ -138,6 +139,7 @@ def sleep_child(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
 def write_forever(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
     """Starts a child process, then appends the time to its log every 50 ms for 20 s
     (as an orphan would go on); notes its pid and its child's."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup-minded code does
     path = f"{jc.log}.{jc.n}"
     child = subprocess.Popen(["sleep", "47.5"])
     note(path + ".child", f"{child.pid}\n")
@@ -286,3 +288,23 @@ def slow_inline(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
     time.sleep(1.0)
     _inline_running.remove(jc.n)
     return jc, "done"
+
+
+def nested_inline(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
+    """An inline exec that runs a workflow of its own, inline too."""
+    from jorbmp import Processor, Run, State
+
+    inner: Run[None, RJob] = Run("inner", job_type=RJob)
+    inner.add_job(RJob(n=jc.n))
+    Processor(None, [State("new", ok), State("done", terminal=True)], inline=True).exec(inner)
+    assert inner.counts() == {"done": 1}
+    return jc, "done"
+
+
+def hang_3s(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
+    time.sleep(3)
+    return jc, "done"
+
+
+def make_ac() -> str:
+    return "ac"

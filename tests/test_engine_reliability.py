@@ -15,6 +15,8 @@ import textwrap
 import threading
 import time
 from collections import Counter
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -537,7 +539,17 @@ def test_retry_after_is_checked_where_it_is_made() -> None:
 
     assert RateLimitError("429", retry_after="7").retry_after == 7.0  # a Retry-After header
     assert RateLimitError("429", retry_after=2).retry_after == 2.0
-    for bad in ("Wed, 21 Oct 2026 07:28:00 GMT", float("nan"), float("inf"), -1, True, [1]):
+    assert RateLimitError("429", retry_after=Fraction(1, 2)).retry_after == 0.5
+    assert RateLimitError("429", retry_after=Decimal("5")).retry_after == 5.0
+    for bad in (
+        "Wed, 21 Oct 2026 07:28:00 GMT",
+        float("nan"),
+        float("inf"),
+        -1,
+        True,
+        [1],
+        10**400,
+    ):
         with pytest.raises(ValueError, match="retry_after must be a finite number"):
             RateLimitError("429", retry_after=bad)  # type: ignore[arg-type]
 
@@ -563,3 +575,31 @@ def test_an_abandoned_inline_exec_never_runs_beside_the_next_one() -> None:
     processor.exec(run)  # resumed at once, while the abandoned exec still runs
     assert Counter(j.state for j in run.jobs.values()) == {"done": 2}
     assert max(h.inline_overlap) == 1
+
+
+def test_an_inline_exec_can_run_an_inline_workflow_of_its_own() -> None:
+    run = jobs(2)
+    Processor(None, states(h.nested_inline, max_retries=0), inline=True).exec(run)
+    assert Counter(j.state for j in run.jobs.values()) == {"done": 2}
+    # and inline mode still works afterwards, in this process
+    run = jobs(1)
+    Processor(None, states(h.ok), inline=True).exec(run)
+    assert run.counts() == {"done": 1}
+
+
+def test_inline_runs_in_two_threads_do_not_wait_for_each_other() -> None:
+    from jorbmp import Stopped
+
+    slow, fast = jobs(1), jobs(1)
+    a = Processor(None, states(h.hang_3s), inline=True, grace_period=0.1, ac_factory=h.make_ac)
+    b = Processor(None, states(h.hang_3s), inline=True, grace_period=0.1, ac_factory=h.make_ac)
+    other = threading.Thread(target=a.exec, args=(slow,))
+    other.start()
+    time.sleep(0.3)  # a's exec is running
+    threading.Timer(0.5, b.stop).start()
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        b.exec(fast)
+    assert time.monotonic() - started < 2.0  # not behind a's 3 s exec
+    other.join()
+    assert slow.counts() == {"done": 1}

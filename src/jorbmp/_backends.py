@@ -288,31 +288,85 @@ class ThreadBackend(_InProcess):
 
 
 class InlineRunner:
-    """The single slot all inline process states share: one job at a time, in FIFO
-    order, on one thread of the coordinator process.
+    """The single slot all inline process states of one run share: one job at a time,
+    in FIFO order, on one thread of the coordinator process (the run's own).
 
     Not on the event loop's thread: a blocking exec there would hold up the loop,
     and with it every async and thread state, status and checkpoints (an async exec
     beside a 240 ms inline exec took 720 ms). Debuggers work in that thread as in any.
-    The thread is one per process (`_inline_thread`), shared by every run: an exec
-    abandoned by a stop cannot be interrupted, and the next run's inline execs wait
-    for it instead of running beside it. It is a daemon: leaving the program does not
-    wait for an abandoned exec.
+    The thread is a daemon: leaving the program does not wait for an exec abandoned
+    by a stop. Such an exec cannot be interrupted, so a later run's inline execs wait
+    for it (`_abandoned`) instead of running beside it; a run started *by* an inline
+    exec (a nested workflow) has a thread of its own and does not wait for its parent.
     """
 
     def __init__(self) -> None:
         self.busy = False
         self.backends: list[InlineBackend] = []
+        self.thread: _InlineThread | None = None
+        self.current: Future[Any] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.watching = False  # waiting for an abandoned exec, with a callback set
+        self.ac: Any = None
+        self.ac_built = False
 
-    def submit(self, fn: Callable[[], Results]) -> Future[Results]:
-        return _inline_thread().submit(fn)
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        if self.thread is None:
+            self.thread = _InlineThread()
+        self.current = fut = self.thread.submit(fn)
+        return fut
+
+    def app_context(self, factory: Callable[[], Any]) -> Any:
+        """The AC built by ``factory`` on this run's inline thread (a client may only
+        work in the thread that made it), once."""
+        if not self.ac_built:
+            self.ac = self.submit(factory).result()
+            self.ac_built = True
+        return self.ac
+
+    def blocked(self) -> bool:
+        """True while an inline exec abandoned by an earlier run still runs; its end
+        offers the slot again."""
+        pending = [fut for fut in _abandoned if not fut.done()]
+        if not pending:
+            return False
+        if not self.watching:
+            self.watching = True
+            for fut in pending:
+                fut.add_done_callback(self._unblocked)
+        return True
+
+    def _unblocked(self, fut: Future[Any]) -> None:
+        # In the thread that ran the abandoned exec.
+        self.watching = False
+        if self.loop is not None:
+            for backend in self.backends:
+                with contextlib.suppress(RuntimeError):  # this run is over too
+                    self.loop.call_soon_threadsafe(backend.sink.freed)
+
+    def close(self) -> None:
+        """The run is over (every inline backend closed): let the thread go."""
+        if self.thread is None or not all(b.closed for b in self.backends):
+            return
+        current = self.current
+        if current is not None and not current.done():
+            _abandoned.add(current)
+            current.add_done_callback(_abandoned.discard)
+        self.thread.stop()
+        self.thread = None
+
+
+# Inline execs abandoned by a stop that are still running (see `InlineRunner`).
+_abandoned: set[Future[Any]] = set()
 
 
 class _InlineThread:
-    """One daemon thread that runs what it is given, in order."""
+    """One daemon thread that runs what it is given, in order, until `stop`."""
 
     def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
         threading.Thread(target=self._serve, name="jorbmp-inline", daemon=True).start()
 
     def submit(self, fn: Callable[[], Any]) -> Future[Any]:
@@ -320,33 +374,18 @@ class _InlineThread:
         self.queue.put((fn, fut))
         return fut
 
+    def stop(self) -> None:
+        self.queue.put(None)  # after what it is running, if anything
+
     def _serve(self) -> None:
-        while True:
-            fn, fut = self.queue.get()
+        while (item := self.queue.get()) is not None:
+            fn, fut = item
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
                 fut.set_result(fn())
             except BaseException as exc:  # reported to the loop, as a thread pool does
                 fut.set_exception(exc)
-
-
-_inline: _InlineThread | None = None
-_inline_lock = threading.Lock()
-
-
-def _inline_thread() -> _InlineThread:
-    global _inline
-    with _inline_lock:
-        if _inline is None:
-            _inline = _InlineThread()
-        return _inline
-
-
-def inline_call(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on the inline thread, waited for (e.g. to build an AC that must live
-    on the thread that uses it)."""
-    return _inline_thread().submit(fn).result()
 
 
 class InlineBackend(_InProcess):
@@ -359,10 +398,11 @@ class InlineBackend(_InProcess):
         runner.backends.append(self)
 
     def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = self.runner.loop = asyncio.get_running_loop()
 
     def free(self) -> int:
-        return 0 if self.runner.busy or self.closed else 1
+        runner = self.runner
+        return 0 if runner.busy or self.closed or runner.blocked() else 1
 
     def submit(self, jobs: list[Job[Any]]) -> None:
         (job,) = jobs
@@ -382,3 +422,4 @@ class InlineBackend(_InProcess):
 
     def close(self, abandon: bool) -> None:
         self.closed = True
+        self.runner.close()

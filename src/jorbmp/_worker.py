@@ -48,22 +48,29 @@ from ._protocol import (
 )
 
 PR_SET_PDEATHSIG = 1
+# The signal the kernel sends a worker when the coordinator dies (see
+# `_die_with_coordinator`).
+DEATH_SIGNAL = signal.SIGRTMIN + 5 if hasattr(signal, "SIGRTMIN") else signal.SIGHUP
 
 
 def _die_with_coordinator(parent: int, sock: socket.socket, slot: Any) -> None:
     """Make sure this worker, and what its exec started, dies with the coordinator.
 
-    When the coordinator is the parent (pid ``parent``), the kernel sends SIGHUP when
-    it dies (``PR_SET_PDEATHSIG``, Linux), and the handler kills the worker's group;
-    until the handler is installed SIGHUP's default action kills the worker alone.
+    When the coordinator is the parent (pid ``parent``), the kernel sends
+    `DEATH_SIGNAL` when it dies (``PR_SET_PDEATHSIG``, Linux), and the handler kills the
+    worker's group; until the handler is installed the signal's default action kills
+    the worker alone. A real-time signal, which no exec or library is likely to
+    handle or ignore (SIGHUP, say, would be). The handler runs in Python: during one
+    long call into C it waits for that call to return, and the worker dies then,
+    before it can report anything.
     Otherwise (forkserver: the parent is the server, which outlives the coordinator;
     or another OS) a thread waits for the coordinator's end of the socket to close,
     which the kernel does when it dies.
     """
     if parent and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
-            signal.signal(signal.SIGHUP, _orphaned)
+            signal.signal(DEATH_SIGNAL, _orphaned)
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, DEATH_SIGNAL)
             if os.getppid() != parent:
                 _kill_group()  # orphaned between fork and prctl: the run is gone
             return

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import decimal
 import math
+import numbers
 
 __all__ = ["CheckpointError", "RateLimitError", "Stopped"]
 
@@ -33,19 +35,21 @@ class RateLimitError(Exception):
         return (type(self), (self.message, self.retry_after))
 
 
-def _seconds(value: float | str | None) -> float | None:
+def _seconds(value: object) -> float | None:
     """``retry_after`` as seconds (a number, or the digits of a ``Retry-After`` header);
     ``ValueError`` for anything else, so that the exec fails with a clear error."""
     if value is None:
         return None
     seconds: float | None = None
-    if isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, str):
             seconds = float(value.strip())
-        except ValueError:
-            seconds = None
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        elif isinstance(value, bool):
+            seconds = None  # True is not a number of seconds, whatever Python says
+        elif isinstance(value, (numbers.Real, decimal.Decimal)):
+            seconds = float(value)
+    except (ValueError, OverflowError):
+        seconds = None
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(
             f"RateLimitError: retry_after must be a finite number of seconds >= 0 "

@@ -28,7 +28,6 @@ from ._backends import (
     InlineBackend,
     InlineRunner,
     ThreadBackend,
-    inline_call,
 )
 from ._coordinator import Coordinator, Lane
 from ._pool import ProcessPool
@@ -99,8 +98,6 @@ class Processor(Generic[AC]):
         self.grace_period = grace_period
         self._local_ac: Any = None
         self._local_ac_built = False
-        self._inline_ac_value: Any = None
-        self._inline_ac_built = False
         self._lock = threading.Lock()
         self._coordinator: Coordinator | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -272,17 +269,6 @@ class Processor(Generic[AC]):
             self._local_ac_built = True
         return self._local_ac
 
-    def _inline_ac(self) -> Any:
-        """The AC for inline process states: built by ``ac_factory`` on the inline
-        thread, where it is used (a client may only work in the thread that made it),
-        as a worker builds its own."""
-        if self.ac_factory is None:
-            return self.ac
-        if not self._inline_ac_built:
-            self._inline_ac_value = inline_call(self.ac_factory)
-            self._inline_ac_built = True
-        return self._inline_ac_value
-
     def _make_backend(
         self, state: State, lane: Lane, run: Run[Any, Any], runner: InlineRunner
     ) -> Backend:
@@ -300,7 +286,9 @@ class Processor(Generic[AC]):
                 return factory.create(spec, state.concurrency, lane, state.timeout)
             return ProcessPool(spec, state.concurrency, self.mp_context, lane, state.timeout)
         if kind == "process":
-            ac = self._inline_ac()
+            # Built by ac_factory on the run's inline thread, where it is used, as a
+            # worker builds its own.
+            ac = self.ac if self.ac_factory is None else runner.app_context(self.ac_factory)
             return InlineBackend(name, fn, ac, oc, job_type, 1, lane, runner=runner)
         ac = self._coordinator_ac()
         if kind == "async":
