@@ -51,12 +51,20 @@ def note(path: str, text: str) -> None:
         os.close(fd)
 
 
+def first_time(jc: RJob, n: int, suffix: str) -> bool:
+    """True for job ``n`` the first time it runs: notes the time in ``log + suffix``."""
+    marker = jc.log + suffix
+    if jc.n != n or os.path.exists(marker):
+        return False
+    note(marker, f"{time.time()}\n")
+    return True
+
+
 def log_then_die(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
     """Sleeps 1 ms and notes (n, end time); job 60 kills its worker the first time."""
-    marker = jc.log + ".died"
-    if jc.n == 60 and not os.path.exists(marker):
-        time.sleep(0.001)
-        note(marker, f"{time.time()}\n")
+    if jc.n == 60 and not os.path.exists(jc.log + ".died"):
+        time.sleep(0.001)  # dies after 1 ms of exec, as the others take
+    if first_time(jc, 60, ".died"):
         os._exit(9)
     time.sleep(0.001)
     note(jc.log, f"{jc.n} {time.time()}\n")
@@ -65,9 +73,7 @@ def log_then_die(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
 
 def slow_log_then_die(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
     """Like `log_then_die`, with 12 ms execs: each one's results go back on their own."""
-    marker = jc.log + ".died"
-    if jc.n == 20 and not os.path.exists(marker):
-        note(marker, f"{time.time()}\n")
+    if first_time(jc, 20, ".died"):
         os._exit(9)
     time.sleep(0.012)
     note(jc.log, f"{jc.n} {time.time()}\n")
@@ -198,9 +204,7 @@ def fail_with_time(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
 
 def slow_log_then_hang(ac: object, oc: object, jc: RJob) -> tuple[RJob, str]:
     """12 ms execs that note (n, end time); job 10 hangs the first time (a timeout)."""
-    marker = jc.log + ".hung"
-    if jc.n == 10 and not os.path.exists(marker):
-        note(marker, f"{time.time()}\n")
+    if first_time(jc, 10, ".hung"):
         time.sleep(30)
     time.sleep(0.012)
     note(jc.log, f"{jc.n} {time.time()}\n")

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ._execute import ContextCodec, execute_async, from_exception, run_batch
+from ._execute import ContextCodec, bad_context, execute_async, from_exception, run_batch
 from ._protocol import CHUNK_BYTES, FAILED_ATTEMPT, Outcome, Results, WorkerSpec
 from .run import Job
 
@@ -152,7 +152,7 @@ class _InProcess(Backend):
         try:
             return self._decode(self.codec.encode(context))
         except (TypeError, msgspec.EncodeError, msgspec.ValidationError) as exc:
-            raise BadContext(f"job context is not a valid {self._type_name}: {exc}") from None
+            raise BadContext(bad_context(self._type_name, exc)) from None
 
     def free(self) -> int:
         return self.concurrency - self.running

@@ -72,6 +72,12 @@ class ContextCodec:
             ) from None
 
 
+def bad_context(type_name: str, exc: Exception) -> str:
+    """The error of a job whose context does not decode as the job type: it fails
+    without running (the same text wherever the exec would have run)."""
+    return f"job context is not a valid {type_name}: {exc}"
+
+
 def describe(exc: BaseException) -> str:
     """The text recorded for an exception: ``"TypeName: message"``."""
     text = str(exc)

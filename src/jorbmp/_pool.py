@@ -114,6 +114,10 @@ class _Worker:
         self.kill_mark: tuple[float, float, float] | None = None
         self.exit_timer: asyncio.TimerHandle | None = None
 
+    def takes_work(self) -> bool:
+        """Ready, and not being killed (a timeout's kill may not have landed yet)."""
+        return self.ready and self.kill_mark is None
+
     def kill(self) -> None:
         """SIGKILL the worker and its process group (what its exec started)."""
         if self.pid:
@@ -225,11 +229,9 @@ class ProcessPool(Backend):
         if self.closing:
             return 0
         depth = self._depth()
-        # Not a worker being killed: `submit` would not give it work (and the pump
-        # would ask again and again, never returning to the loop).
-        return sum(
-            max(0, depth - len(w.batches)) for w in self.workers if w.ready and w.kill_mark is None
-        )
+        # The same workers as `submit` takes: counting one it would refuse made the
+        # pump ask again and again, never returning to the loop.
+        return sum(max(0, depth - len(w.batches)) for w in self.workers if w.takes_work())
 
     def executing(self) -> int:
         if self.closing:
@@ -240,7 +242,7 @@ class ProcessPool(Backend):
         return [w.process.pid for w in self.workers if w.process.pid is not None]
 
     def submit(self, jobs: list[Job[Any]]) -> None:
-        ready = [w for w in self.workers if w.ready and w.kill_mark is None]
+        ready = [w for w in self.workers if w.takes_work()]
         if not ready:  # a worker died since `free` said there was room
             self.sink.unrun(jobs)
             return
@@ -313,9 +315,8 @@ class ProcessPool(Backend):
         worker.link.drain()
         self._lost(worker)
 
-    def _release(self, worker: _Worker) -> None:
-        """Close a gone worker's socket, sentinel and process handle (their fds now,
-        not whenever the garbage collector gets to them)."""
+    def _detach(self, worker: _Worker) -> None:
+        """Stop watching a worker and close its socket (EOF: an idle worker exits)."""
         if worker.exit_timer is not None:
             worker.exit_timer.cancel()
             worker.exit_timer = None
@@ -323,6 +324,11 @@ class ProcessPool(Backend):
             self.loop.remove_reader(worker.process.sentinel)
         _fds.unregister(worker.link.fd)  # before the close: the number may be reused
         worker.link.close()
+
+    def _release(self, worker: _Worker) -> None:
+        """Detach a gone worker and reap it: its fds close now, not whenever the
+        garbage collector gets to them."""
+        self._detach(worker)
         worker.process.join(0.1 if worker.process.exitcode is None else None)
         if worker.process.exitcode is None:
             worker.kill()
@@ -453,15 +459,11 @@ class ProcessPool(Backend):
         self.closing = True
         self.closed_at = time.monotonic()
         for worker in self.workers:
-            if worker.exit_timer is not None:
-                worker.exit_timer.cancel()
-            self.loop.remove_reader(worker.process.sentinel)
             if abandon:
                 worker.kill()
             else:
                 worker.slot[SLOT_CLOSING] = 1.0  # the EOF that follows is no death
-            _fds.unregister(worker.link.fd)
-            worker.link.close()  # EOF: an idle worker exits at once
+            self._detach(worker)
 
     def wait_closed(self) -> None:
         """Reap the workers `close` sent away; kill any still there after `EXIT_WAIT`."""

@@ -30,7 +30,7 @@ import msgspec
 
 from . import _comms
 from ._comms import WorkerEnd
-from ._execute import ContextCodec, describe, run_batch
+from ._execute import ContextCodec, bad_context, describe, run_batch
 from ._protocol import (
     CHUNK_BYTES,
     CHUNK_SECONDS,
@@ -184,7 +184,7 @@ class _BatchDecoder:
                 jcs.append(self.one(raw))
             except msgspec.ValidationError as exc:
                 jcs.append(None)
-                bad[i] = f"job context is not a valid {self.name} in the worker: {exc}"
+                bad[i] = bad_context(self.name, exc)
         return jcs, bad
 
 

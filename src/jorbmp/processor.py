@@ -300,15 +300,12 @@ class Processor(Generic[AC]):
 
 def _check_retry_delay(state: State) -> None:
     delay = state.retry_delay
-    if callable(delay):
-        state.retry_seconds(1)  # a function that cannot give a delay fails now, not mid-run
-        return
-    if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+    if not callable(delay) and (isinstance(delay, bool) or not isinstance(delay, (int, float))):
         raise ValueError(
             f"state {state.trigger_state!r}: retry_delay must be seconds (a number) or a "
             f"function of the attempt number, got {delay!r}"
         )
-    state.retry_seconds(1)
+    state.retry_seconds(1)  # one that cannot give a delay fails now, not mid-run
 
 
 def _check_not_bootstrapping() -> None:
