@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +17,6 @@ import msgspec
 from .checkpoint import open_checkpoint
 from .errors import CheckpointError
 from .report import RunReport
-from .run import Run
-
-# Error groups shown by `status`, and example job ids per group.
-TOP_ERRORS = 10
-EXAMPLE_IDS = 5
-
-
-def summarize(run: Run[Any, Any]) -> dict[str, Any]:
-    """Per-state counts and the most common errors (grouped by text) of a run."""
-    counts = Counter(job.state for job in run.jobs.values())
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for job in run.jobs.values():
-        for state, texts in job.recorded_errors().items():
-            for text in dict.fromkeys(texts):  # a job counts once per distinct error
-                groups[(state, text)].append(job.id)
-    top = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))[:TOP_ERRORS]
-    return {
-        "report": run.report,
-        "name": run.name,
-        "jobs": len(run.jobs),
-        "states": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "errors": [
-            {"state": state, "error": text, "jobs": len(ids), "examples": ids[:EXAMPLE_IDS]}
-            for (state, text), ids in top
-        ],
-    }
 
 
 def _print_summary(path: Path, summary: dict[str, Any]) -> None:
@@ -68,8 +41,7 @@ def _print_summary(path: Path, summary: dict[str, Any]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
-    run = open_checkpoint(path).deserialize()
-    summary = summarize(run)
+    summary = msgspec.to_builtins(open_checkpoint(path).overview())
     if args.json:
         json.dump(summary, sys.stdout, indent=1)
         print()

@@ -24,6 +24,7 @@ import msgspec
 from .. import _fds
 from ..errors import CheckpointError
 from ..run import Job, Run
+from .overview import Overview, overview_of
 
 __all__ = ["FORMAT_VERSION", "NilSerializer", "RunRecord", "Serializer"]
 
@@ -300,6 +301,12 @@ class Serializer:
     def _write_run(self, run: Run[Any, Any]) -> None:
         """Replace the file with ``run`` (the lock held, the old file checked)."""
         raise NotImplementedError
+
+    def overview(self) -> Overview:
+        """Per-state counts and the most common errors (``python -m jorbmp status``), as
+        `deserialize` would find them. Formats override it to read less than every job
+        (``FileNotFoundError``, ``CheckpointError`` as for `deserialize`)."""
+        return overview_of(self.deserialize())
 
     # Set when this serializer read or wrote the file itself: it is known to be valid.
     _known_good = False
