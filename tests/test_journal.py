@@ -344,7 +344,6 @@ def test_wrong_types_are_a_checkpoint_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (b"", "empty"),
         (b"\x00" * 100, "not a jorbmp journal"),
         (os.urandom(1000), "not a jorbmp journal"),
         (b'{"format": 1, "name": "x"}', "use JsonSerializer"),

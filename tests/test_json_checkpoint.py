@@ -68,7 +68,7 @@ def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (b"", "empty"),
+        (b" \n", "empty"),  # 0 bytes: no checkpoint (test_checkpoint_safety)
         (b'{"format":1,"name":"x","next_id":0,"overall":{"workdir":"/"},"jobs":[', "not a valid"),
         (os.urandom(256), "not a valid"),
         (b'{"format":99,"name":"x","next_id":0,"overall":{"workdir":"/"},"jobs":[]}', "format 99"),

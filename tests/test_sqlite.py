@@ -195,7 +195,6 @@ def bad_json(path: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "reason"),
     [
-        (lambda p: p.write_bytes(b""), "empty"),
         (lambda p: p.write_bytes(os.urandom(5000)), "not a readable jorbmp SQLite"),
         (lambda p: p.write_bytes(b'{"format": 1}'), "use JsonSerializer"),
         (lambda p: p.write_bytes(b"\x89jorbmp journal\n\x01\x00\x00\x00"), "JournalSerializer"),

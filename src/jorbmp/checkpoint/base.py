@@ -9,10 +9,12 @@ processor.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import re
+import struct
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -143,11 +145,17 @@ def write_atomic(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
     directory. A crash at any point leaves either the old file or the new one (and a
     temporary file, which the next writer removes: `remove_temp_files`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parents(path)
     tmp = temp_path(path)
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        old = None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
+            if old is not None:
+                keep_owner(f.fileno(), old)
             f.writelines(chunks)
             f.flush()
             os.fsync(f.fileno())
@@ -159,32 +167,90 @@ def write_atomic(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
     fsync_dir(path.parent)
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (best effort: not every OS allows it)."""
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(directory, os.O_RDONLY)
+def keep_owner(fd: int, old: os.stat_result) -> None:
+    """Give the new file at ``fd`` the mode, owner and group of the file it replaces
+    (``old``), so that a replacement (a `redrive` run by root, or by a member of the
+    file's group) leaves the file usable by whoever could use it before. Ownership is
+    given where the OS allows (root, or a group this user belongs to)."""
+    os.fchmod(fd, old.st_mode & 0o7777)
+    if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            os.fchown(fd, old.st_uid, old.st_gid)
+        except PermissionError:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, old.st_gid)
+        os.fchmod(fd, old.st_mode & 0o7777)  # chown may clear set-id bits
 
 
-# How long `CheckpointLock.acquire` keeps trying a lock that is taken before refusing.
-# A reader that probes the lock (`CheckpointLock.held`: `python -m jorbmp status`, an
-# SQLite `deserialize`) holds it for microseconds, or for a scheduler time slice if it
-# is preempted in between on a busy machine; a processor holds it for a whole run. So
-# a start that finds it taken retries for a while, and only a lock still taken after
-# that is another processor's. (Probing without taking the lock is not possible with
-# flock; a different kind of lock would not exclude processors of older versions.)
+def make_parents(path: Path) -> None:
+    """Create the missing directories above ``path``, each made durable (its parent
+    fsynced), so that a file made durable in them is not lost with them in a crash."""
+    missing: list[Path] = []
+    parent = path.parent
+    while not parent.is_dir():
+        missing.append(parent)
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+            continue  # made meanwhile by someone else, who makes it durable
+        fsync_dir(directory.parent)
+
+
+# What fsync of a directory raises where the OS or the file system does not do it.
+_NO_DIR_FSYNC = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EISDIR}
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename (or a new entry) in ``directory`` durable. Where the OS cannot
+    fsync a directory this does nothing; any other error (EIO, ENOSPC) is raised, as
+    the rename is then not known to be durable."""
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_FSYNC:
+            raise
+    finally:
+        os.close(dir_fd)
+
+
+# How long `CheckpointLock.acquire` keeps trying a lock that is taken before refusing:
+# `serialize` (a `redrive`) holds it for the moment of a write, a processor for a
+# whole run. (Probes do not take it; those of jorbmp 0.1 took it for microseconds.)
 ACQUIRE_PATIENCE = 0.5
 _RETRY_SLEEP = 0.001  # the first pause between tries; it doubles, up to 50 ms
 
+# Open-file-description locks (Linux): a lock that another process can *test* without
+# taking it (F_OFD_GETLK), and that closing some other descriptor of the file does not
+# drop, unlike classic POSIX locks. A processor holds one on the lock file's first byte
+# beside the flock that older versions of jorbmp take and respect.
+_OFD = hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK")
+# struct flock: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t), padded
+# to the alignment of off_t.
+_FLOCK = struct.Struct("hhqqi0q")
+
+
+def _ofd_lock(fd: int, kind: int, test: bool = False) -> int:
+    """Take (or, with ``test``, ask about) an OFD lock of ``kind`` on the first byte of
+    ``fd``; returns the type of the conflicting lock when testing (``F_UNLCK``: none)."""
+    arg = _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0)
+    result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK if test else fcntl.F_OFD_SETLK, arg)
+    return int(_FLOCK.unpack(result)[0])
+
 
 class CheckpointLock:
-    """An exclusive lock on a checkpoint, held while a processor executes it.
+    """An exclusive lock on a checkpoint, held while a processor executes it (and while
+    `serialize` writes it).
 
-    ``flock`` on ``<path>.lock``: the operating system drops it when the holder dies,
-    so a resume after a crash is never refused.
+    ``flock`` plus an OFD lock on ``<path>.lock``: the operating system drops both when
+    the holder dies, so a resume after a crash is never refused; `held` tests the OFD
+    lock without taking anything.
     """
 
     def __init__(self, path: Path) -> None:
@@ -194,56 +260,98 @@ class CheckpointLock:
     def acquire(self) -> None:
         """Take the lock, or raise ``CheckpointError`` naming the checkpoint and the pid of
         the processor that holds it (see `ACQUIRE_PATIENCE`)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        make_parents(self.path)
+        fd = self._open()
         deadline = time.monotonic() + ACQUIRE_PATIENCE
         pause = _RETRY_SLEEP
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
+                if self._try(fd):
+                    break
                 if time.monotonic() >= deadline:
-                    holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-                    os.close(fd)
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                     raise CheckpointError(
                         f"{self.path.with_suffix('')}: checkpoint is in use by another "
                         f"running processor (pid {holder})"
-                    ) from None
+                    )
                 time.sleep(pause)
                 pause = min(2 * pause, 0.05)
             except BaseException:
                 os.close(fd)
                 raise
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         _fds.register(fd)
         self.fd = fd
+
+    def _open(self) -> int:
+        """The lock file, opened for writing; created owner-only, and given to the
+        checkpoint's owner when root makes it (a `redrive` run as root must not leave a
+        lock file its owner cannot open)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except PermissionError:
+            raise CheckpointError(
+                f"{self.path}: cannot open the checkpoint's lock file for writing "
+                "(it belongs to another user?)"
+            ) from None
+        if os.geteuid() == 0:
+            checkpoint = self.path.with_suffix("")
+            try:
+                owner = os.stat(checkpoint if checkpoint.exists() else self.path.parent)
+                if os.fstat(fd).st_uid != owner.st_uid:
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+            except OSError:
+                pass
+        return fd
+
+    @staticmethod
+    def _try(fd: int) -> bool:
+        """Both locks taken (True), or neither (False: someone holds one)."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        if not _OFD:
+            return True
+        try:
+            _ofd_lock(fd, fcntl.F_WRLCK)
+        except OSError as exc:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
 
     @staticmethod
     def held(path: Path) -> bool:
         """True when a live processor holds the lock on the checkpoint at ``path``.
 
-        It takes a shared lock for a moment to find out (flock has no other way to ask):
-        probes do not exclude each other, and a processor starting meanwhile retries
-        (`ACQUIRE_PATIENCE`)."""
+        With OFD locks it tests the lock without taking it, so a probe (``python -m
+        jorbmp status``, a `deserialize`) never makes a starting processor wait or fail;
+        elsewhere it takes a shared flock for a moment, and a processor starting
+        meanwhile retries (`ACQUIRE_PATIENCE`). A lock file that cannot be opened (no
+        permission) is reported as not held: readers go on and read consistently."""
         lock = path.with_name(path.name + ".lock")
         try:
             fd = os.open(lock, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
+            if _OFD:
+                return _ofd_lock(fd, fcntl.F_RDLCK, test=True) != fcntl.F_UNLCK
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False
         finally:
             os.close(fd)
-        return False
 
     def release(self) -> None:
         if self.fd is not None:
             _fds.unregister(self.fd)
-            os.close(self.fd)  # closing drops the flock
+            os.close(self.fd)  # closing drops both locks
             self.fd = None
 
 
@@ -261,29 +369,68 @@ def file_state(*paths: Path) -> tuple[tuple[int, int, int, int] | None, ...]:
     return tuple(states)
 
 
+FileStates = tuple[tuple[int, int, int, int] | None, ...]
+
+
 class _Base:
-    """A run that a checkpoint file held exactly, as this process last read or wrote it."""
+    """A checkpoint file as this process last read or wrote it: its `file_state`, and
+    the run it then held exactly, if known."""
 
     __slots__ = ("files", "jobs", "run")
 
-    def __init__(self, run: Run[Any, Any], files: tuple[Any, ...]) -> None:
-        self.run = weakref.ref(run)
-        self.jobs = len(run.jobs)  # the first `jobs` jobs of the run are those in the file
+    def __init__(self, run: Run[Any, Any] | None, files: FileStates) -> None:
+        self.run = None if run is None else weakref.ref(run)
+        self.jobs = 0 if run is None else len(run.jobs)  # the run's first jobs are the file's
         self.files = files
 
 
-# Per checkpoint path (resolved), the run it holds, as far as this process knows: so
-# that a processor resuming a run that another serializer object loaded knows too.
+# Per checkpoint path (resolved), the file as this process last saw it: so that `begin`
+# can tell that someone changed it since it was loaded (another processor, a redrive),
+# whichever serializer object loaded it, and a format can write less when it holds the
+# run being resumed.
 _bases: dict[Path, _Base] = {}
 
 
 class Serializer:
-    """Base of the checkpoint formats. Subclasses implement `deserialize` and `_write_run`
-    (or `serialize` itself) and may override the processor hooks to write incrementally."""
+    """Base of the checkpoint formats. Subclasses implement `_read` and `_write_run`
+    (or `serialize` itself) and may override the processor hooks to write incrementally.
+
+    Load-then-execute is safe: `deserialize` notes the file's identity (device, inode,
+    size, modification time) before it reads, and `begin`, under the lock, refuses
+    (``CheckpointError``) a file that is no longer the one this process last read or
+    wrote, or that appeared since a `deserialize` found none. So a `redrive` between
+    the load and `exec` is never overwritten, and of two copies of a program that start
+    the same run together, one runs and the other is refused.
+    """
+
+    path: Path
 
     def deserialize(self) -> Run[Any, Any]:
         """Load the run: ``FileNotFoundError`` if there is none, ``CheckpointError`` if
-        it is corrupt or does not fit the types."""
+        it is corrupt or does not fit the types.
+
+        A file of 0 bytes (with no SQLite log beside it) counts as none, with a
+        warning: jorbmp never leaves one (its writes appear whole), so it is someone
+        else's, such as an ``sqlite3`` shell run before the first write."""
+        files = self._state()
+        self._known_good = None
+        try:
+            if files[0] is not None and all(f is None or f[2] == 0 for f in files):
+                log.warning(
+                    "%s: the file is empty and no jorbmp wrote it: treated as no checkpoint",
+                    self.path,
+                )
+                raise FileNotFoundError(errno.ENOENT, "empty checkpoint file", str(self.path))
+            run = self._read()
+        except FileNotFoundError:
+            self._note_base(None, files)
+            raise
+        self._note_base(run, files)
+        self._known_good = files
+        return run
+
+    def _read(self) -> Run[Any, Any]:
+        """Read the file (`deserialize` without the bookkeeping)."""
         raise NotImplementedError
 
     def serialize(self, run: Run[Any, Any]) -> None:
@@ -296,7 +443,7 @@ class Serializer:
         with self.locked():
             self.check_overwritable()
             self._write_run(run)
-        self._known_good = True
+            self._wrote(run)
 
     def _write_run(self, run: Run[Any, Any]) -> None:
         """Replace the file with ``run`` (the lock held, the old file checked)."""
@@ -308,14 +455,20 @@ class Serializer:
         (``FileNotFoundError``, ``CheckpointError`` as for `deserialize`)."""
         return overview_of(self.deserialize())
 
-    # Set when this serializer read or wrote the file itself: it is known to be valid.
-    _known_good = False
+    # The file's state when this serializer last read or wrote it whole: it is then
+    # known to be valid (while it has not changed since).
+    _known_good: FileStates | None = None
     _lock: CheckpointLock | None = None
 
     def _setup(self, path: str | os.PathLike[str], overall_type: Any, job_type: Any) -> Any:
         """What every file format's constructor does; returns the job type to decode
-        (``Any``, plain data, when none is given)."""
-        self.path = Path(path)
+        (``Any``, plain data, when none is given).
+
+        The path is resolved once, here: through a symlink, the data file, SQLite's
+        log and the lock are all beside the link's target, and a write replaces the
+        target, not the link; so a processor on the link and one on the real path
+        exclude each other."""
+        self.path = Path(os.path.realpath(path))
         self.overall_type = overall_type if overall_type is not None else Any
         self.job_type = job_type
         self._lock = CheckpointLock(self.path)
@@ -347,11 +500,13 @@ class Serializer:
             lock.release()
 
     def _claim(self, run: Run[Any, Any]) -> int | None:
-        """What `begin` does first in every format: take the lock (see `_acquire`) and
-        check that the file may be overwritten. Returns `_base_jobs` (read under the
-        lock, before anything else reads the file)."""
+        """What `begin` does first in every format: take the lock (see `_acquire`),
+        check that the file is as this process last saw it (see the class docstring)
+        and that it may be overwritten. Returns `_base_jobs` (read under the lock,
+        before anything else reads the file)."""
         self._acquire()
         try:
+            self._check_unchanged()
             base = self._base_jobs(run)
             if base is None:  # (a file known to hold the run can be read)
                 self.check_overwritable()
@@ -359,6 +514,19 @@ class Serializer:
             self._release()
             raise
         return base
+
+    def _check_unchanged(self) -> None:
+        base = _bases.get(self.path)
+        if base is None or base.files == self._state():
+            return
+        self._known_good = None
+        self.check_overwritable()  # an unreadable file: say that first
+        seen = "found no checkpoint" if base.files[0] is None else "last read or wrote it"
+        raise CheckpointError(
+            f"{self.path}: the checkpoint changed since this process {seen} (another "
+            "processor executed it, or a redrive or an edit changed it): executing the "
+            "run loaded before would overwrite that; load it again with deserialize()"
+        )
 
     def _release(self) -> None:
         """Let go of the checkpoint's lock, if this serializer holds it."""
@@ -368,7 +536,8 @@ class Serializer:
     def check_overwritable(self) -> None:
         """Refuse (``CheckpointError``) to replace a checkpoint that cannot be read: the
         file is left byte-for-byte as it is, for a person to look at."""
-        if self._known_good:
+        known = self._known_good
+        if known is not None and known == self._state():
             return
         try:
             self.deserialize()
@@ -385,21 +554,29 @@ class Serializer:
         """The files whose state tells whether someone changed the checkpoint."""
         return (self.path,)
 
-    def _note_base(self, run: Run[Any, Any] | None, files: tuple[Any, ...] | None = None) -> None:
-        """The file holds exactly ``run`` (None: nothing known), in the state ``files``
-        (`file_state` of `_files`; by default, as they are now)."""
-        key = self.path.resolve()
-        if run is None:
-            _bases.pop(key, None)
-        else:
-            _bases[key] = _Base(run, file_state(*self._files()) if files is None else files)
+    def _state(self) -> FileStates:
+        """`file_state` of `_files`: what `begin` compares with what it was at the load."""
+        return file_state(*self._files())
+
+    def _note_base(self, run: Run[Any, Any] | None, files: FileStates | None = None) -> None:
+        """The file holds exactly ``run`` (None: nothing known of what it holds), in the
+        state ``files`` (`file_state` of `_files`; by default, as they are now)."""
+        _bases[self.path] = _Base(run, self._state() if files is None else files)
+
+    def _wrote(self, run: Run[Any, Any] | None) -> None:
+        """This serializer has just written the file (holding the lock): it holds
+        exactly ``run`` (None: something else, or not known)."""
+        self._note_base(run)
+        self._known_good = self._state() if run is not None else None
 
     def _base_jobs(self, run: Run[Any, Any]) -> int | None:
         """How many of ``run``'s jobs (the first ones) the file holds as they were when
         this process last read or wrote it, if the file holds ``run`` and no one changed
         it since; None otherwise."""
-        base = _bases.get(self.path.resolve())
-        if base is None or base.run() is not run or base.files != file_state(*self._files()):
+        base = _bases.get(self.path)
+        if base is None or base.run is None or base.run() is not run:
+            return None
+        if base.files != self._state():
             return None
         return base.jobs if len(run.jobs) >= base.jobs else None
 

@@ -233,6 +233,7 @@ class JournalSerializer(IncrementalSerializer):
         self.journal_bytes = 0
         self._tracking = False
         self._first_due = 0.0
+        self._run: Run[Any, Any] | None = None  # while executing
 
     def __repr__(self) -> str:
         state = (
@@ -245,11 +246,9 @@ class JournalSerializer(IncrementalSerializer):
 
     # -- reading --------------------------------------------------------------------
 
-    def deserialize(self) -> Run[Any, Any]:
+    def _read(self) -> Run[Any, Any]:
         raw = self.path.read_bytes()  # FileNotFoundError propagates, as the contract says
-        run = self._replay(raw)
-        self._known_good = True
-        return run
+        return self._replay(raw)
 
     def _replay(self, raw: bytes) -> Run[Any, Any]:
         path = self.path
@@ -395,10 +394,10 @@ class JournalSerializer(IncrementalSerializer):
         # Nothing is written until the first snapshot (see the module docstring), which
         # also leaves the file compact and without any torn tail.
         self._close_fd()
-        self._known_good = True
         self._reset_batches()
         self._tracking = False  # whether changed jobs must be noted: once a snapshot is made
         self._first_due = self._first_deadline()
+        self._run = run
         self._active = True
 
     def job_changed(self, job: Job[Any]) -> None:
@@ -434,7 +433,13 @@ class JournalSerializer(IncrementalSerializer):
 
     def end(self) -> None:
         try:
-            self._stop_writer()
+            written = self._stop_writer()
         finally:
             self._close_fd()
-            self._release()
+            try:
+                # What the file holds now is this execution's doing (the lock is held).
+                complete = written and not self._dirty and self._tracking
+                self._wrote(self._run if complete else None)
+            finally:
+                self._run = None
+                self._release()

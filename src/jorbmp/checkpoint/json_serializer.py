@@ -48,7 +48,7 @@ class JsonSerializer(Serializer):
     def __repr__(self) -> str:
         return f"JsonSerializer({str(self.path)!r})"
 
-    def deserialize(self) -> Run[Any, Any]:
+    def _read(self) -> Run[Any, Any]:
         data = self.path.read_bytes()  # FileNotFoundError propagates, as the contract says
         if not data.strip():
             raise CheckpointError(f"{self.path}: checkpoint file is empty")
@@ -58,9 +58,7 @@ class JsonSerializer(Serializer):
             raise CheckpointError(
                 f"{self.path}: not a valid jorbmp JSON checkpoint: {exc}"
             ) from None
-        run = run_of(record, self.job_type, self.path)
-        self._known_good = True
-        return run
+        return run_of(record, self.job_type, self.path)
 
     def _write_run(self, run: Run[Any, Any]) -> None:
         started = time.monotonic()

@@ -73,7 +73,7 @@ import msgspec
 from ..errors import CheckpointError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
-from .base import CheckpointLock, file_state, format_hint, fsync_dir, temp_path
+from .base import CheckpointLock, FileStates, file_state, format_hint, fsync_dir, temp_path
 
 __all__ = ["SqliteSerializer"]
 
@@ -310,7 +310,7 @@ class SqliteSerializer(IncrementalSerializer):
 
     # -- reading --------------------------------------------------------------------
 
-    def deserialize(self) -> Run[Any, Any]:
+    def _read(self) -> Run[Any, Any]:
         path = self.path
         if not path.exists():  # connecting would create it
             raise FileNotFoundError(errno.ENOENT, "no SQLite checkpoint", str(path))
@@ -325,8 +325,6 @@ class SqliteSerializer(IncrementalSerializer):
             or path.with_name(path.name + "-journal").exists()
             or (lock.fd is None and CheckpointLock.held(path))  # ours: no writes yet
         )
-        # Before reading: a change made while it reads makes this differ at `begin`.
-        files = file_state(*self._files())
         uri = f"{path.resolve().as_uri()}?mode=ro{'&immutable=1' if quiet else ''}"
         try:
             conn = sqlite3.connect(uri, uri=True)
@@ -339,14 +337,17 @@ class SqliteSerializer(IncrementalSerializer):
             raise CheckpointError(
                 f"{path}: not a readable jorbmp SQLite checkpoint: {exc}{_sniff(path)}"
             ) from None
-        self._known_good = True
-        self._note_base(run, files)
         return run
 
     def _files(self) -> tuple[Path, ...]:
         # A commit appends to the -wal file; closing the last connection folds it
         # into the database (whose modification time changes) and removes it.
         return (self.path, self.path.with_name(self.path.name + "-wal"))
+
+    def _state(self) -> FileStates:
+        # An empty -wal file holds nothing: a reader may leave one (it cannot remove it).
+        db, wal = file_state(*self._files())
+        return (db, None if wal is None or wal[2] == 0 else wal)
 
     def _load(self, conn: sqlite3.Connection) -> Run[Any, Any]:
         path = self.path
@@ -563,7 +564,6 @@ class SqliteSerializer(IncrementalSerializer):
             self._commit_all(conn, self._head(run), ([], []))
         finally:
             self._close()
-        self._note_base(run)
 
     def _store_first(self, chunks: list[_Rows], commit: tuple[_Head, _Rows] | None) -> None:
         """Writer thread: one step of the first write of an execution: insert ``chunks``
@@ -633,8 +633,6 @@ class SqliteSerializer(IncrementalSerializer):
         # writes from the first flush on, either the first write or the steps of the
         # rewrite pass (see the module docstring). Until the first commit, the file
         # holds what it held before.
-        self._note_base(None)  # the file is about to change
-        self._known_good = True
         self._reset_batches()
         self._need_full = True
         self._first = None
@@ -746,6 +744,6 @@ class SqliteSerializer(IncrementalSerializer):
                 # The file now holds the run exactly, if every write succeeded: a later
                 # execution of it in this process can start with the rewrite pass.
                 complete = written and not self._need_full and not self._dirty
-                self._note_base(run if complete else None)
+                self._wrote(run if complete else None)
             finally:
                 self._release()
