@@ -354,3 +354,14 @@ def test_a_replacement_keeps_the_files_owner_and_mode(tmp_path: Path, kind: str)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (65534, 65534, 0o640)
     lock = path.with_name(path.name + ".lock").stat()
     assert lock.st_uid == 65534
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_checkpoint_deleted_to_start_over_is_no_change(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"run.{SUFFIX[kind]}"
+    ser = serializer(kind, path)
+    Processor(None, states(), ser).exec(make_run(5))
+    path.unlink()  # start over, in the same process
+    Processor(None, states(), ser).exec(fresh := make_run(8))
+    assert serializer(kind, path).deserialize() == fresh

@@ -87,13 +87,35 @@ def record_of(run: Run[Any, Any], jobs: list[Job[Any]] | None = None) -> RunReco
     )
 
 
+class _Format(msgspec.Struct):
+    format: int
+
+
+def check_format(path: Path, found: object, expected: int) -> None:
+    """``CheckpointError`` naming both versions when a file's format is not ``expected``
+    (checked before anything else of the file, whose layout may have changed); None:
+    the file says nothing readable about its format."""
+    if found is not None and found != expected:
+        newer = (
+            " (written by a newer jorbmp?)" if isinstance(found, int) and found > expected else ""
+        )
+        raise CheckpointError(
+            f"{path}: checkpoint format {found} is not supported{newer} "
+            f"(this jorbmp reads format {expected})"
+        )
+
+
+def format_in(data: bytes) -> int | None:
+    """The ``format`` of a JSON record, whatever else it holds (None if it has none)."""
+    try:
+        return msgspec.json.decode(data, type=_Format).format
+    except msgspec.DecodeError:
+        return None
+
+
 def run_of(record: RunRecord[Any, Any], job_type: Any, path: Path) -> Run[Any, Any]:
     """Rebuild a Run from its record; ``CheckpointError`` if the record is inconsistent."""
-    if record.format != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format {record.format} is not supported "
-            f"(this jorbmp reads format {FORMAT_VERSION})"
-        )
+    check_format(path, record.format, FORMAT_VERSION)
     run: Run[Any, Any] = Run(record.name, record.overall, job_type)
     for job in record.jobs:
         if job.id in run.jobs:
@@ -285,24 +307,30 @@ class CheckpointLock:
         self.fd = fd
 
     def _open(self) -> int:
-        """The lock file, opened for writing; created owner-only, and given to the
-        checkpoint's owner when root makes it (a `redrive` run as root must not leave a
-        lock file its owner cannot open)."""
+        """The lock file, opened for writing. A new one gets the checkpoint's owner,
+        group and permissions (whoever may write a group-shared checkpoint may lock
+        it; one that root makes for a `redrive` stays usable by the owner); owner-only
+        when there is no checkpoint yet."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        except PermissionError:
-            raise CheckpointError(
-                f"{self.path}: cannot open the checkpoint's lock file for writing "
-                "(it belongs to another user?)"
-            ) from None
-        if os.geteuid() == 0:
-            checkpoint = self.path.with_suffix("")
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
             try:
-                owner = os.stat(checkpoint if checkpoint.exists() else self.path.parent)
-                if os.fstat(fd).st_uid != owner.st_uid:
-                    os.fchown(fd, owner.st_uid, owner.st_gid)
-            except OSError:
-                pass
+                fd = os.open(self.path, os.O_RDWR)
+            except PermissionError:
+                raise CheckpointError(
+                    f"{self.path}: cannot open the checkpoint's lock file for writing "
+                    "(it belongs to another user?)"
+                ) from None
+            if os.geteuid() != 0 or os.fstat(fd).st_uid != 0:
+                return fd
+            # Root's, beside a checkpoint that is not (made by an earlier root run):
+            # hand it over, below.
+        try:
+            keep_owner(fd, os.stat(self.path.with_suffix("")))
+        except FileNotFoundError:
+            pass  # no checkpoint yet: owner-only
+        except OSError as exc:  # the lock works all the same
+            log.warning("%s: cannot give the lock file the checkpoint's owner: %s", self.path, exc)
         return fd
 
     @staticmethod
@@ -517,7 +545,10 @@ class Serializer:
 
     def _check_unchanged(self) -> None:
         base = _bases.get(self.path)
-        if base is None or base.files == self._state():
+        now = self._state()
+        # No record: this process never looked (a fresh run on purpose). No file now:
+        # nothing to overwrite (it was deleted to start over).
+        if base is None or base.files == now or now[0] is None:
             return
         self._known_good = None
         self.check_overwritable()  # an unreadable file: say that first

@@ -11,7 +11,16 @@ import msgspec
 
 from ..errors import CheckpointError
 from ..run import Job, Run
-from .base import RunRecord, Serializer, record_of, run_of, write_atomic
+from .base import (
+    FORMAT_VERSION,
+    RunRecord,
+    Serializer,
+    check_format,
+    format_in,
+    record_of,
+    run_of,
+    write_atomic,
+)
 
 __all__ = ["JsonSerializer"]
 
@@ -55,6 +64,7 @@ class JsonSerializer(Serializer):
         try:
             record = self._decoder.decode(data)
         except msgspec.DecodeError as exc:
+            check_format(self.path, format_in(data), FORMAT_VERSION)  # a newer layout?
             raise CheckpointError(
                 f"{self.path}: not a valid jorbmp JSON checkpoint: {exc}"
             ) from None
