@@ -365,3 +365,22 @@ def test_a_checkpoint_deleted_to_start_over_is_no_change(tmp_path: Path, kind: s
     path.unlink()  # start over, in the same process
     Processor(None, states(), ser).exec(fresh := make_run(8))
     assert serializer(kind, path).deserialize() == fresh
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_run_loaded_before_a_change_stays_stale_after_another_look(
+    tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / f"run.{SUFFIX[kind]}"
+    failed_once(kind, path)
+    stale = serializer(kind, path).deserialize()
+    assert cli("redrive", str(path), "--from", "failed", "--to", "new").returncode == 0
+    # Looking at the changed file again (an overview, or a load into another Run
+    # object) does not make the run loaded before it current.
+    assert serializer(kind, path).overview().states.get("new") == 5
+    fresh = serializer(kind, path).deserialize()
+    with pytest.raises(CheckpointError, match="changed since"):
+        Processor(None, states(), serializer(kind, path)).exec(stale)
+    Processor(None, states(), serializer(kind, path)).exec(fresh)
+    assert fresh.counts().get("new") is None

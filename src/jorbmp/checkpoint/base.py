@@ -417,6 +417,18 @@ class _Base:
 # whichever serializer object loaded it, and a format can write less when it holds the
 # run being resumed.
 _bases: dict[Path, _Base] = {}
+# Per run (its id, while it lives), the state of each file it was loaded from or
+# written to: a run loaded before a change is stale even if this process has read the
+# changed file since (into another Run object).
+_run_files: dict[int, dict[Path, FileStates]] = {}
+
+
+def _files_of(run: Run[Any, Any]) -> dict[Path, FileStates]:
+    files = _run_files.get(id(run))
+    if files is None:
+        files = _run_files[id(run)] = {}
+        weakref.finalize(run, _run_files.pop, id(run), None)
+    return files
 
 
 class Serializer:
@@ -443,12 +455,7 @@ class Serializer:
         files = self._state()
         self._known_good = None
         try:
-            if files[0] is not None and all(f is None or f[2] == 0 for f in files):
-                log.warning(
-                    "%s: the file is empty and no jorbmp wrote it: treated as no checkpoint",
-                    self.path,
-                )
-                raise FileNotFoundError(errno.ENOENT, "empty checkpoint file", str(self.path))
+            self._check_present(files)
             run = self._read()
         except FileNotFoundError:
             self._note_base(None, files)
@@ -456,6 +463,17 @@ class Serializer:
         self._note_base(run, files)
         self._known_good = files
         return run
+
+    def _check_present(self, files: FileStates | None = None) -> None:
+        """``FileNotFoundError`` for a file of 0 bytes (and no SQLite log with something in
+        it), with a warning (see `deserialize`); every reader checks this first."""
+        files = self._state() if files is None else files
+        if files[0] is not None and all(f is None or f[2] == 0 for f in files):
+            log.warning(
+                "%s: the file is empty and no jorbmp wrote it: treated as no checkpoint",
+                self.path,
+            )
+            raise FileNotFoundError(errno.ENOENT, "empty checkpoint file", str(self.path))
 
     def _read(self) -> Run[Any, Any]:
         """Read the file (`deserialize` without the bookkeeping)."""
@@ -480,8 +498,10 @@ class Serializer:
     def overview(self) -> Overview:
         """Per-state counts and the most common errors (``python -m jorbmp status``), as
         `deserialize` would find them. Formats override it to read less than every job
-        (``FileNotFoundError``, ``CheckpointError`` as for `deserialize`)."""
-        return overview_of(self.deserialize())
+        (``FileNotFoundError``, ``CheckpointError`` as for `deserialize`). It changes
+        nothing of what `begin` checks: it is a look, not a load."""
+        self._check_present()
+        return overview_of(self._read())
 
     # The file's state when this serializer last read or wrote it whole: it is then
     # known to be valid (while it has not changed since).
@@ -534,7 +554,7 @@ class Serializer:
         before anything else reads the file)."""
         self._acquire()
         try:
-            self._check_unchanged()
+            self._check_unchanged(run)
             base = self._base_jobs(run)
             if base is None:  # (a file known to hold the run can be read)
                 self.check_overwritable()
@@ -543,18 +563,24 @@ class Serializer:
             raise
         return base
 
-    def _check_unchanged(self) -> None:
-        base = _bases.get(self.path)
+    def _check_unchanged(self, run: Run[Any, Any]) -> None:
         now = self._state()
-        # No record: this process never looked (a fresh run on purpose). No file now:
-        # nothing to overwrite (it was deleted to start over).
-        if base is None or base.files == now or now[0] is None:
+        if now[0] is None:
+            return  # nothing to overwrite (it never was, or was deleted to start over)
+        # A run loaded from (or written to) the file needs the file as it was then;
+        # another run, the file as this process last saw it, if it looked at all (a
+        # run built without looking is meant to replace what is there).
+        seen = _run_files.get(id(run), {}).get(self.path)
+        base = _bases.get(self.path)
+        if seen is None and base is not None:
+            seen = base.files
+        if seen is None or seen == now:
             return
         self._known_good = None
         self.check_overwritable()  # an unreadable file: say that first
-        seen = "found no checkpoint" if base.files[0] is None else "last read or wrote it"
+        seen_how = "found no checkpoint" if seen[0] is None else "last read or wrote it"
         raise CheckpointError(
-            f"{self.path}: the checkpoint changed since this process {seen} (another "
+            f"{self.path}: the checkpoint changed since this process {seen_how} (another "
             "processor executed it, or a redrive or an edit changed it): executing the "
             "run loaded before would overwrite that; load it again with deserialize()"
         )
@@ -592,13 +618,23 @@ class Serializer:
     def _note_base(self, run: Run[Any, Any] | None, files: FileStates | None = None) -> None:
         """The file holds exactly ``run`` (None: nothing known of what it holds), in the
         state ``files`` (`file_state` of `_files`; by default, as they are now)."""
-        _bases[self.path] = _Base(run, self._state() if files is None else files)
+        files = self._state() if files is None else files
+        _bases[self.path] = _Base(run, files)
+        if run is not None:
+            _files_of(run)[self.path] = files
 
-    def _wrote(self, run: Run[Any, Any] | None) -> None:
-        """This serializer has just written the file (holding the lock): it holds
-        exactly ``run`` (None: something else, or not known)."""
-        self._note_base(run)
-        self._known_good = self._state() if run is not None else None
+    def _wrote(self, run: Run[Any, Any], complete: bool = True) -> None:
+        """This serializer has just written ``run`` to the file, holding the lock; if
+        not ``complete`` (a write failed), the file holds some of it: what is there is
+        still this run's doing, but not known to be all of it, nor readable."""
+        if complete:
+            self._note_base(run)
+            self._known_good = self._state()
+            return
+        files = self._state()
+        _bases[self.path] = _Base(None, files)
+        _files_of(run)[self.path] = files
+        self._known_good = None
 
     def _base_jobs(self, run: Run[Any, Any]) -> int | None:
         """How many of ``run``'s jobs (the first ones) the file holds as they were when

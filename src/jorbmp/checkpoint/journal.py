@@ -8,16 +8,22 @@ The checkpoint is one file::
     frame     b"\\xa5JR\\x5a"  u32 length  u32 crc32  payload piece   ...and ends here
     ...
 
-A record's payload (msgpack) is a `_Begin` (run name, overall context, next id) or a
-`_Jobs` (a batch of whole jobs, each replacing any earlier copy with its id, plus the
-run's next id). A record is one frame, or, when its payload is bigger than a frame's
-u32 length can say (`MAX_FRAME_BYTES`), several: every frame but the last is marked
-``\\x5b`` (continued), and the record is its frames' payloads joined. Each frame's crc
-covers its marker, its length and its payload. A file is always a *snapshot* (the
+A record's payload (msgpack) is a `_Begin` (run name, overall context, next id, and
+the extent of the snapshot: see below) or a `_Jobs` (a batch of whole jobs, each
+replacing any earlier copy with its id, plus the run's next id). A record is one
+frame, or, when its payload is bigger than a frame's u32 length can say
+(`MAX_FRAME_BYTES`), several: every frame but the last is marked ``\\x5b``
+(continued), and the record is its frames' payloads joined. Each frame's crc covers
+its marker, its length and its payload. A file is always a *snapshot* (the
 header, one `_Begin`, then every job in chunks of `SNAPSHOT_CHUNK_JOBS`), written to a
 temporary file and renamed into place, followed by *journal* records appended as the
 run executes: one record per flush, holding the jobs that changed since the previous
-one. Replaying the records in order rebuilds the run.
+one. Replaying the records in order rebuilds the run. The `_Begin` says how many job
+records its snapshot has and how many bytes they take (it cannot say at which byte
+they end: its own size depends on that), so that a reader knows where the snapshot
+ends. (Files of jorbmp versions before that lack the two fields; they load, and their
+snapshot is known only up to its first record. Older versions read the new files,
+ignoring the fields.)
 
 Who does what while a processor executes:
 
@@ -45,12 +51,31 @@ Who does what while a processor executes:
 Crash safety: every flush is one record, so a transition (a job, its kicks and the
 jobs it changed) is in the file entirely or not at all; a record of several frames
 counts only once its last frame is there. A crash while appending leaves a torn last
-record (maybe some of its frames), which loading ignores (the next execution starts
-with a fresh snapshot, so nothing is ever appended after it). A crash while
-compacting leaves either the old file or the new one, both complete. A damaged record *followed by
-intact records* is not a crash artefact: loading raises `CheckpointError` naming the
-byte offset, and `begin` refuses to overwrite the file. (A damaged *last* record
-cannot be told from a torn write, and is ignored like one.)
+record (maybe some of its frames), which loading ignores with a warning (the next
+execution starts with a fresh snapshot, so nothing is ever appended after it). A
+crash while compacting leaves either the old file or the new one, both complete.
+
+What loading refuses, raising `CheckpointError` with the path and the byte offset (so
+that `begin` refuses to overwrite the file, which stays as it is for a person to look
+at), is anything a crash cannot leave:
+
+- a file that ends, or a record that is damaged or cut short, *before the end of its
+  snapshot* (a snapshot is never torn, being renamed into place whole): a truncated
+  copy or a damaged disk, which loading would otherwise turn into a run without the
+  lost jobs (the message says how many of the snapshot's bytes and records are
+  intact); in files without the snapshot's extent, only a damaged or incomplete first
+  record is known to be such;
+- a record with no marker or a wrong crc *followed by intact records*: damage, since
+  nothing is ever appended after a torn record.
+
+A record whose declared length runs past the end of the file (or whose header does)
+after the snapshot is a torn append, whatever its bytes hold: intact frames inside its
+declared extent are part of its payload (a job's context may hold a journal's bytes).
+A damaged *last* record cannot be told from a torn write, and is ignored like one; so
+is a length field damaged to run past the end of the file, after the snapshot.
+
+`JournalSerializer.overview` reads the same records with the same checks, decoding
+of each job only its id, state and errors.
 """
 
 from __future__ import annotations
@@ -61,17 +86,21 @@ import re
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any, Generic, TypeVar, Union
+from itertools import compress, repeat
+from operator import attrgetter, not_
+from pathlib import Path
+from typing import Annotated, Any, Generic, TypeVar, Union, cast
 
 import msgspec
 
 from .. import _fds
 from ..errors import CheckpointError
-from ..run import Job, Run
+from ..run import NEW, Job, Run
 from ._incremental import IncrementalSerializer
 from .base import JOURNAL_MAGIC, format_hint, write_atomic
+from .overview import Overview, OverviewBuilder
 
 __all__ = ["JournalSerializer"]
 
@@ -104,13 +133,21 @@ SNAPSHOT_CHUNK_JOBS = 10_000
 COMPACT_MIN_BYTES = 1 << 20
 
 
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class _Begin(msgspec.Struct, Generic[OC], tag="begin"):
-    """The first record of every file: the run without its jobs."""
+    """The first record of every file: the run without its jobs, and the extent of the
+    snapshot's job records that follow it: how many there are (``chunks``) and their
+    size in bytes, frames included (``chunk_bytes``). Files written before jorbmp
+    recorded the extent have None there."""
 
     name: str
     next_id: int
     overall: OC
     report: dict[str, Any] | None = None
+    chunks: _Count | None = None
+    chunk_bytes: _Count | None = None
 
 
 class _Jobs(msgspec.Struct, Generic[JC], tag="jobs"):
@@ -119,6 +156,48 @@ class _Jobs(msgspec.Struct, Generic[JC], tag="jobs"):
     next_id: int
     jobs: list[Job[JC]]
     report: dict[str, Any] | None = None  # the run's report
+
+
+# What `JournalSerializer.overview` decodes of the same records: msgspec skips the
+# fields a struct does not name (the overall context; each job's context, history and
+# dates) without building them.
+
+
+class _BeginHead(msgspec.Struct, tag="begin"):
+    name: str
+    report: dict[str, Any] | None = None
+    chunks: _Count | None = None
+    chunk_bytes: _Count | None = None
+
+
+class _JobHead(msgspec.Struct, gc=False):
+    id: str
+    state: str = NEW  # `Job` omits defaults
+    state_errors: dict[str, list[str]] | None = None
+
+
+class _JobsHead(msgspec.Struct, tag="jobs"):
+    jobs: list[_JobHead]
+    report: dict[str, Any] | None = None
+
+
+_decode_heads = msgspec.msgpack.Decoder(_BeginHead | _JobsHead).decode
+_BEGINS = (_Begin, _BeginHead)
+_job_id = attrgetter("id")
+_job_state = attrgetter("state")
+_job_errors = attrgetter("state_errors")
+_Counted = str | _JobHead  # what `overview` keeps of a job
+
+
+def _count(builder: OverviewBuilder, ids: list[str], counted: list[_Counted]) -> None:
+    """Add jobs to ``builder`` in order: each is its state, or its copy with errors.
+    Jobs without errors only add 1 to their state's count, which one `Counter` update
+    does for all of them."""
+    plain = list(map(isinstance, counted, repeat(str)))
+    builder.count(cast("Iterator[str]", compress(counted, plain)))
+    for job_id, job in compress(zip(ids, counted, strict=True), map(not_, plain)):
+        assert isinstance(job, _JobHead)
+        builder.add(job_id, job.state, job.state_errors)
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -149,17 +228,20 @@ def _frame(payload: bytes) -> list[_Piece]:
 
 def _check_frame(data: memoryview, offset: int) -> tuple[int, str | None, bool]:
     """(end of the frame at ``offset``, None, whether its record goes on in the next
-    frame) if it is intact, else (-1, what is wrong, False)."""
+    frame) if it is intact, else (end, what is wrong, False), where ``end`` is past the
+    end of the file for a frame cut short (its header, or its declared length, runs
+    past it: see `_records`), and -1 for one without a marker or with a wrong crc."""
     size = len(data)
     if size - offset < RECORD_HEADER_SIZE:
-        return -1, f"{size - offset} bytes, too short for a record header", False
+        end = offset + RECORD_HEADER_SIZE
+        return end, f"{size - offset} bytes, too short for a record header", False
     marker, length = _RECORD_HEAD.unpack_from(data, offset)
     if marker != RECORD_MAGIC and marker != CONTINUED_MAGIC:
         return -1, "no record marker", False
     start = offset + RECORD_HEADER_SIZE
     end = start + length
     if end > size:
-        return -1, f"a {length}-byte record runs past the end of the file", False
+        return end, f"a {length}-byte record runs past the end of the file", False
     (crc,) = _CRC.unpack_from(data, offset + _RECORD_HEAD.size)
     if zlib.crc32(data[start:end], zlib.crc32(data[offset : offset + _RECORD_HEAD.size])) != crc:
         return -1, "checksum mismatch", False
@@ -191,6 +273,143 @@ def _job_id_at(payload: memoryview, message: str) -> str:
         return ""
 
 
+def _records(path: Path, raw: bytes, decode: Callable[[memoryview], Any]) -> Iterator[Any]:
+    """The records of the journal ``raw`` (read from ``path``), in order, each decoded by
+    ``decode`` (a union of a begin and a jobs struct): the run record first, then job
+    records. Every reader of the file goes through here, so all of them make the same
+    checks: ``CheckpointError`` (naming the path and the byte) for a file that is not a
+    journal, does not decode, is damaged, or ends inside its snapshot; only a torn
+    tail after the snapshot is dropped, with a warning."""
+    if not raw:
+        raise CheckpointError(f"{path}: checkpoint file is empty")
+    if len(raw) < _FILE_HEADER.size or not raw.startswith(FILE_MAGIC):
+        raise CheckpointError(f"{path}: not a jorbmp journal{format_hint(raw[:32])}")
+    _, version = _FILE_HEADER.unpack_from(raw)
+    if version != JOURNAL_VERSION:
+        raise CheckpointError(
+            f"{path}: journal format {version} is not supported "
+            f"(this jorbmp reads format {JOURNAL_VERSION})"
+        )
+    data = memoryview(raw)
+    size = len(raw)
+    offset = _FILE_HEADER.size
+    start = offset  # where the record being read begins
+    pieces: list[memoryview] = []  # its payload so far, while its frames go on
+    count = 0  # records read
+    # The snapshot's records (the run record and its job records) and where they end,
+    # as its run record says; unknown (None) in files of jorbmp versions that did not
+    # record it, whose snapshot is then known to be complete only up to its first record.
+    snapshot_records = 0
+    snapshot_end: int | None = None
+    chunk_bytes = 0
+
+    def incomplete(what: str) -> CheckpointError:
+        # A snapshot is written whole to a temporary file and renamed into place, so no
+        # crash leaves part of one: the file was cut short (an interrupted copy, a full
+        # disk) or damaged, and loading what is left would silently lose jobs.
+        if snapshot_end is None:
+            where = "inside the file's first record (the run): the snapshot is incomplete"
+        else:
+            total = chunk_bytes
+            intact = start - (snapshot_end - total)
+            where = (
+                f"inside the snapshot, whose job records end at byte {snapshot_end}: the "
+                f"snapshot is incomplete ({intact} of its {total} bytes of jobs, "
+                f"{count - 1} of its {snapshot_records - 1} job records, are intact)"
+            )
+        return CheckpointError(
+            f"{path}: {what} {where}; a snapshot is written whole, so the file was cut "
+            "short or damaged, not torn by a crash"
+        )
+
+    while True:
+        in_snapshot = count == 0 or (snapshot_end is not None and start < snapshot_end)
+        if offset == size:
+            if count == 0 and not pieces:
+                raise CheckpointError(
+                    f"{path}: the journal holds no run record (the file ends at byte "
+                    f"{size}, after its header)"
+                )
+            if in_snapshot:
+                raise incomplete(f"the file ends at byte {size},")
+            if pieces:  # the record's last frame never made it to the file
+                log.warning(
+                    "%s: ignoring %d bytes at byte %d (a record without its last "
+                    "frame): a write torn by a crash", path, size - start, start,
+                )  # fmt: skip
+            return
+        end, problem, continued = _check_frame(data, offset)
+        if problem is not None:
+            if in_snapshot:
+                raise incomplete(f"record at byte {offset} ({problem}),")
+            # Which failures a crash can leave: a record is appended (with pwrite) and
+            # then fsynced, and the writer cuts off whatever a failed append left before
+            # it appends again (`_append`), so a crash leaves at most one incomplete
+            # record, the last. Its header went first, so it is a frame whose header,
+            # or whose declared length, runs past the end of the file, and everything
+            # after its header is part of its payload, whatever it looks like: a
+            # payload is any bytes (a job's context may hold a piece of a journal
+            # file), so intact frames found there prove nothing, and the record is
+            # dropped as torn. A frame that ends within the file but has no marker or
+            # a wrong crc is different: the tail of a write whose blocks never reached
+            # the disk (zeros, garbage) when nothing intact follows it, but damage when
+            # intact frames do, since nothing is ever appended after a torn record.
+            # (A length field damaged so that it runs past the end of the file cannot
+            # be told from a torn write; inside the snapshot, whose extent is
+            # recorded, it is an error above.)
+            if end <= size:
+                following = _next_valid_frame(data, raw, offset + 1)
+                if following is not None:
+                    raise CheckpointError(
+                        f"{path}: corrupt record at byte {offset} ({problem}); intact "
+                        f"records follow at byte {following}, so this is damage, not a "
+                        "write torn by a crash"
+                    )
+            log.warning(
+                "%s: ignoring %d bytes at byte %d (%s): a write torn by a crash",
+                path, size - start, start, problem,
+            )  # fmt: skip
+            return
+        pieces.append(data[offset + RECORD_HEADER_SIZE : end])
+        offset = end
+        if continued:
+            continue
+        payload = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+        pieces = []
+        try:
+            record = decode(payload)
+        except msgspec.ValidationError as exc:
+            raise CheckpointError(
+                f"{path}: record at byte {start} does not fit the types{_job_id_at(payload, str(exc))}: {exc}"  # noqa: E501
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise CheckpointError(
+                f"{path}: record at byte {start} is not a jorbmp record: {exc}"
+            ) from None
+        if count == 0:
+            if not isinstance(record, _BEGINS):
+                raise CheckpointError(f"{path}: jobs before the run record, at byte {start}")
+            if record.chunks is not None and record.chunk_bytes is not None:
+                chunk_bytes = record.chunk_bytes
+                snapshot_end = offset + chunk_bytes
+                snapshot_records = 1 + record.chunks
+        elif isinstance(record, _BEGINS):
+            raise CheckpointError(f"{path}: a second run record at byte {start}")
+        count += 1
+        if (
+            snapshot_end is not None
+            and start < snapshot_end
+            and (offset > snapshot_end or (offset == snapshot_end) != (count == snapshot_records))
+        ):
+            raise CheckpointError(
+                f"{path}: the snapshot's records do not match its run record (record "
+                f"{count} ends at byte {offset}; {snapshot_records - 1} job records were "
+                f"to end at byte {snapshot_end}): the file is damaged"
+            )
+        yield record
+        start = offset
+
+
 class JournalSerializer(IncrementalSerializer):
     """The run as a snapshot plus an append-only journal of changed jobs, in one file.
 
@@ -199,7 +418,9 @@ class JournalSerializer(IncrementalSerializer):
     changed, written and fsynced by a background thread, and the file is compacted
     into a fresh snapshot whenever the journal part outgrows the snapshot part (and
     ``compact_min_bytes``). After a crash, a reload has every record that reached the
-    file; a torn last record is ignored.
+    file; a torn last record is ignored. A file cut short or damaged inside its
+    snapshot, or damaged before intact records, is a `CheckpointError` (see the module
+    docstring).
 
     ``compactions``, ``snapshot_bytes`` and ``journal_bytes`` describe the file while
     a processor executes the run.
@@ -251,94 +472,97 @@ class JournalSerializer(IncrementalSerializer):
         return self._replay(raw)
 
     def _replay(self, raw: bytes) -> Run[Any, Any]:
-        path = self.path
-        if not raw:
-            raise CheckpointError(f"{path}: checkpoint file is empty")
-        if len(raw) < _FILE_HEADER.size or not raw.startswith(FILE_MAGIC):
-            raise CheckpointError(f"{path}: not a jorbmp journal{format_hint(raw[:32])}")
-        _, version = _FILE_HEADER.unpack_from(raw)
-        if version != JOURNAL_VERSION:
-            raise CheckpointError(
-                f"{path}: journal format {version} is not supported "
-                f"(this jorbmp reads format {JOURNAL_VERSION})"
-            )
-        data = memoryview(raw)
-        decode = self._decoder.decode
         run: Run[Any, Any] | None = None
-        offset = _FILE_HEADER.size
-        start = offset  # where the record being read begins
-        pieces: list[memoryview] = []  # its payload so far, while its frames go on
-        while True:
-            if offset == len(raw):
-                if pieces:  # the record's last frame never made it to the file
-                    log.warning(
-                        "%s: ignoring %d bytes at byte %d (a record without its last "
-                        "frame): a write torn by a crash", path, len(raw) - start, start,
-                    )  # fmt: skip
-                break
-            end, problem, continued = _check_frame(data, offset)
-            if problem is not None:
-                following = _next_valid_frame(data, raw, offset + 1)
-                if following is not None:
-                    raise CheckpointError(
-                        f"{path}: corrupt record at byte {offset} ({problem}); intact "
-                        f"records follow at byte {following}, so this is damage, not a "
-                        "write torn by a crash"
-                    )
-                log.warning(
-                    "%s: ignoring %d bytes at byte %d (%s): a write torn by a crash",
-                    path, len(raw) - start, start, problem,
-                )  # fmt: skip
-                break
-            pieces.append(data[offset + RECORD_HEADER_SIZE : end])
-            offset = end
-            if continued:
-                continue
-            payload = pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
-            pieces = []
-            try:
-                record = decode(payload)
-            except msgspec.ValidationError as exc:
-                raise CheckpointError(
-                    f"{path}: record at byte {start} does not fit the types{_job_id_at(payload, str(exc))}: {exc}"  # noqa: E501
-                ) from None
-            except msgspec.DecodeError as exc:
-                raise CheckpointError(
-                    f"{path}: record at byte {start} is not a jorbmp record: {exc}"
-                ) from None
-            if isinstance(record, _Begin):
-                if run is not None:
-                    raise CheckpointError(f"{path}: a second run record at byte {start}")
+        for record in _records(self.path, raw, self._decoder.decode):
+            if run is None:  # the first record, the run's (`_records` checks that)
                 run = Run(record.name, record.overall, self.job_type)
                 run.next_id = record.next_id
                 run.report = record.report
-            else:
-                if run is None:
-                    raise CheckpointError(f"{path}: jobs before the run record, at byte {start}")
-                jobs = run.jobs
-                for job in record.jobs:
-                    jobs[job.id] = job
-                run.next_id = record.next_id
-                if record.report is not None:
-                    run.report = record.report
-            start = offset
-        if run is None:
-            raise CheckpointError(f"{path}: the journal holds no run record")
+                continue
+            jobs = run.jobs
+            for job in record.jobs:
+                jobs[job.id] = job
+            run.next_id = record.next_id
+            if record.report is not None:
+                run.report = record.report
+        assert run is not None  # `_records` raises for a journal without a run record
         return run
+
+    def overview(self) -> Overview:
+        """What `deserialize` would find, counted without building the run: the same
+        records, with the same checks (`_records`), decoding of each job only its id,
+        state and errors, and keeping per job only its latest state and errors (the
+        latest record's copy of a job replaces the earlier ones, as in the run), in
+        the run's order (where each job first appears)."""
+        self._check_present()
+        raw = self.path.read_bytes()  # FileNotFoundError propagates, as in deserialize
+        # What a job is counted as: the state of its latest copy (one shared string per
+        # state), or for the few whose latest copy has errors, that copy itself. Kept
+        # for the snapshot a chunk at a time (its ids are all different, as jorbmp
+        # writes them: one set tells), and for the jobs of the records after it, by id
+        # (a dict, where a later copy replaces an earlier one, as in the run). Built by
+        # C loops (map, compress, set and dict updates): a Python statement per job
+        # would be most of the time this takes.
+        snapshot: list[tuple[list[str], list[_Counted]]] = []
+        snapshot_ids: set[str] = set()
+        later: dict[str, _Counted] = {}  # in a file without the snapshot's extent: all
+        shared: dict[str, str] = {}
+        chunks = 0  # snapshot chunks still to come (`_records` checks how many there are)
+        name = ""
+        report: dict[str, Any] | None = None
+        for record in _records(self.path, raw, _decode_heads):
+            if isinstance(record, _BeginHead):  # the first
+                name, report, chunks = record.name, record.report, record.chunks or 0
+                continue
+            jobs = record.jobs
+            ids = list(map(_job_id, jobs))
+            states = list(map(_job_state, jobs))
+            counted: list[_Counted] = list(map(shared.setdefault, states, states))
+            for i in compress(range(len(jobs)), map(_job_errors, jobs)):
+                counted[i] = jobs[i]
+            if record.report is not None:
+                report = record.report
+            if chunks:
+                chunks -= 1
+                known = len(snapshot_ids)
+                snapshot_ids.update(ids)
+                if len(snapshot_ids) == known + len(ids):
+                    snapshot.append((ids, counted))
+                    continue
+                # A job twice in the snapshot (not written by jorbmp): every record
+                # replaces jobs by id from here on.
+                for chunk in snapshot:
+                    later.update(zip(*chunk, strict=True))
+                snapshot.clear()
+                snapshot_ids.clear()
+                chunks = 0
+            later.update(zip(ids, counted, strict=True))
+        # The jobs in the run's order (the snapshot's, then those that first appear
+        # after it), as `overview_of` adds them.
+        builder = OverviewBuilder()
+        for ids, counted in snapshot:
+            _count(builder, ids, list(map(later.get, ids, counted)) if later else counted)
+        if later:
+            new = list(map(not_, map(snapshot_ids.__contains__, later)))
+            _count(builder, list(compress(later, new)), list(compress(later.values(), new)))
+        return builder.build(name, report)
 
     # -- writing --------------------------------------------------------------------
 
     def _snapshot(self, run: Run[Any, Any]) -> list[_Piece]:
-        """The whole run as the chunks of a new file."""
+        """The whole run as the chunks of a new file: its run record says how many job
+        records follow and how many bytes they take, so that a load can tell a
+        complete snapshot from a cut one (it cannot say where they end: its own size
+        depends on that)."""
         encode = self._encode
-        chunks: list[_Piece] = [
-            _FILE_HEADER.pack(FILE_MAGIC, JOURNAL_VERSION),
-            *_frame(encode(_Begin(run.name, run.next_id, run.overall, run.report))),
-        ]
         jobs = list(run.jobs.values())
-        for i in range(0, len(jobs), SNAPSHOT_CHUNK_JOBS):
-            chunks += _frame(encode(_Jobs(run.next_id, jobs[i : i + SNAPSHOT_CHUNK_JOBS])))
-        return chunks
+        starts = range(0, len(jobs), SNAPSHOT_CHUNK_JOBS)
+        records: list[_Piece] = []
+        for i in starts:
+            records += _frame(encode(_Jobs(run.next_id, jobs[i : i + SNAPSHOT_CHUNK_JOBS])))
+        chunk_bytes = sum(map(len, records))
+        begin = _Begin(run.name, run.next_id, run.overall, run.report, len(starts), chunk_bytes)
+        return [_FILE_HEADER.pack(FILE_MAGIC, JOURNAL_VERSION), *_frame(encode(begin)), *records]
 
     def _write_run(self, run: Run[Any, Any]) -> None:
         """A fresh snapshot."""
@@ -439,7 +663,8 @@ class JournalSerializer(IncrementalSerializer):
             try:
                 # What the file holds now is this execution's doing (the lock is held).
                 complete = written and not self._dirty and self._tracking
-                self._wrote(self._run if complete else None)
+                if self._run is not None:
+                    self._wrote(self._run, complete)
             finally:
                 self._run = None
                 self._release()

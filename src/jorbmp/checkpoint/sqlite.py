@@ -744,6 +744,7 @@ class SqliteSerializer(IncrementalSerializer):
                 # The file now holds the run exactly, if every write succeeded: a later
                 # execution of it in this process can start with the rewrite pass.
                 complete = written and not self._need_full and not self._dirty
-                self._wrote(run if complete else None)
+                if run is not None:
+                    self._wrote(run, complete)
             finally:
                 self._release()
