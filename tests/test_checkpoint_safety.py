@@ -384,3 +384,27 @@ def test_a_run_loaded_before_a_change_stays_stale_after_another_look(
         Processor(None, states(), serializer(kind, path)).exec(stale)
     Processor(None, states(), serializer(kind, path)).exec(fresh)
     assert fresh.counts().get("new") is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_overview_is_what_a_load_shows(tmp_path: Path, kind: str) -> None:
+    from jorbmp.checkpoint import open_checkpoint
+    from jorbmp.checkpoint.overview import TOP_ERRORS, overview_of
+
+    path = tmp_path / f"run.{SUFFIX[kind]}"
+    run = make_run(400)
+    for i, job in enumerate(run.jobs.values()):
+        if i % 3 == 0:
+            job.state = "failed"
+            # More groups than are shown, ties between them, a text twice in one job,
+            # the same text in two states.
+            text = f"error {i % (2 * TOP_ERRORS)}"
+            job.state_errors = {"new": [text, text, "common"], "finish": ["common"]}
+        elif i % 3 == 1:
+            job.state = "done"
+    serializer(kind, path).serialize(run)
+    for ser in (serializer(kind, path), open_checkpoint(path)):
+        assert ser.overview() == overview_of(ser.deserialize())
+    shown = open_checkpoint(path).overview()
+    assert len(shown.errors) == TOP_ERRORS and shown.errors[0].error == "common"

@@ -97,10 +97,10 @@ import msgspec
 
 from .. import _fds
 from ..errors import CheckpointError
-from ..run import NEW, Job, Run
+from ..run import Job, Run
 from ._incremental import IncrementalSerializer
 from .base import JOURNAL_MAGIC, format_hint, write_atomic
-from .overview import Overview, OverviewBuilder
+from .overview import JobHead, Overview, OverviewBuilder
 
 __all__ = ["JournalSerializer"]
 
@@ -170,14 +170,8 @@ class _BeginHead(msgspec.Struct, tag="begin"):
     chunk_bytes: _Count | None = None
 
 
-class _JobHead(msgspec.Struct, gc=False):
-    id: str
-    state: str = NEW  # `Job` omits defaults
-    state_errors: dict[str, list[str]] | None = None
-
-
 class _JobsHead(msgspec.Struct, tag="jobs"):
-    jobs: list[_JobHead]
+    jobs: list[JobHead]
     report: dict[str, Any] | None = None
 
 
@@ -186,7 +180,7 @@ _BEGINS = (_Begin, _BeginHead)
 _job_id = attrgetter("id")
 _job_state = attrgetter("state")
 _job_errors = attrgetter("state_errors")
-_Counted = str | _JobHead  # what `overview` keeps of a job
+_Counted = str | JobHead  # what `overview` keeps of a job
 
 
 def _count(builder: OverviewBuilder, ids: list[str], counted: list[_Counted]) -> None:
@@ -196,7 +190,7 @@ def _count(builder: OverviewBuilder, ids: list[str], counted: list[_Counted]) ->
     plain = list(map(isinstance, counted, repeat(str)))
     builder.count(cast("Iterator[str]", compress(counted, plain)))
     for job_id, job in compress(zip(ids, counted, strict=True), map(not_, plain)):
-        assert isinstance(job, _JobHead)
+        assert isinstance(job, JobHead)
         builder.add(job_id, job.state, job.state_errors)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from itertools import compress
+from operator import attrgetter
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -21,8 +23,24 @@ from .base import (
     run_of,
     write_atomic,
 )
+from .overview import JobHead, Overview, OverviewBuilder
 
 __all__ = ["JsonSerializer"]
+
+_R = TypeVar("_R")
+
+
+class _RecordHead(msgspec.Struct):
+    """A `RunRecord` without the overall context and with only the jobs' heads."""
+
+    format: int
+    name: str
+    report: dict[str, Any] | None = None
+    jobs: list[JobHead] = msgspec.field(default_factory=list)
+
+
+_decode_head = msgspec.json.Decoder(_RecordHead).decode
+_id, _state, _errors = attrgetter("id"), attrgetter("state"), attrgetter("state_errors")
 
 # A snapshot write blocks the coordinator; the next one waits at least this many
 # times as long as the last took, so writing costs at most ~10% of a big run's time.
@@ -57,18 +75,37 @@ class JsonSerializer(Serializer):
     def __repr__(self) -> str:
         return f"JsonSerializer({str(self.path)!r})"
 
-    def _read(self) -> Run[Any, Any]:
+    def _decode(self, decode: Callable[[bytes], _R]) -> _R:
+        """The file, decoded by ``decode``; ``CheckpointError`` if it cannot be."""
         data = self.path.read_bytes()  # FileNotFoundError propagates, as the contract says
-        if not data.strip():
+        if data.isspace() or not data:  # (no copy, unlike strip)
             raise CheckpointError(f"{self.path}: checkpoint file is empty")
         try:
-            record = self._decoder.decode(data)
+            return decode(data)
         except msgspec.DecodeError as exc:
             check_format(self.path, format_in(data), FORMAT_VERSION)  # a newer layout?
             raise CheckpointError(
                 f"{self.path}: not a valid jorbmp JSON checkpoint: {exc}"
             ) from None
-        return run_of(record, self.job_type, self.path)
+
+    def _read(self) -> Run[Any, Any]:
+        return run_of(self._decode(self._decoder.decode), self.job_type, self.path)
+
+    def overview(self) -> Overview:
+        """What `deserialize` would find, counted from each job's id, state and errors
+        only: msgspec skips the contexts without building them (1M jobs: a third of
+        the time and memory of a load)."""
+        self._check_present()
+        record = self._decode(_decode_head)
+        check_format(self.path, record.format, FORMAT_VERSION)
+        jobs = record.jobs
+        if len(set(map(_id, jobs))) != len(jobs):
+            self._read()  # says which id appears twice
+        builder = OverviewBuilder()
+        builder.count(map(_state, jobs))  # C loops: few jobs have errors
+        for job in compress(jobs, map(_errors, jobs)):
+            builder.add_errors(job.id, job.state_errors or {})
+        return builder.build(record.name, record.report)
 
     def _write_run(self, run: Run[Any, Any]) -> None:
         started = time.monotonic()

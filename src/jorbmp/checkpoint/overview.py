@@ -10,13 +10,29 @@ from typing import Any
 
 import msgspec
 
-from ..run import Run
+from ..run import NEW, Run
 
-__all__ = ["EXAMPLE_IDS", "TOP_ERRORS", "ErrorGroup", "Overview", "OverviewBuilder", "overview_of"]
+__all__ = [
+    "EXAMPLE_IDS",
+    "TOP_ERRORS",
+    "ErrorGroup",
+    "JobHead",
+    "Overview",
+    "OverviewBuilder",
+    "overview_of",
+]
 
 # Error groups an overview keeps, and example job ids per group.
 TOP_ERRORS = 10
 EXAMPLE_IDS = 5
+
+
+class JobHead(msgspec.Struct, gc=False):
+    """What an overview reads of a stored `Job`: msgspec skips the rest (the context)."""
+
+    id: str
+    state: str = NEW  # `Job` omits defaults
+    state_errors: dict[str, list[str]] | None = None
 
 
 class ErrorGroup(msgspec.Struct):
@@ -62,8 +78,11 @@ class OverviewBuilder:
 
     def add(self, job_id: str, state: str, errors: Mapping[str, list[str]] | None) -> None:
         self.states[state] += 1
-        if not errors:
-            return
+        if errors:
+            self.add_errors(job_id, errors)
+
+    def add_errors(self, job_id: str, errors: Mapping[str, list[str]]) -> None:
+        """The errors of a job counted by `count` (jobs must come in the run's order)."""
         groups = self.groups
         for error_state, texts in errors.items():
             for text in dict.fromkeys(texts):  # a job counts once per distinct error
