@@ -37,6 +37,7 @@ from typing import Any, cast
 
 import msgspec
 
+from . import _floats
 from ._backends import Backend
 from ._delays import DelayQueue
 from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome, Results
@@ -223,6 +224,13 @@ class Coordinator:
         self.decode = msgspec.msgpack.Decoder(job_type).decode
         self.decode_many = msgspec.msgpack.Decoder(list[job_type]).decode  # type: ignore[valid-type]
         self.job_type_name = getattr(run.job_type, "__name__", "the job type")
+        # Whether outcomes must be searched for NaN and infinities, which this run's
+        # checkpoint cannot store (see `jorbmp._floats`): why, when they must.
+        self.nonfinite_reason: str | None = (
+            None
+            if _floats.stores_nonfinite(serializer)
+            else f"which a {type(serializer).__name__} checkpoint cannot store"
+        )
         self.active = 0  # jobs in non-terminal states; the run is complete at 0
         self.stopping = False
         self.signalled = False  # set by the processor's signal handler, synchronously
@@ -513,6 +521,17 @@ class Coordinator:
                 if results.kick_counts:
                     kick_contexts = self.decode_many(results.kick_contexts)
                 contexts = self.decode_many(results.contexts)
+            # NaN or infinities the checkpoint cannot store: one search of the batch's
+            # bytes, and `finish` tells the jobs apart.
+            if (
+                contexts is not None
+                and self.nonfinite_reason is not None
+                and (
+                    self.nonfinite(results.contexts)
+                    or (results.kick_counts and self.nonfinite(results.kick_contexts))
+                )
+            ):
+                contexts = None
         if contexts is None:
             for job, o in zip(jobs, results.outcomes(), strict=True):
                 self.finish(lane, job, o)
@@ -592,7 +611,8 @@ class Coordinator:
         self, lane: Lane, o: Outcome, rate_limited: bool
     ) -> tuple[Any, Lane, list[Lane], list[Any]] | str:
         """Decode and validate an outcome: (context, target lane, kick lanes, kick
-        contexts), or what is wrong with it."""
+        contexts), or what is wrong with it (also: a context holding a NaN or an
+        infinity that the run's checkpoint cannot store)."""
         try:
             context = self.decode(o.context)
         except msgspec.ValidationError as exc:
@@ -614,7 +634,29 @@ class Coordinator:
                 return (
                     f"kicked a job with a context that is not a valid {self.job_type_name}: {exc}"
                 )
+        if self.nonfinite_reason is not None:
+            found = _floats.nonfinite_in(o.context)
+            if found is not None:
+                return (
+                    "returned a context holding a non-finite float "
+                    f"({_floats.describe(found)}), {self.nonfinite_reason}"
+                )
+            if kick_lanes:
+                found = _floats.nonfinite_in(o.kick_contexts)
+                if found is not None:
+                    path, value = found  # $[i].field: kick i
+                    i, _, rest = path[2:].partition("]")
+                    return (
+                        "kicked a job with a context holding a non-finite float "
+                        f"({value!r} at ${rest} of kick {i}), {self.nonfinite_reason}"
+                    )
         return context, target, kick_lanes, kick_contexts
+
+    @staticmethod
+    def nonfinite(data: msgspec.Raw) -> bool:
+        """Whether the msgpack ``data`` holds a NaN or an infinity (precisely: a cheap
+        search first, a walk of the decoded data only when it finds something)."""
+        return _floats.nonfinite_in(data) is not None
 
     def rate_limited(self, lane: Lane, job: Job[Any], retry_after: float | None) -> None:
         """A RateLimitError: back the limiter off and retry, without a failed attempt."""

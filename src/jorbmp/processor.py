@@ -21,6 +21,7 @@ from multiprocessing.context import BaseContext
 from types import FrameType
 from typing import Any, Generic, TypeVar
 
+from . import _floats
 from ._backends import (
     AsyncBackend,
     Backend,
@@ -207,6 +208,14 @@ class Processor(Generic[AC]):
     async def _execute(self, run: Run[Any, Any]) -> None:
         _check_not_bootstrapping()
         self._check_run(run)
+        serializer = self.serializer
+        if not _floats.stores_nonfinite(serializer):
+            # A NaN or infinity its format cannot store (set before the exec): refuse
+            # now, before anything runs or is written, not at some later write (an
+            # SQLite checkpoint rewrites unchanged jobs last). Its writes refuse them
+            # too; execs returning them fail their attempt (see `jorbmp._floats`).
+            where = getattr(serializer, "path", repr(serializer))
+            _floats.refuse(where, serializer, _floats.nonfinite_in_run(run))
         run._claim()  # atomic: two processors never execute one Run at once
         try:
             await self._execute_claimed(run)

@@ -130,7 +130,7 @@ class Run(Generic[OC, JC]):
         self.name = name
         try:
             _encode(overall)
-        except (TypeError, msgspec.EncodeError) as exc:
+        except (TypeError, OverflowError, msgspec.EncodeError) as exc:
             raise TypeError(
                 f"run {name!r}: the overall context, of type {type(overall).__name__}, cannot "
                 f"be checkpointed ({exc}); use {ACCEPTED_TYPES}"
@@ -175,7 +175,8 @@ class Run(Generic[OC, JC]):
             check = self._check = _decoder_for(f"run {self.name!r}: job_type", self.job_type)
         try:
             check.decode(_encode(context))
-        except (TypeError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+        # (OverflowError: an aware datetime whose UTC time falls outside years 1-9999.)
+        except (TypeError, OverflowError, msgspec.EncodeError, msgspec.ValidationError) as exc:
             name = getattr(self.job_type, "__name__", "the job type")
             raise ValueError(
                 f"run {self.name!r}: {what}: context {context!r} is not a valid {name}: {exc}"

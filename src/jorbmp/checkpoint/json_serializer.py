@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from .._floats import nonfinite_in_head, nonfinite_in_jobs, refusal
 from ..errors import CheckpointError
 from ..run import Job, Run
 from .base import (
@@ -54,7 +55,12 @@ class JsonSerializer(Serializer):
     when something changed, and always at the end or on stop. Each write goes to a
     temporary file that replaces the old one, so a reader (or a crash) only ever sees
     a complete snapshot. Cost per write grows with the run; `JournalSerializer` does not.
+
+    JSON has no NaN or infinity: a run holding one is not written (`CheckpointError`),
+    and an exec whose outcome holds one fails that attempt (see `jorbmp._floats`).
     """
+
+    stores_nonfinite_floats = False
 
     def __init__(
         self,
@@ -114,6 +120,13 @@ class JsonSerializer(Serializer):
         assert header.endswith(b"[]}")
         jobs = [enc(job) for job in run.jobs.values()]
         body = b",\n".join(jobs)
+        # msgspec writes NaN and infinities as null, which would not read back: refuse
+        # them. A body without "null" (no None, either) holds none (~2 ms per 100k jobs).
+        found = nonfinite_in_head(run)
+        if found is None and body.rfind(b"null") >= 0:
+            found = nonfinite_in_jobs(run.jobs.values())
+        if found is not None:
+            raise CheckpointError(refusal(self.path, self, *found))
         write_atomic(self.path, [header[:-2], b"\n", body, b"\n]}\n"])
         self._dirty = False
         self._last_write = time.monotonic()
