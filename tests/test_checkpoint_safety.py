@@ -408,3 +408,94 @@ def test_an_overview_is_what_a_load_shows(tmp_path: Path, kind: str) -> None:
         assert ser.overview() == overview_of(ser.deserialize())
     shown = open_checkpoint(path).overview()
     assert len(shown.errors) == TOP_ERRORS and shown.errors[0].error == "common"
+
+
+@pytest.mark.timeout(60)
+def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    serializer("JsonSerializer", path).serialize(make_run(3))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    lock = path.with_name(path.name + ".lock")
+    lock.unlink()
+    lock.symlink_to(victim)
+    with pytest.raises(CheckpointError, match="lock file is a symlink"):
+        Processor(None, states(), serializer("JsonSerializer", path)).exec(make_run(3))
+    moved = cli("redrive", str(path), "--from", "new", "--to", "done")
+    assert moved.returncode == 2 and "symlink" in moved.stderr
+    assert victim.read_text() == "precious\n"
+    assert not base.CheckpointLock.held(path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("node", ["fifo", "directory"])
+def test_a_path_that_is_no_regular_file_is_never_replaced(
+    tmp_path: Path, kind: str, node: str
+) -> None:
+    path = tmp_path / f"run.{SUFFIX[kind]}"
+    if node == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        serializer(kind, path).deserialize()
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        Processor(None, states(), serializer(kind, path)).exec(make_run(3))
+    assert path.is_fifo() if node == "fifo" else path.is_dir()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("node", ["fifo", "directory"])
+def test_a_lock_file_that_is_no_regular_file_is_refused_without_hanging(
+    tmp_path: Path, node: str
+) -> None:
+    path = tmp_path / "run.db"
+    serializer("SqliteSerializer", path).serialize(make_run(3))
+    lock = path.with_name(path.name + ".lock")
+    lock.unlink()
+    if node == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    assert cli("status", str(path)).returncode == 0  # readers go on
+    assert serializer("SqliteSerializer", path).deserialize().counts() == {"new": 3}
+    for _ in range(2):  # (and nothing leaks from the first refusal)
+        with pytest.raises(CheckpointError, match="lock file is"):
+            Processor(None, states(), serializer("SqliteSerializer", path)).exec(make_run(3))
+
+
+@pytest.mark.timeout(60)
+def test_the_lock_of_a_write_protected_checkpoint_stays_usable(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    ser = serializer("JsonSerializer", path)
+    ser.serialize(make_run(3))
+    path.with_name(path.name + ".lock").unlink()
+    os.chmod(path, 0o440)
+    for _ in range(2):
+        Processor(None, states(), serializer("JsonSerializer", path)).exec(
+            serializer("JsonSerializer", path).deserialize()
+        )
+    assert path.with_name(path.name + ".lock").stat().st_mode & 0o600 == 0o600
+
+
+@pytest.mark.timeout(60)
+def test_a_write_that_failed_after_its_rename_leaves_the_run_resumable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.json"
+    run = make_run(5)
+    real = base.fsync_dir
+    calls = []
+
+    def failing(directory: Path) -> None:
+        calls.append(directory)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error (injected)")
+        real(directory)
+
+    monkeypatch.setattr(base, "fsync_dir", failing)
+    with pytest.raises(OSError, match="injected"):
+        Processor(None, states(), serializer("JsonSerializer", path)).exec(run)
+    Processor(None, states(), serializer("JsonSerializer", path)).exec(run)  # not refused
+    check_complete(serializer("JsonSerializer", path).deserialize(), 5)

@@ -366,3 +366,46 @@ def test_overview_of_a_missing_or_empty_file(
     assert "empty and no jorbmp wrote it" in caplog.text
     path.write_bytes(HEADER)  # a header and no run
     assert_refused(path, "holds no run record")
+
+
+@pytest.mark.timeout(60)
+def test_a_flipped_bit_in_a_journal_records_length_is_damage(tmp_path: Path) -> None:
+    path = tmp_path / "run.journal"
+    snapshot_then_appends(path, 5)
+    data = bytearray(path.read_bytes())
+    first = record_offsets(bytes(data))[-5]  # the first journal record
+    data[first + 4 + 3] ^= 0x01  # bit 24 of its length: it runs past the end of the file
+    path.write_bytes(bytes(data))
+    assert_refused(path, f"corrupt record at byte {first}", "intact records follow")
+
+
+class Blob(msgspec.Struct):
+    blob: bytes = b""
+
+
+@pytest.mark.timeout(60)
+def test_a_last_record_with_lost_blocks_and_a_frame_inside_is_torn(tmp_path: Path) -> None:
+    """A power cut after the file grew but before a block of its last record reached the
+    disk (it reads as zeros); the record's payload holds a framed record of its own."""
+    path = tmp_path / "run.journal"
+    run: Run[Any, Blob] = Run("r", None, Blob)
+    for _ in range(3):
+        run.add_job(Blob())
+    ser = JournalSerializer(path, job_type=Blob, interval=0.0)
+    ser.begin(run)
+    ser.flush(run, final=True)
+    run.jobs["0"].state = "done"
+    ser.job_changed(run.jobs["0"])
+    ser.flush(run, final=True)
+    before_last = path.stat().st_size
+    embedded = frame(msgspec.msgpack.encode({"type": "jobs", "next_id": 3, "jobs": []}))
+    run.jobs["1"].context = Blob(b"x" * 5000 + embedded + b"x" * 100)
+    run.jobs["1"].state = "done"
+    ser.job_changed(run.jobs["1"])
+    ser.flush(run, final=True)
+    ser.end()
+    data = bytearray(path.read_bytes())
+    data[before_last + 100 : before_last + 2148] = bytes(2048)
+    path.write_bytes(bytes(data))
+    loaded = JournalSerializer(path, job_type=Blob).deserialize()
+    assert loaded.counts() == {"done": 1, "new": 2}  # the last record dropped, as torn

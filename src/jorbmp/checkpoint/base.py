@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import struct
 import time
 import weakref
@@ -232,7 +233,10 @@ def fsync_dir(directory: Path) -> None:
     """Make a rename (or a new entry) in ``directory`` durable. Where the OS cannot
     fsync a directory this does nothing; any other error (EIO, ENOSPC) is raised, as
     the rename is then not known to be durable."""
-    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:
+        return  # a directory this user may write but not read: it cannot be fsynced
     try:
         os.fsync(dir_fd)
     except OSError as exc:
@@ -251,19 +255,43 @@ _RETRY_SLEEP = 0.001  # the first pause between tries; it doubles, up to 50 ms
 # Open-file-description locks (Linux): a lock that another process can *test* without
 # taking it (F_OFD_GETLK), and that closing some other descriptor of the file does not
 # drop, unlike classic POSIX locks. A processor holds one on the lock file's first byte
-# beside the flock that older versions of jorbmp take and respect.
-_OFD = hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK")
+# beside the flock that older versions of jorbmp take and respect; a reader of an SQLite
+# checkpoint takes SQLite's own locks so (`_sqlite_read`).
+OFD_LOCKS = hasattr(fcntl, "F_OFD_SETLK") and hasattr(fcntl, "F_OFD_GETLK")
 # struct flock: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t), padded
 # to the alignment of off_t.
 _FLOCK = struct.Struct("hhqqi0q")
 
 
-def _ofd_lock(fd: int, kind: int, test: bool = False) -> int:
-    """Take (or, with ``test``, ask about) an OFD lock of ``kind`` on the first byte of
-    ``fd``; returns the type of the conflicting lock when testing (``F_UNLCK``: none)."""
-    arg = _FLOCK.pack(kind, os.SEEK_SET, 0, 1, 0)
+def ofd_lock(fd: int, kind: int, start: int = 0, length: int = 1, test: bool = False) -> int:
+    """Take (or, with ``test``, ask about) an OFD lock of ``kind`` (``F_UNLCK``: let go)
+    on ``length`` bytes of ``fd`` from ``start`` (length 0: to the end of the file, and
+    beyond), never waiting (``OSError`` EAGAIN or EACCES: someone holds a conflicting
+    lock); returns the type of the conflicting lock when testing (``F_UNLCK``: none)."""
+    arg = _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
     result = fcntl.fcntl(fd, fcntl.F_OFD_GETLK if test else fcntl.F_OFD_SETLK, arg)
     return int(_FLOCK.unpack(result)[0])
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """Open an existing lock file: never through a symlink (whose target someone else
+    chose: root would truncate it), never blocking (a FIFO), and only a regular file
+    (else ``CheckpointError``)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(
+                f"{path}: the checkpoint's lock file is a symlink; jorbmp does not follow it "
+                "(remove it: the lock is made again)"
+            ) from None
+        if exc.errno == errno.EISDIR:
+            raise CheckpointError(f"{path}: the checkpoint's lock file is a directory") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: the checkpoint's lock file is not a regular file")
+    return fd
 
 
 class CheckpointLock:
@@ -301,8 +329,12 @@ class CheckpointLock:
             except BaseException:
                 os.close(fd)
                 raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except BaseException:
+            os.close(fd)  # (drops the locks just taken)
+            raise
         _fds.register(fd)
         self.fd = fd
 
@@ -312,10 +344,10 @@ class CheckpointLock:
         it; one that root makes for a `redrive` stays usable by the owner); owner-only
         when there is no checkpoint yet."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         except FileExistsError:
             try:
-                fd = os.open(self.path, os.O_RDWR)
+                fd = _open_lock_file(self.path, os.O_RDWR)
             except PermissionError:
                 raise CheckpointError(
                     f"{self.path}: cannot open the checkpoint's lock file for writing "
@@ -326,7 +358,9 @@ class CheckpointLock:
             # Root's, beside a checkpoint that is not (made by an earlier root run):
             # hand it over, below.
         try:
-            keep_owner(fd, os.stat(self.path.with_suffix("")))
+            checkpoint = os.stat(self.path.with_suffix(""))
+            keep_owner(fd, checkpoint)
+            os.fchmod(fd, (checkpoint.st_mode & 0o666) | 0o600)  # (its owner may lock it)
         except FileNotFoundError:
             pass  # no checkpoint yet: owner-only
         except OSError as exc:  # the lock works all the same
@@ -340,10 +374,10 @@ class CheckpointLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        if not _OFD:
+        if not OFD_LOCKS:
             return True
         try:
-            _ofd_lock(fd, fcntl.F_WRLCK)
+            ofd_lock(fd, fcntl.F_WRLCK)
         except OSError as exc:
             fcntl.flock(fd, fcntl.LOCK_UN)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -362,12 +396,12 @@ class CheckpointLock:
         permission) is reported as not held: readers go on and read consistently."""
         lock = path.with_name(path.name + ".lock")
         try:
-            fd = os.open(lock, os.O_RDONLY)
-        except (FileNotFoundError, PermissionError):
+            fd = _open_lock_file(lock, os.O_RDONLY)
+        except (OSError, CheckpointError):  # none, not ours to read, or not a lock file
             return False
         try:
-            if _OFD:
-                return _ofd_lock(fd, fcntl.F_RDLCK, test=True) != fcntl.F_UNLCK
+            if OFD_LOCKS:
+                return ofd_lock(fd, fcntl.F_RDLCK, test=True) != fcntl.F_UNLCK
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -452,10 +486,14 @@ class Serializer:
         A file of 0 bytes (with no SQLite log beside it) counts as none, with a
         warning: jorbmp never leaves one (its writes appear whole), so it is someone
         else's, such as an ``sqlite3`` shell run before the first write."""
-        files = self._state()
         self._known_good = None
         try:
-            self._check_present(files)
+            files = self._state()  # before reading: a change meanwhile shows at `begin`
+        except OSError:
+            self._check_present()  # (says what is wrong)
+            raise
+        try:
+            self._check_present()
             run = self._read()
         except FileNotFoundError:
             self._note_base(None, files)
@@ -464,16 +502,31 @@ class Serializer:
         self._known_good = files
         return run
 
-    def _check_present(self, files: FileStates | None = None) -> None:
-        """``FileNotFoundError`` for a file of 0 bytes (and no SQLite log with something in
-        it), with a warning (see `deserialize`); every reader checks this first."""
-        files = self._state() if files is None else files
+    def _check_present(self) -> FileStates:
+        """The files' `_state`, checked first by every reader: ``FileNotFoundError`` for no
+        file, or one of 0 bytes (and no SQLite log with something in it), with a warning
+        (see `deserialize`); ``CheckpointError`` for a path that is no regular file (a
+        device, a FIFO, a directory: never read, nor replaced by a checkpoint) or that
+        cannot be looked at (a symlink loop, no permission)."""
+        try:
+            st = os.stat(self.path)
+            files = self._state()
+        except FileNotFoundError:
+            return self._state()
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot look at the checkpoint: {exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(
+                f"{self.path}: not a regular file (a directory, device or FIFO), so not a "
+                "checkpoint; it is left as it is"
+            )
         if files[0] is not None and all(f is None or f[2] == 0 for f in files):
             log.warning(
                 "%s: the file is empty and no jorbmp wrote it: treated as no checkpoint",
                 self.path,
             )
             raise FileNotFoundError(errno.ENOENT, "empty checkpoint file", str(self.path))
+        return files
 
     def _read(self) -> Run[Any, Any]:
         """Read the file (`deserialize` without the bookkeeping)."""
@@ -488,7 +541,13 @@ class Serializer:
         read (see `check_overwritable`)."""
         with self.locked():
             self.check_overwritable()
-            self._write_run(run)
+            try:
+                self._write_run(run)
+            except BaseException:
+                # Maybe written, maybe not (a failed fsync after the rename): what is
+                # there is this run's doing or as it was, not a stranger's change.
+                self._wrote(run, complete=False)
+                raise
             self._wrote(run)
 
     def _write_run(self, run: Run[Any, Any]) -> None:

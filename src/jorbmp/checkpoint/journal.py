@@ -99,7 +99,7 @@ from .. import _fds
 from ..errors import CheckpointError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
-from .base import JOURNAL_MAGIC, format_hint, write_atomic
+from .base import JOURNAL_MAGIC, check_format, format_hint, write_atomic
 from .overview import JobHead, Overview, OverviewBuilder
 
 __all__ = ["JournalSerializer"]
@@ -222,9 +222,9 @@ def _frame(payload: bytes) -> list[_Piece]:
 
 def _check_frame(data: memoryview, offset: int) -> tuple[int, str | None, bool]:
     """(end of the frame at ``offset``, None, whether its record goes on in the next
-    frame) if it is intact, else (end, what is wrong, False), where ``end`` is past the
-    end of the file for a frame cut short (its header, or its declared length, runs
-    past it: see `_records`), and -1 for one without a marker or with a wrong crc."""
+    frame) if it is intact, else (its declared end, what is wrong, False), where the end
+    is past the end of the file for a frame cut short (its header, or its declared
+    length, runs past it: see `_records`), and -1 for one without a marker."""
     size = len(data)
     if size - offset < RECORD_HEADER_SIZE:
         end = offset + RECORD_HEADER_SIZE
@@ -236,10 +236,38 @@ def _check_frame(data: memoryview, offset: int) -> tuple[int, str | None, bool]:
     end = start + length
     if end > size:
         return end, f"a {length}-byte record runs past the end of the file", False
-    (crc,) = _CRC.unpack_from(data, offset + _RECORD_HEAD.size)
-    if zlib.crc32(data[start:end], zlib.crc32(data[offset : offset + _RECORD_HEAD.size])) != crc:
-        return -1, "checksum mismatch", False
+    if not _crc_fits(data, offset, length):
+        return end, "checksum mismatch", False
     return end, None, marker == CONTINUED_MAGIC
+
+
+def _crc_fits(data: memoryview, offset: int, length: int) -> bool:
+    """Whether the crc of the frame at ``offset`` fits its marker, ``length`` and the
+    ``length`` bytes after its header."""
+    marker = bytes(data[offset : offset + 4])
+    head = _RECORD_HEAD.pack(marker, length)
+    start = offset + RECORD_HEADER_SIZE
+    (crc,) = _CRC.unpack_from(data, offset + _RECORD_HEAD.size)
+    return bool(zlib.crc32(data[start : start + length], zlib.crc32(head)) == crc)
+
+
+def _intact_after(data: memoryview, raw: bytes, offset: int, end: int) -> int | None:
+    """Where an intact record follows the broken frame at ``offset`` (declared to end
+    at ``end``; -1: no marker, so unknown), proving it damage rather than a torn last
+    write; None if nothing does.
+
+    A frame found inside the broken one's declared extent is part of its payload (a
+    payload is any bytes: a job's context may hold a piece of a journal file), unless
+    the broken frame's crc fits a length that ends exactly there: then its length field
+    is what was damaged, and the records after it are real."""
+    found = _next_valid_frame(data, raw, offset + 1)
+    while found is not None:
+        if end == -1 or found >= end:
+            return found
+        if _crc_fits(data, offset, found - offset - RECORD_HEADER_SIZE):
+            return found
+        found = _next_valid_frame(data, raw, found + 1)
+    return None
 
 
 def _next_valid_frame(data: memoryview, raw: bytes, start: int) -> int | None:
@@ -279,11 +307,7 @@ def _records(path: Path, raw: bytes, decode: Callable[[memoryview], Any]) -> Ite
     if len(raw) < _FILE_HEADER.size or not raw.startswith(FILE_MAGIC):
         raise CheckpointError(f"{path}: not a jorbmp journal{format_hint(raw[:32])}")
     _, version = _FILE_HEADER.unpack_from(raw)
-    if version != JOURNAL_VERSION:
-        raise CheckpointError(
-            f"{path}: journal format {version} is not supported "
-            f"(this jorbmp reads format {JOURNAL_VERSION})"
-        )
+    check_format(path, version, JOURNAL_VERSION)
     data = memoryview(raw)
     size = len(raw)
     offset = _FILE_HEADER.size
@@ -339,26 +363,18 @@ def _records(path: Path, raw: bytes, decode: Callable[[memoryview], Any]) -> Ite
             # Which failures a crash can leave: a record is appended (with pwrite) and
             # then fsynced, and the writer cuts off whatever a failed append left before
             # it appends again (`_append`), so a crash leaves at most one incomplete
-            # record, the last. Its header went first, so it is a frame whose header,
-            # or whose declared length, runs past the end of the file, and everything
-            # after its header is part of its payload, whatever it looks like: a
-            # payload is any bytes (a job's context may hold a piece of a journal
-            # file), so intact frames found there prove nothing, and the record is
-            # dropped as torn. A frame that ends within the file but has no marker or
-            # a wrong crc is different: the tail of a write whose blocks never reached
-            # the disk (zeros, garbage) when nothing intact follows it, but damage when
-            # intact frames do, since nothing is ever appended after a torn record.
-            # (A length field damaged so that it runs past the end of the file cannot
-            # be told from a torn write; inside the snapshot, whose extent is
-            # recorded, it is an error above.)
-            if end <= size:
-                following = _next_valid_frame(data, raw, offset + 1)
-                if following is not None:
-                    raise CheckpointError(
-                        f"{path}: corrupt record at byte {offset} ({problem}); intact "
-                        f"records follow at byte {following}, so this is damage, not a "
-                        "write torn by a crash"
-                    )
+            # record, the last: a frame whose header, or whose declared length, runs
+            # past the end of the file, or whose blocks never reached the disk (zeros,
+            # garbage: a wrong crc or no marker). Nothing is ever appended after it, so
+            # an intact record after the broken frame proves damage (`_intact_after`
+            # says which frames count: not those inside the broken frame's payload).
+            following = _intact_after(data, raw, offset, end)
+            if following is not None:
+                raise CheckpointError(
+                    f"{path}: corrupt record at byte {offset} ({problem}); intact "
+                    f"records follow at byte {following}, so this is damage, not a "
+                    "write torn by a crash"
+                )
             log.warning(
                 "%s: ignoring %d bytes at byte %d (%s): a write torn by a crash",
                 path, size - start, start, problem,
@@ -387,6 +403,13 @@ def _records(path: Path, raw: bytes, decode: Callable[[memoryview], Any]) -> Ite
                 chunk_bytes = record.chunk_bytes
                 snapshot_end = offset + chunk_bytes
                 snapshot_records = 1 + record.chunks
+            else:
+                log.warning(
+                    "%s: written by jorbmp 0.1, which did not record where its snapshot "
+                    "ends: a file cut short between its records cannot be told from a "
+                    "whole one (the next execution rewrites it with its extent)",
+                    path,
+                )
         elif isinstance(record, _BEGINS):
             raise CheckpointError(f"{path}: a second run record at byte {start}")
         count += 1
