@@ -38,8 +38,21 @@ class StatePlugin(WorkerPlugin):
             raise
 
 
-def run_batch(name: str, payload: bytes) -> bytes:
-    """The Dask task: run a batch of encoded contexts through the state's exec."""
+def run_batch(
+    name: str, payload: bytes, check: bool = False, topic: str = "", key: str = ""
+) -> bytes:
+    """The Dask task: run a batch of encoded contexts through the state's exec.
+
+    With ``check``, first make sure this worker decodes the contexts to the same
+    values as the coordinator: their encoding again must be ``payload`` byte for byte.
+    The answer is then ``(True, results)``, or ``(False, that encoding)`` with nothing
+    run, for the coordinator to judge (a job type that reached this worker by value,
+    without its fields, would otherwise silently reset every context).
+
+    With a ``topic`` (the state has a timeout), the worker reports ``("start", key,
+    worker address)`` under it as the exec starts and ``("end", key)`` when it ends,
+    however it ends: the coordinator counts the timeout from the start, and keeps the
+    slot of a timed-out exec until its end (a thread cannot be interrupted)."""
     worker = get_worker()
     plugin = worker.plugins.get(name)
     if not isinstance(plugin, StatePlugin):
@@ -48,4 +61,16 @@ def run_batch(name: str, payload: bytes) -> bytes:
         raise RuntimeError(plugin.error)
     spec = plugin.spec
     state, fn, ac, oc, codec = spec.state, spec.exec, plugin.ac, spec.overall, plugin.codec
-    return plugin.encode(_execute.run_batch(state, fn, ac, oc, plugin.decode(payload), codec))
+    contexts = plugin.decode(payload)
+    if check:
+        again = plugin.encode(contexts)
+        if again != payload:
+            return plugin.encode((False, again))
+    if topic:
+        worker.log_event(topic, ("start", key, worker.address))
+    try:
+        results = plugin.encode(_execute.run_batch(state, fn, ac, oc, contexts, codec))
+    finally:
+        if topic:
+            worker.log_event(topic, ("end", key))
+    return plugin.encode((True, results)) if check else results
