@@ -40,13 +40,14 @@ import msgspec
 from . import _floats
 from ._backends import Backend
 from ._delays import DelayQueue
+from ._mailbox import ListenerMailbox
 from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome, Results
 from .checkpoint.base import Serializer
 from .ratelimit import RateGate, make_gate
 from .report import RunReport, build_report
 from .run import Job, Run, utcnow
 from .state import State
-from .status import SAMPLE_SECONDS, StateMetrics, StatusCount, StatusListener, notify
+from .status import SAMPLE_SECONDS, StateMetrics, StatusCount, StatusListener
 
 log = logging.getLogger("jorbmp")
 
@@ -217,6 +218,9 @@ class Coordinator:
         self.run = run
         self.serializer = serializer
         self.listener = listener
+        # Updates reach the listener on its own thread: a slow or blocked listener
+        # never holds up the loop (see `jorbmp._mailbox`).
+        self.mailbox = ListenerMailbox(listener)
         self.grace = grace
         self.make_backend = make_backend
         self.lanes: dict[str, Lane] = {s.trigger_state: Lane(self, s) for s in states}
@@ -275,8 +279,8 @@ class Coordinator:
         try:
             if self.active == 0:
                 self.serializer.flush(self.run, final=True)
-                notify(self.listener, self.snapshot())
-                self.close_listener()
+                self.mailbox.put(self.snapshot(final=True), pinned=True)
+                self.close_listener(None)  # exactly one update: it is the first and last
                 self.final_report = self.report("complete")
                 return "complete"
             try:
@@ -284,7 +288,7 @@ class Coordinator:
                     if not lane.terminal:
                         lane.backend = self.make_backend(lane.state, lane)
                         lane.backend.start()
-                notify(self.listener, self.snapshot())
+                self.mailbox.put(self.snapshot(), pinned=True)  # the first update, exact
                 self.changed = False
                 self.sample_processes(baseline=True)
                 for lane in lanes.values():
@@ -357,12 +361,14 @@ class Coordinator:
             self.store_report(outcome)
             self.serializer.flush(self.run, final=True)
         finally:
-            notify(self.listener, self.snapshot())
-            self.close_listener()
+            # Settled: whatever was executing finished, or was abandoned and stays
+            # in its prior state, so the last update counts it as waiting there.
+            self.close_listener(self.snapshot(final=True))
 
-    def close_listener(self) -> None:
+    def close_listener(self, last: list[StatusCount] | None) -> None:
+        """Deliver ``last`` and close the listener, waiting a bounded time for it."""
         try:
-            self.listener.close()
+            self.mailbox.finish(last)
         except Exception:  # a listener is never worth failing the run
             log.exception("status listener %r failed to close", self.listener)
 
@@ -378,7 +384,7 @@ class Coordinator:
                 self.changed = True  # CPU and rates moved even if no job did
             if self.changed:
                 self.changed = False
-                notify(self.listener, self.snapshot())
+                self.mailbox.put(self.snapshot())
             self.serializer.flush(self.run)
         except Exception as exc:
             self.fail(exc)
@@ -395,7 +401,9 @@ class Coordinator:
             if backend is not None and not (baseline and backend.started_pids):
                 lane.metrics.sample(backend.pids(), seconds, backend.started_pids)
 
-    def snapshot(self) -> list[StatusCount]:
+    def snapshot(self, final: bool = False) -> list[StatusCount]:
+        """The status of every state; ``final``: the run is over and nothing executes
+        (backends may still count abandoned execs as running)."""
         now = asyncio.get_running_loop().time()
         elapsed = now - self.started
         return [
@@ -403,7 +411,7 @@ class Coordinator:
                 lane.name,
                 lane.terminal,
                 lane.count,
-                lane.backend.executing() if lane.backend is not None else 0,
+                lane.backend.executing() if lane.backend is not None and not final else 0,
                 now,
                 lane.state.concurrency * elapsed,
             )
@@ -424,7 +432,7 @@ class Coordinator:
         wall = asyncio.get_running_loop().time() - self.started
         rows: list[tuple[StatusCount, int, str]] = [
             (count, lane.state.concurrency, lane.kind())
-            for count, lane in zip(self.snapshot(), self.lanes.values(), strict=True)
+            for count, lane in zip(self.snapshot(final=True), self.lanes.values(), strict=True)
         ]
         cpu = [lane.metrics.cpu_seconds for lane in self.lanes.values()]
         return build_report(self.run.name, outcome, wall, rows, cpu)

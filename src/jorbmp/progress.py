@@ -3,6 +3,14 @@
 When the output is not a terminal (a log file, CI), redrawn bars would fill it with
 carriage returns; the listener then writes one plain line every `PLAIN_INTERVAL`
 seconds and a last one at the end instead.
+
+tqdm shows at most two bars fewer than the terminal has rows (one fewer than an
+``nrows`` given to it). With more states than that, the terminal states (done,
+failed) keep their bars and the working states that do not fit share one folded bar.
+Rates are recent (over `RATE_WINDOW_SECONDS`), not averages since the start.
+
+The listener is called on a thread of its own (see `jorbmp._mailbox`): an output that
+stops draining blocks that thread, never the run.
 """
 
 from __future__ import annotations
@@ -11,11 +19,12 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from typing import IO, Any
 
 from tqdm import tqdm
 
-from .status import StatusCount, StatusListener
+from .status import RATE_WINDOW_SECONDS, StatusCount, StatusListener
 
 __all__ = ["TqdmStatusListener"]
 
@@ -32,6 +41,67 @@ class _Bar(tqdm):  # type: ignore[misc]  # tqdm ships no types
     """
 
     monitor_interval = 0
+
+    # The rate shown: recent, set by the listener (tqdm's own would be the average
+    # since the bar started, as the listener sets ``n`` rather than calling update).
+    recent_rate: float | None = None
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = super().format_dict
+        if self.recent_rate is not None:
+            d["rate"] = self.recent_rate
+        return d
+
+
+class _Rate:
+    """A count's recent rate of change, over about `RATE_WINDOW_SECONDS`."""
+
+    __slots__ = ("samples",)
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def __call__(self, now: float, n: int) -> float:
+        samples = self.samples
+        samples.append((now, n))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW_SECONDS:
+            samples.popleft()
+        t0, n0 = samples[0]
+        return (n - n0) / (now - t0) if now > t0 else 0.0
+
+
+def _layout(counts: list[StatusCount], rows: int) -> list[list[int]]:
+    """Which states each bar shows (indexes into ``counts``), in the states' order.
+
+    Every state has a bar of its own when there are at most ``rows`` of them. Else the
+    terminal states keep theirs, the first working states fill the rows left but one,
+    and the other working states share that one.
+    """
+    if len(counts) <= rows:
+        return [[i] for i in range(len(counts))]
+    terminal = sum(1 for c in counts if c.terminal)
+    keep = max(0, rows - terminal - 1)
+    bars: list[list[int]] = []
+    folded: list[int] | None = None
+    for i, c in enumerate(counts):
+        if c.terminal or keep > 0:
+            if not c.terminal:
+                keep -= 1
+            bars.append([i])
+        elif folded is None:
+            folded = [i]
+            bars.append(folded)
+        else:
+            folded.append(i)
+    return bars
+
+
+def _terminal_rows(out: IO[str]) -> int:
+    try:
+        return os.get_terminal_size(out.fileno()).lines
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -79,6 +149,8 @@ class TqdmStatusListener(StatusListener):
         self.plain = plain
         self.tqdm_kwargs = tqdm_kwargs
         self.bars: list[tqdm] = []
+        self._layout: list[list[int]] = []  # per bar, the states it shows
+        self._rates: list[_Rate] = []  # per bar, for terminal states' arrivals
         self._last: list[StatusCount] | None = None
         self._started = 0.0
         self._printed = -PLAIN_INTERVAL
@@ -104,40 +176,65 @@ class TqdmStatusListener(StatusListener):
                 print(_plain_line(now - self._started, counts), file=self._out(), flush=True)
             return
         if not self.bars:
-            width = max(len(c.state) for c in counts)
-            sizing: dict[str, Any] = {"dynamic_ncols": True}
-            if _terminal_columns(self._out()) <= 0:
-                # A terminal that reports no size (some ptys): tqdm would hide every
-                # bar beyond its 0 rows, so give it a fixed size.
-                size = shutil.get_terminal_size()
-                sizing = {"ncols": size.columns, "nrows": max(size.lines, len(counts) + 1)}
-            sizing.update(self.tqdm_kwargs)
-            self.bars = [
-                _Bar(
-                    desc=c.state.ljust(width),
-                    total=None,
-                    position=i,
-                    leave=True,
-                    file=self._out(),
-                    unit="job",
-                    **sizing,
-                )
-                for i, c in enumerate(counts)
-            ]
+            self._make_bars(counts)
         total = sum(c.completed + c.executing + c.waiting for c in counts)
-        for bar, c in zip(self.bars, counts, strict=True):
-            if c.terminal:
+        for bar, shown, rate in zip(self.bars, self._layout, self._rates, strict=True):
+            if len(shown) == 1 and counts[shown[0]].terminal:
+                c = counts[shown[0]]
                 bar.total = total
                 bar.n = c.completed
+                bar.recent_rate = rate(now, c.completed)
                 bar.set_postfix_str(f"errors={c.errors}" if c.errors else "", refresh=False)
             else:
-                bar.n = c.processed
+                group = [counts[i] for i in shown]
+                processed = sum(c.processed for c in group)
+                mean = (
+                    sum(c.mean_seconds * c.processed for c in group) / processed
+                    if processed
+                    else 0.0
+                )
+                bar.n = processed
+                bar.recent_rate = sum(c.jobs_per_second for c in group)
                 bar.set_postfix_str(
-                    f"wait={c.waiting} exec={c.executing} mean={_fmt_seconds(c.mean_seconds)} "
-                    f"cpu={c.cpu_percent:.0f}% err={c.errors}",
+                    f"wait={sum(c.waiting for c in group)} "
+                    f"exec={sum(c.executing for c in group)} mean={_fmt_seconds(mean)} "
+                    # (folded async and thread states would each count the coordinator)
+                    f"cpu={max(c.cpu_percent for c in group):.0f}% "
+                    f"err={sum(c.errors for c in group)}",
                     refresh=False,
                 )
             bar.refresh()
+
+    def _make_bars(self, counts: list[StatusCount]) -> None:
+        sizing: dict[str, Any] = {"dynamic_ncols": True}
+        if _terminal_columns(self._out()) <= 0:
+            # A terminal that reports no size (some ptys): tqdm would hide every
+            # bar beyond its 0 rows, so give it a fixed size.
+            size = shutil.get_terminal_size()
+            sizing = {"ncols": size.columns, "nrows": max(size.lines, len(counts) + 1)}
+        sizing.update(self.tqdm_kwargs)
+        # tqdm draws bars at positions below nrows - 1; its nrows is the terminal's
+        # lines - 1 (20 when it cannot tell), unless given.
+        nrows = sizing.get("nrows") or max(0, _terminal_rows(self._out()) - 1) or 20
+        self._layout = _layout(counts, max(1, nrows - 1))
+        names = [
+            counts[shown[0]].state if len(shown) == 1 else f"(+{len(shown)} states)"
+            for shown in self._layout
+        ]
+        width = max(len(name) for name in names)
+        self.bars = [
+            _Bar(
+                desc=name.ljust(width),
+                total=None,
+                position=i,
+                leave=True,
+                file=self._out(),
+                unit="job",
+                **sizing,
+            )
+            for i, name in enumerate(names)
+        ]
+        self._rates = [_Rate() for _ in self.bars]
 
     def close(self) -> None:
         if self.plain and self._last is not None and self._last is not self._shown:
@@ -145,5 +242,6 @@ class TqdmStatusListener(StatusListener):
         for bar in self.bars:
             bar.close()
         self.bars = []
+        self._layout, self._rates = [], []
         self._last = self._shown = None
         self._printed = -PLAIN_INTERVAL

@@ -51,6 +51,13 @@ class StatusListener:
 
     ``status_update`` gets one `StatusCount` per state, in the order the states were
     given. ``close`` is called once when the run ends, however it ends.
+
+    Both are called on a thread of their own, one call at a time, never on the
+    coordinator's loop: a slow listener skips intermediate updates (it always gets the
+    latest, never an older one after a newer one), and the first and the last update
+    are always delivered. ``exec`` waits at its end at most
+    ``jorbmp._mailbox.CLOSE_TIMEOUT`` seconds (5) for the last update and ``close``;
+    a listener that takes longer is left behind, with a WARNING.
     """
 
     def status_update(self, counts: list[StatusCount]) -> None:
