@@ -51,7 +51,10 @@ class ContextCodec:
 
     def __init__(self, job_type: Any) -> None:
         self.encode: Callable[[Any], bytes] = msgspec.msgpack.Encoder().encode
-        self.job_type: type | None = job_type if isinstance(job_type, type) else None
+        # (`typing.Any` is an instance of `type` on Python 3.11: an untyped run.)
+        self.job_type: type | None = (
+            job_type if isinstance(job_type, type) and job_type is not Any else None
+        )
 
     def check(self, state: str, value: Any, what: str) -> None:
         """Raise `BrokenContract` (naming ``state``) unless ``value`` is of the job type."""
@@ -78,9 +81,21 @@ def bad_context(type_name: str, exc: Exception) -> str:
     return f"job context is not a valid {type_name}: {exc}"
 
 
+def printable(text: str) -> str:
+    """``text`` as it can be recorded: lone surrogates (a file name from ``os.listdir``
+    that is not UTF-8, say) escaped, since no checkpoint format can store them."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
 def describe(exc: BaseException) -> str:
     """The text recorded for an exception: ``"TypeName: message"``."""
-    text = str(exc)
+    text = printable(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -94,7 +109,7 @@ def from_exception(state: str, exc: BaseException, seconds: float) -> Outcome:
         return Outcome(
             RATE_LIMITED, error=describe(exc), retry_after=exc.retry_after, seconds=seconds
         )
-    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    trace = printable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     return _failed(describe(exc), seconds, trace)
 
 
@@ -153,7 +168,7 @@ def interpret(state: str, ret: Any, codec: ContextCodec, seconds: float) -> Outc
     if isinstance(error, BaseException):
         text = describe(error)
     elif error:
-        text = error
+        text = printable(error)
     return Outcome(
         code, context, next_state, kick_states, text, retry_after, seconds, None, kick_contexts
     )

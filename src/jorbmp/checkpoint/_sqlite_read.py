@@ -46,7 +46,15 @@ import msgspec
 from .. import _fds
 from ..errors import CheckpointError
 from ..run import Job, Run
-from .base import OFD_LOCKS, CheckpointLock, FileStates, file_state, format_hint, ofd_lock
+from .base import (
+    OFD_LOCKS,
+    CheckpointLock,
+    FileStates,
+    check_format,
+    file_state,
+    format_hint,
+    ofd_lock,
+)
 from .overview import EXAMPLE_IDS, TOP_ERRORS, ErrorGroup, Overview, sorted_states, top_groups
 
 __all__ = [
@@ -415,6 +423,8 @@ class RunReader:
                 raise CheckpointError(
                     f"{path}: job {job_id!r} does not fit the types: {exc}"
                 ) from None
+            except msgspec.DecodeError as exc:  # (hand-edited JSON text: a lone surrogate)
+                raise CheckpointError(f"{path}: job {job_id!r} does not decode: {exc}") from None
             if not_before is not None:
                 if type(not_before) is not float:  # a REAL column gives floats (or text)
                     raise CheckpointError(
@@ -437,15 +447,13 @@ class RunReader:
         formats = conn.execute("SELECT format FROM run").fetchall()
         if len(formats) != 1:
             raise CheckpointError(f"{path}: table run has {len(formats)} rows, expected 1")
-        if formats[0][0] != SQLITE_FORMAT:
-            raise CheckpointError(
-                f"{path}: checkpoint format {formats[0][0]} is not supported "
-                f"(this jorbmp reads format {SQLITE_FORMAT})"
-            )
+        check_format(path, formats[0][0], SQLITE_FORMAT)
         try:
             head: _RunRow[Any] = self._run_decoder.decode(conn.execute(_GET_RUN).fetchone()[0])
         except msgspec.ValidationError as exc:
             raise CheckpointError(f"{path}: the run does not fit the types: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise CheckpointError(f"{path}: the run's row does not decode: {exc}") from None
         return head
 
     def overview(self, conn: sqlite3.Connection) -> Overview:
