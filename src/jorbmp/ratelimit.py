@@ -4,6 +4,15 @@ A state's ``rate_limit`` may be a number (executions per second, burst 1), an
 ``aiolimiter.AsyncLimiter`` or an `AIMDRateLimiter`. The coordinator turns it into a
 `RateGate` and awaits it once per job before dispatch, so every worker of the state
 shares the one limit.
+
+The number and the `AIMDRateLimiter` share one engine, `_Bucket`: a token bucket
+computed from elapsed time, not a grid of timers. asyncio's timers fire late (a sleep
+lasts at least ~1 ms, more on a busy loop), so a bucket capped at its burst would lose
+the time each wake-up is late: 10,000/s delivered 1,695-5,445/s that way. Here the
+tokens that accrue while a caller sleeps in `acquire` are owed to it, and the wake-up
+hands out all of them at once, to the caller and those that follow it at once; an
+idle bucket still fills only to its burst. A sliding log of grants (`_Window`) keeps
+every one-second window at most ``rate + burst``, whatever the catch-up.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import asyncio
 import math
 import numbers
 import time
+from collections import deque
 from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
@@ -23,6 +33,25 @@ DEFAULT_DECREASE = 0.5
 # Default number of good intervals to climb from min to max: slow enough not to
 # re-trigger the remote limit at once, fast enough to recover within a minute or so.
 DEFAULT_STEPS_MIN_TO_MAX = 10
+
+# The longest a sleeping caller's wake-up may be late and still be handed every token
+# that accrued meanwhile (beyond the burst). A wake-up later than this (a loop blocked
+# for longer) delivers what this much lateness is worth; the rest is lost.
+MAX_LATE = 0.25
+# After a grant, for this long the tokens beyond the burst stay on offer to the next
+# caller: the callers that follow a late wake-up at once (the coordinator's gate asks
+# again right after each dispatch). A caller after a longer pause finds an idle
+# bucket, holding at most its burst.
+CREDIT_SECONDS = 0.02
+# The sliding window that holds at most ``rate + burst`` grants. It is a little longer
+# than one second so that up to 10 ms of jitter between a grant and the start of its
+# exec (a dispatch, a pipe, a thread switch) cannot push a second's starts over the
+# limit. The price: at most ``(rate + burst) / 1.01`` per second in the long run.
+WINDOW_SECONDS = 1.01
+# Grants this close together share one entry of the window's log, stamped with the
+# latest of them (so they leave the window no earlier than they should): the log
+# holds at most about 1 / MERGE_SECONDS entries, whatever the rate.
+MERGE_SECONDS = 0.001
 
 
 def _number(owner: str, name: str, value: object) -> float:
@@ -38,6 +67,111 @@ def _number(owner: str, name: str, value: object) -> float:
     if not math.isfinite(result):
         raise ValueError(f"{owner} {name} must be a finite number, got {value!r}")
     return result
+
+
+class _Window:
+    """A sliding log of grants: at most ``limit`` in any `WINDOW_SECONDS`.
+
+    Entries are ``[first, last, count]``: grants within `MERGE_SECONDS` of an entry's
+    first one join it, and the entry leaves the window `WINDOW_SECONDS` after its last.
+    """
+
+    __slots__ = ("_count", "_entries")
+
+    def __init__(self) -> None:
+        self._entries: deque[list[float]] = deque()
+        self._count = 0
+
+    def delay(self, now: float, limit: float) -> float:
+        """0.0 if one more grant at ``now`` keeps every window within ``limit``, else
+        the seconds until enough grants have left the window."""
+        entries = self._entries
+        horizon = now - WINDOW_SECONDS
+        while entries and entries[0][1] <= horizon:
+            self._count -= int(entries.popleft()[2])
+        excess = self._count + 1 - limit
+        if excess <= 0:
+            return 0.0
+        for entry in entries:
+            excess -= entry[2]
+            if excess <= 0:
+                return max(entry[1] - horizon, 1e-6)
+        return WINDOW_SECONDS  # unreachable: limit >= 1
+
+    def record(self, now: float) -> None:
+        entries = self._entries
+        if entries and now - entries[-1][0] < MERGE_SECONDS:
+            last = entries[-1]
+            last[1] = max(last[1], now)
+            last[2] += 1
+        else:
+            entries.append([now, now, 1])
+        self._count += 1
+
+
+class _Bucket:
+    """The token bucket behind `SteadyRate` and `AIMDRateLimiter`.
+
+    Tokens accrue at ``rate`` per second of elapsed time. An idle bucket holds at most
+    ``burst``; while a caller sleeps in `wait`, or within `CREDIT_SECONDS` of the last
+    grant, it holds up to ``burst + rate * MAX_LATE``: the tokens a late wake-up is
+    owed, handed out at once. `_Window` caps every window at ``rate + burst`` grants.
+    The rate is passed in on every call, as `AIMDRateLimiter` changes it.
+    """
+
+    __slots__ = ("_credit_until", "_last", "_sleepers", "_window", "burst", "tokens")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.burst = burst
+        self.tokens = burst
+        self._last = now
+        self._sleepers = 0
+        self._credit_until = -math.inf
+        self._window = _Window()
+
+    def refill(self, now: float, rate: float) -> None:
+        elapsed = now - self._last
+        if elapsed <= 0:
+            return
+        self._last = now
+        tokens = self.tokens + elapsed * rate
+        if self._sleepers or now <= self._credit_until:
+            cap = self.burst + rate * MAX_LATE
+        else:
+            cap = self.burst
+        self.tokens = min(tokens, cap)
+
+    def take(self, now: float, rate: float) -> float:
+        """Take a token and return 0.0, or return the seconds until one may be taken."""
+        self.refill(now, rate)
+        tokens = self.tokens
+        if tokens >= 1:
+            wait = self._window.delay(now, rate + self.burst)
+            if wait <= 0:
+                self.tokens = tokens - 1
+                self._credit_until = now + CREDIT_SECONDS
+                self._window.record(now)
+                return 0.0
+            return wait
+        return max((1 - tokens) / rate, self._window.delay(now, rate + self.burst))
+
+    def drain(self) -> None:
+        self.tokens = min(self.tokens, 0.0)
+        self._credit_until = -math.inf
+
+    async def wait(self, clock: Callable[[], float], rate: Callable[[], float]) -> None:
+        """Sleep until a token may be taken, and take it."""
+        while (delay := self.take(clock(), rate())) > 0:
+            self._sleepers += 1
+            try:
+                await asyncio.sleep(delay)
+                # Still counted as sleeping: what accrued while it slept is owed to it,
+                # and stays on offer to the callers that follow it at once.
+                now = clock()
+                self.refill(now, rate())
+                self._credit_until = now + CREDIT_SECONDS
+            finally:
+                self._sleepers -= 1
 
 
 class AIMDRateLimiter:
@@ -57,13 +191,12 @@ class AIMDRateLimiter:
     """
 
     __slots__ = (
+        "_bucket",
         "_clock",
         "_clock_last",
         "_last_decrease",
         "_last_increase",
-        "_last_refill",
         "_now",
-        "_tokens",
         "burst",
         "decrease",
         "increase",
@@ -123,8 +256,7 @@ class AIMDRateLimiter:
         self._clock = clock
         self._clock_last = _number(owner, "clock()", clock())
         now = self._now = self._clock_last
-        self._tokens = burst_f
-        self._last_refill = now
+        self._bucket = _Bucket(burst_f, now)
         self._last_increase = now
         self._last_decrease = -math.inf
 
@@ -149,36 +281,35 @@ class AIMDRateLimiter:
 
     def _refill(self) -> float:
         now = self._tick()
-        self._tokens = min(self.burst, self._tokens + (now - self._last_refill) * self.rate)
-        self._last_refill = now
+        self._bucket.refill(now, self.rate)
         return now
+
+    def _rate(self) -> float:
+        return self.rate
 
     def try_acquire(self) -> float:
         """Take a token and return 0.0, or return the seconds until one is available."""
-        self._refill()
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return 0.0
-        return (1 - self._tokens) / self.rate
+        return self._bucket.take(self._tick(), self.rate)
 
     def has_capacity(self, amount: float = 1) -> bool:
         self._refill()
-        return self._tokens >= amount
+        return self._bucket.tokens >= amount
 
     async def acquire(self) -> None:
         """Wait until a token is available and take it.
 
         Waits with ``asyncio.sleep``, i.e. in the event loop's seconds, which are
         ``time.monotonic``'s: an injected clock must advance in real time for this to
-        return (tests drive `try_acquire` instead).
+        return (tests drive `try_acquire` instead). A wake-up that comes late is
+        handed the tokens that accrued meanwhile (see `_Bucket`), so the rate holds
+        however coarse the loop's timers are.
         """
-        while (delay := self.try_acquire()) > 0:
-            await asyncio.sleep(delay)
+        await self._bucket.wait(self._tick, self._rate)
 
     def backoff(self) -> None:
         """Record a rate-limit error: cut the rate (once per interval) and drain the bucket."""
         now = self._refill()
-        self._tokens = min(self._tokens, 0.0)
+        self._bucket.drain()
         if now - self._last_decrease < self.interval:
             return
         self.rate = min(self.max_rate, max(self.min_rate, self.rate * self.decrease))
@@ -186,7 +317,7 @@ class AIMDRateLimiter:
 
     def success(self) -> None:
         """Record a successful exec: raise the rate by ``increase``, at most once per interval."""
-        now = self._tick()
+        now = self._refill()  # what accrued so far, at the rate before the increase
         if now - self._last_increase < self.interval or now - self._last_decrease < self.interval:
             return
         self.rate = max(self.min_rate, min(self.max_rate, self.rate + self.increase))
@@ -195,51 +326,60 @@ class AIMDRateLimiter:
     def __repr__(self) -> str:
         return (
             f"<AIMDRateLimiter rate={self.rate:g}/s [{self.min_rate:g}..{self.max_rate:g}] "
-            f"tokens={self._tokens:.2f}>"
+            f"tokens={self._bucket.tokens:.2f}>"
         )
 
 
 class SteadyRate:
-    """``rate_limit=<number>``: starts on a fixed grid of ``1/rate`` seconds, burst 1.
+    """``rate_limit=<number>``: a token bucket of ``rate`` per second, burst 1.
 
-    A plain token bucket capped at one token loses the time by which each timer fires
-    late, so 50/s drifts to ~48/s. Here start ``k`` is due at ``t0 + k/rate``: a late
-    start does not delay the next ones, yet any window of one second holds at most
-    ``rate + 1`` starts. After an idle spell the grid restarts, so idleness never
-    turns into a burst.
+    Computed from elapsed time (`_Bucket`): a wake-up that comes late hands out every
+    token that accrued while its caller slept, so the delivered rate does not depend on
+    how late the loop's timers fire, yet any window of one second holds at most
+    ``rate + 1`` grants, and an idle spell never turns into a burst beyond one.
     """
 
-    __slots__ = ("_next", "interval", "rate")
+    __slots__ = ("_bucket", "interval", "rate")
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self.interval = 1.0 / rate
-        self._next: float | None = None
+        self._bucket = _Bucket(1.0, time.monotonic())
+
+    def _rate(self) -> float:
+        return self.rate
 
     async def acquire(self) -> None:
-        now = asyncio.get_running_loop().time()
-        due = self._next
-        if due is None or now - due > self.interval:
-            due = now  # idle for a while: restart the grid here
-        self._next = due + self.interval  # reserved before sleeping: waiters queue up
-        if due > now:
-            await asyncio.sleep(due - now)
+        await self._bucket.wait(time.monotonic, self._rate)
 
     def __repr__(self) -> str:
         return f"<SteadyRate {self.rate:g}/s>"
 
 
 class RateGate:
-    """What the coordinator awaits before each dispatch of a rate-limited state."""
+    """What the coordinator awaits before each dispatch of a rate-limited state.
 
-    __slots__ = ("aimd", "limiter")
+    An ``aiolimiter.AsyncLimiter`` binds itself to the first event loop it runs on,
+    and every exec runs a loop of its own: the gate rebinds it to the current loop
+    (`_rebind`) before its first use there, so a limiter kept across execs (the
+    resume pattern) neither warns nor keeps waiters of a closed loop.
+    """
+
+    __slots__ = ("_loop", "aimd", "limiter")
 
     def __init__(self, limiter: AsyncLimiter | AIMDRateLimiter | SteadyRate) -> None:
         self.limiter = limiter
         self.aimd = limiter if isinstance(limiter, AIMDRateLimiter) else None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def acquire(self) -> None:
-        await self.limiter.acquire()
+        limiter = self.limiter
+        if isinstance(limiter, AsyncLimiter):
+            loop = asyncio.get_running_loop()
+            if loop is not self._loop:
+                _rebind(limiter, loop)
+                self._loop = loop
+        await limiter.acquire()
 
     def backoff(self) -> None:
         if self.aimd is not None:
@@ -309,3 +449,26 @@ def _check_async_limiter(where: str, limiter: AsyncLimiter) -> None:
         raise ValueError(
             f"{where}: AsyncLimiter time_period must be a finite number > 0, got {period!r}"
         )
+
+
+def _rebind(limiter: AsyncLimiter, loop: asyncio.AbstractEventLoop) -> None:
+    """Move an ``AsyncLimiter`` bound to a closed event loop onto ``loop``.
+
+    This is what aiolimiter (1.2+) itself does when it finds its loop closed, less its
+    "re-used across loops" warning: drop the waiters and the wake-up timer of the
+    closed loop (nothing can wait on a closed loop), keep the bucket's level, which is
+    in ``time.monotonic`` seconds on every asyncio loop. A limiter bound to a loop
+    that is still open (another thread's) is left alone, and so is a version of
+    aiolimiter that keeps no loop.
+    """
+    bound = getattr(limiter, "_event_loop", None)
+    if bound is None or bound is loop or not isinstance(bound, asyncio.AbstractEventLoop):
+        return
+    if not bound.is_closed():
+        return
+    waiters = getattr(limiter, "_waiters", None)
+    limiter._event_loop = loop
+    if isinstance(waiters, list):
+        limiter._waiters = [w for w in waiters if w[-1].get_loop() is loop]
+    if hasattr(limiter, "_waker_handle"):
+        limiter._waker_handle = None
