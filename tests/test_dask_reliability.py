@@ -205,19 +205,21 @@ def skewed_worker(tmp_path: Path) -> Iterator[tuple[str, str]]:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("first", [1, 0], ids=["first-job-set", "first-job-at-default"])
 def test_worker_decoding_contexts_differently_fails_the_state(
-    skewed_worker: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    skewed_worker: tuple[str, str], monkeypatch: pytest.MonkeyPatch, first: int
 ) -> None:
     """The worker's job type has lost a field (as a type sent by value does): 9baee05
     completed the run with every ``size`` reset to 0; now the state fails, clearly,
-    and no job changed."""
+    and no job changed. Also when the first jobs hold the field's default, which the
+    value this process decodes from the worker's encoding fills in."""
     address, here = skewed_worker
     monkeypatch.syspath_prepend(here)
     import skew_types
 
     run: Run[None, skew_types.Skewed] = Run("skew", None, skew_types.Skewed)
     for i in range(6):
-        run.add_job(skew_types.Skewed(url=f"u{i}", size=i + 1))
+        run.add_job(skew_types.Skewed(url=f"u{i}", size=i + first))
     states = [
         State("new", skew_types.hop, concurrency=2, backend=DaskBackend(address)),
         State("done", terminal=True),
@@ -226,7 +228,7 @@ def test_worker_decoding_contexts_differently_fails_the_state(
         Processor(None, states).exec(run)
     assert "Skewed(url='u" in str(info.value) and "arrives there as Skewed(" in str(info.value)
     assert run.counts() == {"new": 6}
-    assert [job.context.size for job in run.jobs.values()] == [1, 2, 3, 4, 5, 6]
+    assert [job.context.size for job in run.jobs.values()] == [i + first for i in range(6)]
 
 
 SET_TYPES = """

@@ -96,6 +96,20 @@ def _distributed() -> Any:
     return distributed
 
 
+def _fields(value: Any, where: str = "$") -> set[str]:
+    """The paths of every map key in plain decoded data (list items share one path)."""
+    paths: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}"
+            paths.add(path)
+            paths |= _fields(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            paths |= _fields(item, f"{where}[]")
+    return paths
+
+
 class DaskBackend:
     """Runs a process state's execs on a Dask cluster while the coordinator keeps the run.
 
@@ -564,9 +578,16 @@ class DaskPool(Backend):
         contexts = [job.context for job in task.jobs]
         try:
             decoded = msgspec.msgpack.Decoder(list[self.spec.job_type]).decode(echo)  # type: ignore[name-defined]
-            same = decoded == contexts
+            # Equal values, and the same fields on the way back: a field the worker's
+            # type lacks comes back missing, which a default here would hide.
+            lost = _fields(msgspec.msgpack.decode(msgspec.msgpack.encode(contexts))) - _fields(
+                msgspec.msgpack.decode(echo)
+            )
+            same = decoded == contexts and not lost
             seen = decoded[0] if decoded else None
             what = f"{_short(contexts[0])} arrives there as {_short(seen)}"
+            if lost:
+                what += f" without the field(s) {', '.join(sorted(lost)[:5])}"
         except (msgspec.DecodeError, msgspec.ValidationError, TypeError, IndexError) as exc:
             same = False
             what = f"{_short(contexts[0])} does not survive the trip there ({describe(exc)})"
