@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,14 +39,14 @@ import msgspec
 from . import _floats
 from ._backends import Backend
 from ._delays import DelayQueue
+from ._lane import Lane
 from ._mailbox import ListenerMailbox
 from ._protocol import FAILED_ATTEMPT, RATE_LIMITED, Outcome, Results
 from .checkpoint.base import Serializer
-from .ratelimit import RateGate, make_gate
 from .report import RunReport, build_report
 from .run import Job, Run, utcnow
 from .state import State
-from .status import SAMPLE_SECONDS, StateMetrics, StatusCount, StatusListener
+from .status import SAMPLE_SECONDS, StatusCount, StatusListener
 
 log = logging.getLogger("jorbmp")
 
@@ -61,146 +60,6 @@ MAX_ERRORS_PER_STATE = 100
 # good part of building a kicked job's id.
 _SMALL = 256
 _DIGITS = tuple(str(n) for n in range(_SMALL))
-
-
-class Lane:
-    """One state's queue, backend and rate gate; also the backend's `Sink`."""
-
-    __slots__ = (
-        "backend",
-        "coord",
-        "count",
-        "gate",
-        "gate_task",
-        "gate_token",
-        "isolated",
-        "metrics",
-        "name",
-        "queue",
-        "state",
-        "terminal",
-    )
-
-    def __init__(self, coord: Coordinator, state: State) -> None:
-        self.coord = coord
-        self.state = state
-        self.name = state.trigger_state
-        self.terminal = state.terminal
-        self.queue: deque[Job[Any]] = deque()
-        self.count = 0  # jobs in this state: queued, executing or waiting on retry_after
-        self.backend: Backend | None = None
-        self.gate: RateGate | None = (
-            None if self.terminal else make_gate(self.name, state.rate_limit)
-        )
-        self.gate_task: asyncio.Task[None] | None = None
-        self.gate_token = False  # the gate let one job through, and no slot was free
-        # Ids of jobs suspected of killing a worker outside an exec: while there are
-        # any, batches hold one job, so that the culprit alone is charged.
-        self.isolated: set[str] = set()
-        self.metrics = StateMetrics()
-
-    def __repr__(self) -> str:
-        return f"<Lane {self.name!r} count={self.count} queued={len(self.queue)} {self.backend!r}>"
-
-    def kind(self) -> str:
-        """Where this state's execs run, for the report: its kind, or its backend's label."""
-        if self.terminal:
-            return ""
-        label = self.backend.label if self.backend is not None else None
-        return label or self.state.resolved_kind()
-
-    def pump(self) -> None:
-        """Hand queued jobs to free slots, oldest first."""
-        queue, backend = self.queue, self.backend
-        if not queue or backend is None or self.coord.stopping:
-            return
-        if self.gate is not None:
-            if self.gate_task is None and backend.free():
-                self.gate_task = asyncio.get_running_loop().create_task(self._gated())
-            return
-        limit = 1 if self.isolated else self.batch_limit(backend)
-        spread = 2 * self.state.concurrency
-        while queue and backend.free():
-            # Guided: shrink towards one job as the queue drains, so every slot gets a
-            # share of the tail instead of one slot finishing a big last batch alone.
-            n = min(limit, max(1, len(queue) // spread))
-            backend.submit([queue.popleft() for _ in range(n)])
-
-    def batch_limit(self, backend: Backend) -> int:
-        """Jobs per batch that take about the backend's ``batch_seconds`` at this
-        state's mean exec time.
-
-        Tiny jobs travel in big batches (the cost per message is what limits them);
-        slow jobs travel alone, so results flow on and a worker death or a timeout
-        sends few jobs back. One job until the first exec has been timed.
-        """
-        metrics, max_batch = self.metrics, backend.max_batch
-        if max_batch == 1 or not metrics.processed:
-            return 1
-        if backend.job_bytes:  # and not too many bytes
-            max_batch = min(max_batch, int(backend.batch_bytes / backend.job_bytes))
-        mean = metrics.total_seconds / metrics.processed
-        return max(1, min(max_batch, int(backend.batch_seconds / max(mean, 1e-7))))
-
-    async def _gated(self) -> None:
-        gate, backend = self.gate, self.backend
-        assert gate is not None and backend is not None
-        try:
-            loop = asyncio.get_running_loop()
-            while self.queue and not self.coord.stopping:
-                if not self.gate_token:
-                    waited_from = loop.time()
-                    await gate.acquire()
-                    self.metrics.rate_wait += loop.time() - waited_from
-                    self.gate_token = True
-                # While the gate waited, a worker may have died (no free slot now) and
-                # the queue may have changed: check both again. A token with nowhere
-                # to go is kept for the next free slot, not spent.
-                if self.coord.is_stopping() or not self.queue or not backend.free():
-                    break
-                self.gate_token = False
-                backend.submit([self.queue.popleft()])
-        except Exception as exc:  # a task's exception would only be logged, much later
-            self.coord.fail(exc)
-        finally:
-            self.gate_task = None
-
-    # Sink: called by the backend, usually from an event loop callback, where an
-    # exception would only be logged: a bug here must end the run, not hang it.
-
-    def done(self, jobs: list[Job[Any]], results: Results) -> None:
-        try:
-            if self.isolated:
-                for job in jobs:
-                    self.isolated.discard(job.id)
-            coord = self.coord
-            # One timestamp per batch: datetime.now() per job would cost more than
-            # the rest of a no-op transition.
-            coord.now = utcnow()
-            coord.changed = True
-            self.metrics.record(results.seconds)
-            coord.finish_batch(self, jobs, results)
-            coord.settle(self)
-        except Exception as exc:
-            self.coord.fail(exc)
-
-    def unrun(self, jobs: list[Job[Any]], isolate: list[Job[Any]] | None = None) -> None:
-        self.queue.extendleft(reversed(jobs))
-        if isolate:
-            self.isolated.update(job.id for job in isolate)
-        self.freed()
-
-    def freed(self) -> None:
-        try:
-            self.coord.settle(self)
-        except Exception as exc:
-            self.coord.fail(exc)
-
-    def fatal(self, exc: BaseException) -> None:
-        self.coord.fail(exc)
-
-    def halting(self) -> bool:
-        return self.coord.stopping or self.coord.signalled
 
 
 class Coordinator:

@@ -30,7 +30,8 @@ from ._backends import (
     InlineRunner,
     ThreadBackend,
 )
-from ._coordinator import Coordinator, Lane
+from ._coordinator import Coordinator
+from ._lane import Lane
 from ._pool import ProcessPool
 from ._protocol import WorkerSpec
 from .checkpoint.base import NilSerializer, Serializer
