@@ -409,6 +409,9 @@ def test_workers_garbage_collection_leaves_the_inherited_heap_shared(tmp_path: P
     states = [State("spin", h.collect_and_count_faults), State("done", terminal=True)]
     Processor(None, states, mp_context="fork").exec(run)
     faults = [job.context.value for job in run.jobs.values()]
-    # Walking the inherited dicts would fault on each of their ~10,000 pages.
-    assert max(faults) < 1_000, faults
+    # Walking the inherited dicts would fault on each of their ~10,000 pages. A worker
+    # that does not walk them faults a few hundred times, and up to ~1,100 on a loaded
+    # host (its own allocations, the host's memory activity): the bound keeps 3x room
+    # below the defect's figure.
+    assert max(faults) < 3_000, faults
     assert len(inherited) == 200_000
