@@ -308,6 +308,42 @@ def test_bars_keep_terminal_states_on_a_short_terminal() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_bars_never_outnumber_the_rows() -> None:
+    from jorbmp.progress import _layout  # here: 9baee05 has none, the other tests run
+
+    terminal = [False] * 4 + [True] * 3
+    counts = [StatusCount(f"s{i}", terminal=t) for i, t in enumerate(terminal)]
+    for rows in range(1, 9):
+        bars = _layout(counts, rows)
+        assert 1 <= len(bars) <= rows, (rows, bars)  # be5347b: 4 bars on 2 rows
+        shown = [i for bar in bars for i in bar]
+        assert len(shown) == len(set(shown)), (rows, bars)
+        assert {4, 5, 6} <= set(shown), (rows, bars)  # every terminal state, always
+        assert all(len({terminal[i] for i in bar}) == 1 for bar in bars), (rows, bars)
+
+
+@pytest.mark.timeout(60)
+def test_bars_fold_terminal_states_on_a_tiny_terminal() -> None:
+    # 3 working states and 3 terminal ones, on 3 rows: tqdm draws 2 bars.
+    states = [
+        State(f"state_{i:02d}", step, kind="thread", concurrency=4, max_retries=0)
+        for i in range(7, 10)
+    ]
+    states += [State("done", terminal=True), State("archived", terminal=True)]
+    states.append(State(FAILED, terminal=True))
+    run: Run[None, JC] = Run("bars")
+    for i in range(100):
+        run.add_job(JC(n=7000 + i), state="state_07")
+    bars = Captured(nrows=3, ncols=160, mininterval=0)
+    Processor(None, states, None, bars).exec(run)
+    assert run.counts() == {"done": 80, FAILED: 20}
+    shown = bars.before_close
+    assert "more hidden" not in shown, shown[-3000:]
+    assert "done" in shown and "(2 terminal states)" in shown, shown[-3000:]
+    assert "state_0" not in shown, shown[-3000:]  # no row is left for working states
+
+
+@pytest.mark.timeout(30)
 def test_bars_show_the_recent_rate() -> None:
     bars = TqdmStatusListener(file=io.StringIO(), plain=False, ncols=200, mininterval=0)
     out = bars.file

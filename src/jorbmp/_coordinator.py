@@ -121,7 +121,17 @@ class Coordinator:
 
     async def execute(self) -> str:
         """Run until every job is terminal (returns "complete") or a stop ends it
-        ("stopped"); raises what made the run fail."""
+        ("stopped"); raises what made the run fail.
+
+        Once the run is over and its checkpoint final, waits a bounded time for the
+        listener to take the last update and close: awaited, so the loop goes on (an
+        application's tasks; a second Ctrl-C, which ends the wait)."""
+        try:
+            return await self._execute()
+        finally:
+            await self.mailbox.wait_closed()
+
+    async def _execute(self) -> str:
         loop = asyncio.get_running_loop()
         lanes = self.lanes
         wall = time.time()
@@ -225,11 +235,8 @@ class Coordinator:
             self.close_listener(self.snapshot(final=True))
 
     def close_listener(self, last: list[StatusCount] | None) -> None:
-        """Deliver ``last`` and close the listener, waiting a bounded time for it."""
-        try:
-            self.mailbox.finish(last)
-        except Exception:  # a listener is never worth failing the run
-            log.exception("status listener %r failed to close", self.listener)
+        """Post ``last`` and have the listener closed after it (`execute` waits)."""
+        self.mailbox.close(last)
 
     def housekeeping(self) -> None:
         loop = asyncio.get_running_loop()

@@ -3,8 +3,10 @@
 A listener is the user's code: it may be slow (a network call per update), or block
 in a write to an output that stopped draining (a pipe nobody reads, a terminal paused
 with Ctrl-S). Called on the coordinator's loop, it would hold up every transition, and
-Ctrl-C with them. So the loop only posts updates here and never waits, except at the
-very end, for at most `CLOSE_TIMEOUT` seconds.
+Ctrl-C with them. So the loop only posts updates here and never blocks: at the very
+end it awaits the listener for at most `CLOSE_TIMEOUT` seconds, a wait that leaves the
+loop running (an application's other tasks, under `exec_async`) and that a second
+Ctrl-C, or cancelling `exec_async`, cuts short.
 
 The mailbox keeps the latest update only: a listener slower than the updates skips the
 ones it had no time for, and never gets an older update after a newer one. The first
@@ -15,16 +17,29 @@ A listener also gets intermediate updates only as long as it spends at most abou
 bars is Python code) takes that share from the coordinator at most, and a slow one is
 rarely in the middle of an update when the run ends, so the last update, which `exec`
 waits for, seldom has to wait for another first.
+
+Calls to one listener object never overlap, even across runs: every call holds the
+listener's `_Seat` lock. A run that gave up waiting leaves its thread behind, maybe
+stuck in a call; if the same listener is used by a later run meanwhile, that run's
+updates wait (coalescing) until the stuck call returns, and the left-behind thread then
+drops what it had left, its close included, so that the later run's updates and close
+are not interleaved with an earlier run's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
-from .status import NilStatusListener, StatusCount, StatusListener, notify
+from .status import NilStatusListener, StatusCount, StatusListener
 
 __all__ = ["CLOSE_TIMEOUT", "ListenerMailbox"]
 
@@ -38,13 +53,53 @@ CLOSE_TIMEOUT = 5.0
 # PAUSE_FACTOR x d (pinned ones never wait): 1 ms per update costs nothing, 0.5 s means
 # an update every 2.5 s.
 PAUSE_FACTOR = 4.0
+# Seconds the wait goes on once given up (a second Ctrl-C, a cancelled exec_async):
+# "at once" to a person, and time enough for a healthy listener (tqdm's last redraw
+# takes about a millisecond) to finish, so that only a stuck one is left behind.
+GIVE_UP_GRACE = 0.1
+
+
+class _Seat:
+    """One listener object, shared by every mailbox (every run) that delivers to it:
+    the lock each call holds, and which mailbox is the newest."""
+
+    __slots__ = ("__weakref__", "holder", "listener", "lock", "newest")
+
+    def __init__(self, listener: StatusListener) -> None:
+        # Held strongly: while the seat lives, id(listener) names this listener.
+        self.listener = listener
+        self.lock = threading.Lock()
+        self.newest = 0  # serial of the mailbox created last for this listener
+        self.holder = 0  # serial of the mailbox whose call holds the lock (0: none)
+
+
+# id(listener) -> its seat, while some mailbox holds it.
+_seats: weakref.WeakValueDictionary[int, _Seat] = weakref.WeakValueDictionary()
+_seats_lock = threading.Lock()
+_serials = itertools.count(1)
+
+
+def _take_seat(listener: StatusListener) -> tuple[_Seat, int]:
+    """The listener's seat, and a serial that makes the caller its newest mailbox."""
+    with _seats_lock:
+        seat = _seats.get(id(listener))
+        if seat is None or seat.listener is not listener:
+            seat = _seats[id(listener)] = _Seat(listener)
+        serial = seat.newest = next(_serials)
+    return seat, serial
+
+
+def _resolve(fut: asyncio.Future[str], how: str) -> None:
+    if not fut.done():
+        fut.set_result(how)
 
 
 class ListenerMailbox:
     """Delivers status updates to ``listener`` on a daemon thread, latest value first.
 
-    `put` never blocks (beyond a short lock); `finish` posts the last update, has the
-    listener closed, and waits at most `CLOSE_TIMEOUT` seconds for both.
+    `put` and `close` never block (beyond a short lock); `wait_closed` awaits the
+    listener's last update and close, at most `CLOSE_TIMEOUT` seconds; `give_up` ends
+    that wait at once (`GIVE_UP_GRACE`).
     """
 
     def __init__(self, listener: StatusListener) -> None:
@@ -57,6 +112,13 @@ class ListenerMailbox:
         self._queue: deque[tuple[list[StatusCount], bool]] = deque()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self._done = False  # the thread delivered everything and closed the listener
+        # Why the end of the run no longer waits for the listener, if it does not.
+        self._given_up: str | None = None
+        self._left_behind = False  # ... and stopped waiting with the listener unfinished
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[str]] | None = None
+        if not self.idle:
+            self._seat, self._serial = _take_seat(listener)
 
     def put(self, counts: list[StatusCount], pinned: bool = False) -> None:
         """Post an update; ``pinned`` ones (the first, the last) are never skipped."""
@@ -66,38 +128,83 @@ class ListenerMailbox:
             if self._closing:
                 return
             self._post(counts, pinned)
-        if self._thread is None:
-            self._start()
+        self._start()
 
-    def finish(self, last: list[StatusCount] | None) -> bool:
-        """Post ``last`` (if any), close the listener, wait for both at most
-        `CLOSE_TIMEOUT` seconds. False when the listener did not finish in time."""
+    def close(self, last: list[StatusCount] | None) -> None:
+        """Post ``last`` (if any) and have the listener closed after it; the first call
+        counts, later ones do nothing."""
         if self.idle:
-            return True
+            return
         with self._cond:
             if self._closing:
-                return True
+                return
             if last is not None:
                 self._post(last, True)
             self._closing = True
             self._cond.notify()
-        if self._thread is None:
-            self._start()
-        assert self._thread is not None
-        timeout = CLOSE_TIMEOUT
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            with self._cond:
-                behind = len(self._queue)
-            log.warning(
-                "status listener %r did not finish within %gs (%d updates not delivered); "
-                "the run is over and exec returns without waiting for it",
-                self.listener,
-                timeout,
-                behind,
-            )
-            return False
-        return True
+        self._start()
+
+    def give_up(self, why: str = "interrupted again") -> None:
+        """Stop waiting for the listener (a second Ctrl-C): `wait_closed` returns within
+        `GIVE_UP_GRACE` seconds, whether it is waiting already or not yet."""
+        with self._cond:
+            self._given_up = why
+            waiter = self._waiter
+        if waiter is not None:
+            loop, fut = waiter
+            loop.call_soon_threadsafe(loop.call_later, GIVE_UP_GRACE, _resolve, fut, why)
+
+    async def wait_closed(self) -> bool:
+        """Close the listener (if `close` was not called) and await its last update and
+        close, at most `CLOSE_TIMEOUT` seconds, without blocking the loop. False, with a
+        WARNING, when the listener was left behind unfinished."""
+        self.close(None)
+        if self.idle:
+            return True
+        loop = asyncio.get_running_loop()
+        # A cancelled exec_async abandons, so it must end promptly (Python 3.11+ tells).
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)
+        if cancelling is not None and cancelling():
+            self.give_up("cancelled")
+        fut: asyncio.Future[str] = loop.create_future()
+        with self._cond:
+            if self._done:
+                return True
+            if self._given_up is not None:
+                timeout, why = GIVE_UP_GRACE, self._given_up
+            else:
+                timeout, why = CLOSE_TIMEOUT, "timeout"
+            self._waiter = (loop, fut)
+        timer = loop.call_later(timeout, _resolve, fut, why)
+        try:
+            how = await fut
+        except asyncio.CancelledError:
+            self._leave_behind("cancelled")
+            raise
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if how == "done":
+            return True
+        self._leave_behind(how)
+        return False
+
+    def _leave_behind(self, why: str) -> None:
+        with self._cond:
+            if self._done:
+                return
+            self._left_behind = True
+            behind = len(self._queue)
+        seat = self._seat
+        other = seat.holder not in (0, self._serial)
+        log.warning(
+            "status listener %r did not finish %s (%d updates not delivered%s); the run "
+            "is over and exec returns without waiting for it",
+            self.listener,
+            f"within {CLOSE_TIMEOUT:g}s" if why == "timeout" else f"({why})",
+            behind,
+            ": it is still in a call from another run" if other else "",
+        )
 
     def _post(self, counts: list[StatusCount], pinned: bool) -> None:
         """Queue ``counts``, in place of an intermediate update not yet delivered (it is
@@ -110,12 +217,27 @@ class ListenerMailbox:
         self._cond.notify()
 
     def _start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._deliver, name="jorbmp-status-listener", daemon=True
-        )
-        self._thread.start()
+        # Called on the coordinator's loop only, so never twice at once.
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._deliver, name="jorbmp-status-listener", daemon=True
+            )
+            self._thread.start()
 
     def _deliver(self) -> None:
+        try:
+            self._deliver_all()
+        finally:
+            with self._cond:
+                self._done = True
+                waiter = self._waiter
+            if waiter is not None:
+                loop, fut = waiter
+                # RuntimeError: the loop closed, exec returned without waiting.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, fut, "done")
+
+    def _deliver_all(self) -> None:
         cond, queue = self._cond, self._queue
         not_before = 0.0  # monotonic time before which no intermediate update goes out
         while True:
@@ -132,10 +254,34 @@ class ListenerMailbox:
                     break  # closing, and everything was delivered
                 counts, _ = queue.popleft()
             started = time.monotonic()
-            notify(self.listener, counts)
+            if not self._call(self.listener.status_update, counts):
+                return
             ended = time.monotonic()
             not_before = ended + PAUSE_FACTOR * (ended - started)
-        try:
-            self.listener.close()
-        except Exception:  # a listener is never worth failing the run
-            log.exception("status listener %r failed to close", self.listener)
+        self._call(self.listener.close)
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> bool:
+        """Call the listener, never at the same time as another thread does; False when
+        this mailbox was left behind and a later run uses the listener: it stops."""
+        seat = self._seat
+        with seat.lock:
+            if self._left_behind and seat.newest != self._serial:
+                log.warning(
+                    "status listener %r returned to a run that had left it behind, after "
+                    "a later run began using it: the earlier run's last updates and close "
+                    "are dropped",
+                    self.listener,
+                )
+                return False
+            seat.holder = self._serial
+            try:
+                method(*args)
+            except BaseException:  # SystemExit too: a listener never ends its thread
+                log.exception(
+                    "status listener %r raised in %s (logged only: the run is not affected)",
+                    self.listener,
+                    method.__name__,
+                )
+            finally:
+                seat.holder = 0
+        return True

@@ -205,6 +205,9 @@ class Processor(Generic[AC]):
             coordinator.request_stop()
         else:
             coordinator.abandon()
+            # The run may be over, its checkpoint final, and exec waiting for the
+            # listener: "at once" cuts that wait too.
+            coordinator.mailbox.give_up()
 
     async def _execute(self, run: Run[Any, Any]) -> None:
         _check_not_bootstrapping()

@@ -6,7 +6,9 @@ seconds and a last one at the end instead.
 
 tqdm shows at most two bars fewer than the terminal has rows (one fewer than an
 ``nrows`` given to it). With more states than that, the terminal states (done,
-failed) keep their bars and the working states that do not fit share one folded bar.
+failed) keep their bars and the working states that do not fit share one folded bar;
+with fewer rows than terminal states and one, only terminal states are shown, the
+last ones folded into one bar.
 Rates are recent (over `RATE_WINDOW_SECONDS`), not averages since the start.
 
 The listener is called on a thread of its own (see `jorbmp._mailbox`): an output that
@@ -72,16 +74,22 @@ class _Rate:
 
 
 def _layout(counts: list[StatusCount], rows: int) -> list[list[int]]:
-    """Which states each bar shows (indexes into ``counts``), in the states' order.
+    """Which states each bar shows (indexes into ``counts``), at most ``rows`` bars
+    (at least one), in the states' order.
 
     Every state has a bar of its own when there are at most ``rows`` of them. Else the
     terminal states keep theirs, the first working states fill the rows left but one,
-    and the other working states share that one.
+    and the other working states share that one. With fewer rows than terminal states
+    and one, the working states have no bar, and the last terminal ones share one.
     """
+    rows = max(1, rows)
     if len(counts) <= rows:
         return [[i] for i in range(len(counts))]
-    terminal = sum(1 for c in counts if c.terminal)
-    keep = max(0, rows - terminal - 1)
+    terminal = [i for i, c in enumerate(counts) if c.terminal]
+    if rows <= len(terminal):
+        # The terminal states are the run's progress: they keep every row.
+        return [[i] for i in terminal[: rows - 1]] + [terminal[rows - 1 :]]
+    keep = rows - len(terminal) - 1
     bars: list[list[int]] = []
     folded: list[int] | None = None
     for i, c in enumerate(counts):
@@ -127,9 +135,17 @@ def _plain_line(elapsed: float, counts: list[StatusCount]) -> str:
             parts.append(
                 f"{c.state} {c.processed} done {c.executing} exec {c.waiting} wait "
                 f"{c.jobs_per_second:.1f}/s mean {_fmt_seconds(c.mean_seconds)} "
-                f"cpu {c.cpu_percent:.0f}% err {c.errors}"
+                f"cpu {c.cpu_percent:.0f}% err {c.errors}{_limit([c])}"
             )
     return f"[jorbmp {elapsed:7.1f}s] " + " | ".join(parts)
+
+
+def _limit(group: list[StatusCount]) -> str:
+    """The states' rate limit now (an `AIMDRateLimiter`'s moves), or nothing without one."""
+    rate = sum(c.rate_limit for c in group)
+    if not rate:
+        return ""
+    return f" limit={rate:,.0f}/s" if rate >= 10 else f" limit={rate:.2g}/s"
 
 
 class TqdmStatusListener(StatusListener):
@@ -179,14 +195,15 @@ class TqdmStatusListener(StatusListener):
             self._make_bars(counts)
         total = sum(c.completed + c.executing + c.waiting for c in counts)
         for bar, shown, rate in zip(self.bars, self._layout, self._rates, strict=True):
-            if len(shown) == 1 and counts[shown[0]].terminal:
-                c = counts[shown[0]]
+            group = [counts[i] for i in shown]
+            if group[0].terminal:  # a bar holds terminal states only, or none
+                completed = sum(c.completed for c in group)
+                errors = sum(c.errors for c in group)
                 bar.total = total
-                bar.n = c.completed
-                bar.recent_rate = rate(now, c.completed)
-                bar.set_postfix_str(f"errors={c.errors}" if c.errors else "", refresh=False)
+                bar.n = completed
+                bar.recent_rate = rate(now, completed)
+                bar.set_postfix_str(f"errors={errors}" if errors else "", refresh=False)
             else:
-                group = [counts[i] for i in shown]
                 processed = sum(c.processed for c in group)
                 mean = (
                     sum(c.mean_seconds * c.processed for c in group) / processed
@@ -200,7 +217,7 @@ class TqdmStatusListener(StatusListener):
                     f"exec={sum(c.executing for c in group)} mean={_fmt_seconds(mean)} "
                     # (folded async and thread states would each count the coordinator)
                     f"cpu={max(c.cpu_percent for c in group):.0f}% "
-                    f"err={sum(c.errors for c in group)}",
+                    f"err={sum(c.errors for c in group)}{_limit(group)}",
                     refresh=False,
                 )
             bar.refresh()
@@ -218,7 +235,11 @@ class TqdmStatusListener(StatusListener):
         nrows = sizing.get("nrows") or max(0, _terminal_rows(self._out()) - 1) or 20
         self._layout = _layout(counts, max(1, nrows - 1))
         names = [
-            counts[shown[0]].state if len(shown) == 1 else f"(+{len(shown)} states)"
+            counts[shown[0]].state
+            if len(shown) == 1
+            else f"({len(shown)} terminal states)"
+            if counts[shown[0]].terminal
+            else f"(+{len(shown)} states)"
             for shown in self._layout
         ]
         width = max(len(name) for name in names)

@@ -7,15 +7,13 @@ Listeners only read frozen snapshots; the coordinator owns the live counters
 
 from __future__ import annotations
 
-import logging
 from collections import deque
+from collections.abc import Callable
 
 import msgspec
 import psutil
 
 __all__ = ["NilStatusListener", "StatusCount", "StatusListener"]
-
-log = logging.getLogger("jorbmp")
 
 # Window over which jobs_per_second is measured: long enough to smooth batches of
 # results, short enough to show a state slowing down within seconds.
@@ -44,6 +42,7 @@ class StatusCount(msgspec.Struct, frozen=True):
     p95_seconds: float = 0.0  # 95th percentile of recent exec wall times
     rate_wait_seconds: float = 0.0  # time spent waiting on the state's rate limiter
     utilisation: float = 0.0  # busy slot-seconds / (concurrency x elapsed), 0..1
+    rate_limit: float = 0.0  # the rate limit's current rate per second (0: no limit)
 
 
 class StatusListener:
@@ -52,12 +51,16 @@ class StatusListener:
     ``status_update`` gets one `StatusCount` per state, in the order the states were
     given. ``close`` is called once when the run ends, however it ends.
 
-    Both are called on a thread of their own, one call at a time, never on the
-    coordinator's loop: a slow listener skips intermediate updates (it always gets the
-    latest, never an older one after a newer one), and the first and the last update
-    are always delivered. ``exec`` waits at its end at most
-    ``jorbmp._mailbox.CLOSE_TIMEOUT`` seconds (5) for the last update and ``close``;
-    a listener that takes longer is left behind, with a WARNING.
+    Both are called on a thread of their own, never on the coordinator's loop, and
+    one call at a time, even across runs that share the listener: a slow listener
+    skips intermediate updates (it always gets the latest, never an older one after a
+    newer one), and the first and the last update are always delivered. What either
+    raises (``SystemExit`` included) is logged. ``exec`` waits at its end at most
+    ``jorbmp._mailbox.CLOSE_TIMEOUT`` seconds (5) for the last update and ``close``,
+    without blocking the loop (``exec_async``); a second Ctrl-C, or cancelling
+    ``exec_async``, ends that wait at once. A listener that takes longer is left
+    behind, with a WARNING; if a later run uses it meanwhile, that run's updates wait
+    until the stuck call returns, and the earlier run's remaining calls are dropped.
     """
 
     def status_update(self, counts: list[StatusCount]) -> None:
@@ -87,6 +90,7 @@ class StateMetrics:
         "cpu_seconds",
         "errors",
         "processed",
+        "rate_limit",
         "rate_wait",
         "recent",
         "total_seconds",
@@ -98,6 +102,8 @@ class StateMetrics:
         self.total_seconds = 0.0  # busy slot-seconds: the sum of exec wall times
         self.recent: deque[float] = deque(maxlen=P95_WINDOW)  # exec wall times
         self.rate_wait = 0.0
+        # The state's rate limit's current rate per second (the lane sets it; None: no limit).
+        self.rate_limit: Callable[[], float] | None = None
         self.cpu_seconds = 0.0  # CPU time of the state's processes, from the samples
         self._samples: deque[tuple[float, int]] = deque()
         self._procs: dict[int, tuple[psutil.Process, float]] = {}  # pid -> (it, CPU seconds)
@@ -181,15 +187,8 @@ class StateMetrics:
             rss_bytes=self._rss,
             p95_seconds=self.p95(),
             rate_wait_seconds=self.rate_wait,
+            rate_limit=self.rate_limit() if self.rate_limit is not None else 0.0,
             utilisation=min(1.0, self.total_seconds / capacity_seconds)
             if capacity_seconds
             else 0.0,
         )
-
-
-def notify(listener: StatusListener, counts: list[StatusCount]) -> None:
-    """Call a listener; one that raises is logged, never fatal to the run."""
-    try:
-        listener.status_update(counts)
-    except Exception:
-        log.exception("status listener %r raised; the run goes on", listener)
