@@ -6,18 +6,11 @@ import asyncio
 import time
 
 import pytest
+from helpers_ratelimit import Clock, busy
 
 from jorbmp import AIMDRateLimiter
 
 pytestmark = pytest.mark.timeout(10)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_token_bucket_rate_and_burst() -> None:
@@ -54,19 +47,22 @@ def test_multiplicative_decrease_is_coalesced_and_clamped() -> None:
 def test_additive_increase_once_per_interval_and_clamped() -> None:
     clock = Clock()
     lim = AIMDRateLimiter(5, 1, 7, increase=1.0, interval=1.0, clock=clock)
+    busy(lim, clock, 0.5)
     lim.success()
     assert lim.rate == 5  # not a full interval since start
-    clock.now += 1.0
+    busy(lim, clock, 0.5)
     lim.success()
     lim.success()
     assert lim.rate == 6
-    clock.now += 1.0
+    busy(lim, clock, 1.0)
     lim.success()
-    clock.now += 1.0
+    busy(lim, clock, 1.0)
     lim.success()
     assert lim.rate == 7  # clamped to max
+    clock.now += 1.5  # no success within the last second: no allowance measured
     lim.backoff()
-    clock.now += 0.5
+    assert lim.rate == 3.5
+    busy(lim, clock, 0.5)
     lim.success()  # no increase within an interval of a decrease
     assert lim.rate == 3.5
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiolimiter import AsyncLimiter
+from helpers_ratelimit import busy
 
 from jorbmp import AIMDRateLimiter, Processor, State
 from jorbmp.ratelimit import SteadyRate, make_gate
@@ -149,7 +150,7 @@ def test_backward_clock_jump_does_not_freeze_increase() -> None:
     clock.now = 0.0
     lim.success()  # no time has passed in the limiter's terms: no increase yet
     assert lim.rate == 5
-    clock.now = 1.0  # one interval of real progress since the start
+    busy(lim, clock, 1.0)  # one interval of real progress, held back by the rate
     lim.success()
     assert lim.rate == 6
 

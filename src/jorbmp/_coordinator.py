@@ -5,7 +5,7 @@
     Run.jobs ──> per-state FIFO queue (Lane.queue)
                    │  Lane.pump(): batches sized to the queue, at most one per free slot
                    ▼
-                 rate gate (RateGate.acquire; rate-limited states only, one job per token)
+                 rate gate (RateGate.take/acquire, rate-limited states only: one job per token due)
                    │
                    ▼
                  Backend.submit ──> worker processes | asyncio tasks | threads | inline
@@ -535,7 +535,7 @@ class Coordinator:
     def rate_limited(self, lane: Lane, job: Job[Any], retry_after: float | None) -> None:
         """A RateLimitError: back the limiter off and retry, without a failed attempt."""
         if lane.gate is not None:
-            lane.gate.backoff()
+            lane.gate.backoff(retry_after)  # (an AIMD limiter holds its rate until then)
         if retry_after:
             self.retry_later(lane, job, retry_after)
         else:

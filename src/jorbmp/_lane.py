@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Lane"]
 
+# A rate-limited state's batch holds the jobs one wake-up of its gate lets through, as
+# many as run in about this long at the state's mean exec time: a batch runs its jobs
+# one after the other, and the last must start close to its grant (the gate's window
+# allows 10 ms), yet tiny jobs must not cost one message each.
+GATE_BATCH_SECONDS = 0.001
+
 
 class Lane:
     """One state's queue, backend and rate gate; also the backend's `Sink`."""
@@ -33,7 +39,7 @@ class Lane:
         "count",
         "gate",
         "gate_task",
-        "gate_token",
+        "gate_tokens",
         "isolated",
         "metrics",
         "name",
@@ -54,11 +60,13 @@ class Lane:
             None if self.terminal else make_gate(self.name, state.rate_limit)
         )
         self.gate_task: asyncio.Task[None] | None = None
-        self.gate_token = False  # the gate let one job through, and no slot was free
+        self.gate_tokens = 0  # tokens the gate gave that no job has used yet (see pump)
         # Ids of jobs suspected of killing a worker outside an exec: while there are
         # any, batches hold one job, so that the culprit alone is charged.
         self.isolated: set[str] = set()
         self.metrics = StateMetrics()
+        if self.gate is not None:
+            self.metrics.rate_limit = self.gate.rate  # shown in the status
 
     def __repr__(self) -> str:
         return f"<Lane {self.name!r} count={self.count} queued={len(self.queue)} {self.backend!r}>"
@@ -76,8 +84,7 @@ class Lane:
         if not queue or backend is None or self.coord.stopping:
             return
         if self.gate is not None:
-            if self.gate_task is None and backend.free():
-                self.gate_task = asyncio.get_running_loop().create_task(self._gated())
+            self._pump_gated(backend)
             return
         limit = 1 if self.isolated else self.batch_limit(backend)
         spread = 2 * self.state.concurrency
@@ -103,24 +110,61 @@ class Lane:
         mean = metrics.total_seconds / metrics.processed
         return max(1, min(max_batch, int(backend.batch_seconds / max(mean, 1e-7))))
 
+    def _pump_gated(self, backend: Backend) -> None:
+        """Hand out as many queued jobs as the gate has tokens for now, then, while
+        jobs and free slots remain, wait for the next token in a task (`_gated`)."""
+        if self.gate_task is not None:
+            return  # it waits for a token, and then fills every free slot
+        self._dispatch_gated(backend)
+        if self.queue and backend.free():
+            self.gate_task = asyncio.get_running_loop().create_task(self._gated())
+
+    def _dispatch_gated(self, backend: Backend) -> None:
+        """Submit as many jobs as there are tokens now: those held (`gate_tokens`) and
+        those the gate gives without waiting, up to what the free slots take.
+
+        They are spread over the free slots, in batches of at most `batch_limit`; jobs
+        that run in under `GATE_BATCH_SECONDS` together share one batch (one message).
+        """
+        gate, queue = self.gate, self.queue
+        assert gate is not None
+        free = backend.free()
+        if not queue or not free:
+            return
+        limit = 1 if self.isolated else self.batch_limit(backend)
+        want = min(len(queue), free * limit)
+        if self.gate_tokens < want:
+            self.gate_tokens += gate.take(want - self.gate_tokens)
+        # Each token is spent at once on a job (a token kept for later would start its
+        # job later than granted, out of the gate's window). Only a slot lost between
+        # `free` and `submit` (a worker died) leaves tokens for the next free slot.
+        metrics, close = self.metrics, 1  # close: jobs that run in GATE_BATCH_SECONDS
+        if metrics.total_seconds > 0:
+            close = int(GATE_BATCH_SECONDS * metrics.processed / metrics.total_seconds)
+        while self.gate_tokens and queue and (free := backend.free()):
+            spread = -(-self.gate_tokens // free)  # over every free slot
+            n = min(limit, len(queue), self.gate_tokens, max(spread, close))
+            self.gate_tokens -= n
+            backend.submit([queue.popleft() for _ in range(n)])
+
     async def _gated(self) -> None:
+        """Wait for a token while jobs and free slots remain; each wake-up hands out
+        every token the gate has by then (a late timer owes several)."""
         gate, backend = self.gate, self.backend
         assert gate is not None and backend is not None
         try:
             loop = asyncio.get_running_loop()
-            while self.queue and not self.coord.stopping:
-                if not self.gate_token:
+            while self.queue and not self.coord.stopping and backend.free():
+                if not self.gate_tokens:
                     waited_from = loop.time()
                     await gate.acquire()
                     self.metrics.rate_wait += loop.time() - waited_from
-                    self.gate_token = True
+                    self.gate_tokens = 1
                 # While the gate waited, a worker may have died (no free slot now) and
-                # the queue may have changed: check both again. A token with nowhere
-                # to go is kept for the next free slot, not spent.
-                if self.coord.is_stopping() or not self.queue or not backend.free():
+                # the queue may have changed: `_dispatch_gated` checks both again.
+                if self.coord.is_stopping():
                     break
-                self.gate_token = False
-                backend.submit([self.queue.popleft()])
+                self._dispatch_gated(backend)
         except Exception as exc:  # a task's exception would only be logged, much later
             self.coord.fail(exc)
         finally:

@@ -2,8 +2,9 @@
 
 A state's ``rate_limit`` may be a number (executions per second, burst 1), an
 ``aiolimiter.AsyncLimiter`` or an `AIMDRateLimiter`. The coordinator turns it into a
-`RateGate` and awaits it once per job before dispatch, so every worker of the state
-shares the one limit.
+`RateGate`, so every worker of the state shares the one limit: its lane takes as many
+tokens as the gate holds without waiting (`RateGate.take`), one per job it dispatches,
+and awaits `RateGate.acquire` only when none is left.
 
 The number and the `AIMDRateLimiter` share one engine, `_Bucket`: a token bucket
 computed from elapsed time, not a grid of timers. asyncio's timers fire late (a sleep
@@ -25,6 +26,8 @@ from collections import deque
 from collections.abc import Callable
 
 from aiolimiter import AsyncLimiter
+
+from ._aimd import AimdControl
 
 __all__ = ["AIMDRateLimiter", "RateGate", "make_gate"]
 
@@ -52,6 +55,9 @@ WINDOW_SECONDS = 1.01
 # latest of them (so they leave the window no earlier than they should): the log
 # holds at most about 1 / MERGE_SECONDS entries, whatever the rate.
 MERGE_SECONDS = 0.001
+# Tokens short of a whole one by less than this count as whole: elapsed times are
+# differences of floats, and 4 x 0.25 tokens must make one.
+TOKEN_EPSILON = 1e-9
 
 
 def _number(owner: str, name: str, value: object) -> float:
@@ -82,31 +88,40 @@ class _Window:
         self._entries: deque[list[float]] = deque()
         self._count = 0
 
-    def delay(self, now: float, limit: float) -> float:
-        """0.0 if one more grant at ``now`` keeps every window within ``limit``, else
-        the seconds until enough grants have left the window."""
+    def _expire(self, now: float) -> None:
         entries = self._entries
         horizon = now - WINDOW_SECONDS
         while entries and entries[0][1] <= horizon:
             self._count -= int(entries.popleft()[2])
+
+    def room(self, now: float, limit: float) -> int:
+        """How many grants at ``now`` keep every window within ``limit``."""
+        self._expire(now)
+        return max(0, math.floor(limit - self._count))
+
+    def delay(self, now: float, limit: float) -> float:
+        """0.0 if one more grant at ``now`` keeps every window within ``limit``, else
+        the seconds until enough grants have left the window."""
+        self._expire(now)
         excess = self._count + 1 - limit
         if excess <= 0:
             return 0.0
-        for entry in entries:
+        horizon = now - WINDOW_SECONDS
+        for entry in self._entries:
             excess -= entry[2]
             if excess <= 0:
                 return max(entry[1] - horizon, 1e-6)
         return WINDOW_SECONDS  # unreachable: limit >= 1
 
-    def record(self, now: float) -> None:
+    def record(self, now: float, n: int = 1) -> None:
         entries = self._entries
         if entries and now - entries[-1][0] < MERGE_SECONDS:
             last = entries[-1]
             last[1] = max(last[1], now)
-            last[2] += 1
+            last[2] += n
         else:
-            entries.append([now, now, 1])
-        self._count += 1
+            entries.append([now, now, n])
+        self._count += n
 
 
 class _Bucket:
@@ -117,9 +132,22 @@ class _Bucket:
     grant, it holds up to ``burst + rate * MAX_LATE``: the tokens a late wake-up is
     owed, handed out at once. `_Window` caps every window at ``rate + burst`` grants.
     The rate is passed in on every call, as `AIMDRateLimiter` changes it.
+
+    ``short_at`` is the last time a caller asked for more than the bucket held, and
+    ``granted`` counts the tokens handed out: together they tell whether the rate is
+    what holds the caller back (`AIMDRateLimiter` grows only then).
     """
 
-    __slots__ = ("_credit_until", "_last", "_sleepers", "_window", "burst", "tokens")
+    __slots__ = (
+        "_credit_until",
+        "_last",
+        "_sleepers",
+        "_window",
+        "burst",
+        "granted",
+        "short_at",
+        "tokens",
+    )
 
     def __init__(self, burst: float, now: float) -> None:
         self.burst = burst
@@ -128,6 +156,8 @@ class _Bucket:
         self._sleepers = 0
         self._credit_until = -math.inf
         self._window = _Window()
+        self.short_at = -math.inf
+        self.granted = 0
 
     def refill(self, now: float, rate: float) -> None:
         elapsed = now - self._last
@@ -141,19 +171,31 @@ class _Bucket:
             cap = self.burst
         self.tokens = min(tokens, cap)
 
+    def take_many(self, now: float, rate: float, n: int) -> int:
+        """Take up to ``n`` tokens, as many as the bucket and the window allow now,
+        without waiting; how many were taken."""
+        self.refill(now, rate)
+        room = self._window.room(now, rate + self.burst)
+        got = min(n, int(self.tokens + TOKEN_EPSILON), room)
+        if got > 0:
+            self.tokens -= got
+            self._credit_until = now + CREDIT_SECONDS
+            self._window.record(now, got)
+            self.granted += got
+        if got == room < n:
+            # The window held the caller back, not the tokens: what accrued meanwhile
+            # is not owed to anyone (a hoard would burst out when the rate rises).
+            self.tokens = min(self.tokens, self.burst)
+        if got < n:
+            self.short_at = now
+        return got
+
     def take(self, now: float, rate: float) -> float:
         """Take a token and return 0.0, or return the seconds until one may be taken."""
-        self.refill(now, rate)
-        tokens = self.tokens
-        if tokens >= 1:
-            wait = self._window.delay(now, rate + self.burst)
-            if wait <= 0:
-                self.tokens = tokens - 1
-                self._credit_until = now + CREDIT_SECONDS
-                self._window.record(now)
-                return 0.0
-            return wait
-        return max((1 - tokens) / rate, self._window.delay(now, rate + self.burst))
+        if self.take_many(now, rate, 1):
+            return 0.0
+        wait = (1 - TOKEN_EPSILON - self.tokens) / rate
+        return max(wait, self._window.delay(now, rate + self.burst), 1e-6)
 
     def drain(self) -> None:
         self.tokens = min(self.tokens, 0.0)
@@ -180,9 +222,13 @@ class AIMDRateLimiter:
 
     `backoff` (on a rate-limit error) multiplies the rate by ``decrease``; several
     errors within one ``interval`` count once, since they usually answer requests sent
-    before the first one. `success` adds ``increase`` at most once per ``interval``,
-    and not within an interval of a decrease. ``clock`` is injectable for tests; only
-    its forward steps count (see `_tick`).
+    before the first one. `success` raises the rate at most once per ``interval``, not
+    within an interval of a decrease nor before a Retry-After has passed, and only
+    while the rate is what holds the state back (a caller found the bucket empty).
+    Before the first error it adds ``increase``; after one, it climbs back fast to just
+    below the allowance the server was measured to grant, holds there, and probes
+    above it now and then (`jorbmp._aimd`). ``clock`` is injectable for tests; only its
+    forward steps count (see `_tick`).
 
     Every parameter must be a finite number (not a bool): ``0 < min <= initial <=
     max``, ``increase >= 0``, ``0 < decrease < 1``, ``interval > 0``, ``burst >= 1``;
@@ -190,21 +236,7 @@ class AIMDRateLimiter:
     leave ``[min, max]``.
     """
 
-    __slots__ = (
-        "_bucket",
-        "_clock",
-        "_clock_last",
-        "_last_decrease",
-        "_last_increase",
-        "_now",
-        "burst",
-        "decrease",
-        "increase",
-        "interval",
-        "max_rate",
-        "min_rate",
-        "rate",
-    )
+    __slots__ = ("_bucket", "_clock", "_clock_last", "_control", "_now", "burst")
 
     def __init__(
         self,
@@ -246,19 +278,45 @@ class AIMDRateLimiter:
             raise ValueError(f"{owner} burst must be >= 1, got {burst!r}")
         if not callable(clock):
             raise ValueError(f"{owner} clock must be a callable returning seconds, got {clock!r}")
-        self.rate = initial_f
-        self.min_rate = min_f
-        self.max_rate = max_f
-        self.increase = increase_f
-        self.decrease = decrease_f
-        self.interval = interval_f
         self.burst = burst_f
         self._clock = clock
         self._clock_last = _number(owner, "clock()", clock())
         now = self._now = self._clock_last
         self._bucket = _Bucket(burst_f, now)
-        self._last_increase = now
-        self._last_decrease = -math.inf
+        self._control = AimdControl(
+            initial_f, min_f, max_f, increase_f, decrease_f, interval_f, now
+        )
+
+    @property
+    def rate(self) -> float:
+        """The current rate, per second."""
+        return self._control.rate
+
+    @property
+    def min_rate(self) -> float:
+        return self._control.min_rate
+
+    @property
+    def max_rate(self) -> float:
+        return self._control.max_rate
+
+    @property
+    def increase(self) -> float:
+        return self._control.increase
+
+    @property
+    def decrease(self) -> float:
+        return self._control.decrease
+
+    @property
+    def interval(self) -> float:
+        return self._control.interval
+
+    @property
+    def allowance(self) -> float | None:
+        """The rate the remote service was measured to allow at the last rate-limit
+        error, per second; None before one (or once probing found it had grown)."""
+        return self._control.allowance
 
     def _tick(self) -> float:
         """The limiter's own time: the clock's forward steps only.
@@ -281,15 +339,20 @@ class AIMDRateLimiter:
 
     def _refill(self) -> float:
         now = self._tick()
-        self._bucket.refill(now, self.rate)
+        self._bucket.refill(now, self._control.rate)
         return now
 
     def _rate(self) -> float:
-        return self.rate
+        return self._control.rate
 
     def try_acquire(self) -> float:
         """Take a token and return 0.0, or return the seconds until one is available."""
-        return self._bucket.take(self._tick(), self.rate)
+        return self._bucket.take(self._tick(), self._control.rate)
+
+    def _take(self, n: int) -> int:
+        """Take up to ``n`` tokens without waiting; how many were taken (the gate's
+        dispatch of several jobs per wake-up)."""
+        return self._bucket.take_many(self._tick(), self._control.rate, n)
 
     def has_capacity(self, amount: float = 1) -> bool:
         self._refill()
@@ -306,26 +369,27 @@ class AIMDRateLimiter:
         """
         await self._bucket.wait(self._tick, self._rate)
 
-    def backoff(self) -> None:
-        """Record a rate-limit error: cut the rate (once per interval) and drain the bucket."""
-        now = self._refill()
+    def backoff(self, retry_after: float | None = None) -> None:
+        """Record a rate-limit error: cut the rate (once per interval) and drain the
+        bucket. ``retry_after`` (seconds, the server's Retry-After): no increase
+        before it has passed."""
+        now = self._refill()  # what accrued so far, at the rate before the cut
         self._bucket.drain()
-        if now - self._last_decrease < self.interval:
-            return
-        self.rate = min(self.max_rate, max(self.min_rate, self.rate * self.decrease))
-        self._last_decrease = now
+        self._control.backed_off(now, retry_after)
 
     def success(self) -> None:
-        """Record a successful exec: raise the rate by ``increase``, at most once per interval."""
+        """Record a successful exec: raise the rate, at most once per interval, if
+        the rate was what held the state back (see the class)."""
         now = self._refill()  # what accrued so far, at the rate before the increase
-        if now - self._last_increase < self.interval or now - self._last_decrease < self.interval:
-            return
-        self.rate = max(self.min_rate, min(self.max_rate, self.rate + self.increase))
-        self._last_increase = now
+        bucket = self._bucket
+        self._control.succeeded(now, bucket.short_at, bucket.granted)
 
     def __repr__(self) -> str:
+        control = self._control
+        allowance = "" if control.allowance is None else f" allowance={control.allowance:g}/s"
         return (
-            f"<AIMDRateLimiter rate={self.rate:g}/s [{self.min_rate:g}..{self.max_rate:g}] "
+            f"<AIMDRateLimiter rate={control.rate:g}/s "
+            f"[{control.min_rate:g}..{control.max_rate:g}]{allowance} "
             f"tokens={self._bucket.tokens:.2f}>"
         )
 
@@ -352,8 +416,12 @@ class SteadyRate:
     async def acquire(self) -> None:
         await self._bucket.wait(time.monotonic, self._rate)
 
+    def take(self, n: int) -> int:
+        """Take up to ``n`` tokens without waiting; how many were taken."""
+        return self._bucket.take_many(time.monotonic(), self.rate, n)
+
     def __repr__(self) -> str:
-        return f"<SteadyRate {self.rate:g}/s>"
+        return f"<SteadyRate {self.rate:g}/s tokens={self._bucket.tokens:.2f}>"
 
 
 class RateGate:
@@ -372,6 +440,27 @@ class RateGate:
         self.aimd = limiter if isinstance(limiter, AIMDRateLimiter) else None
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def take(self, n: int) -> int:
+        """Take up to ``n`` tokens without waiting; how many were taken.
+
+        An ``AsyncLimiter`` has no way to take without awaiting: it answers 0, and its
+        state takes each token in `acquire` (which does not suspend while the bucket
+        has room).
+        """
+        limiter = self.limiter
+        if isinstance(limiter, SteadyRate):
+            return limiter.take(n)
+        if isinstance(limiter, AIMDRateLimiter):
+            return limiter._take(n)
+        return 0
+
+    def rate(self) -> float:
+        """The limit's current rate per second, for the status."""
+        limiter = self.limiter
+        if isinstance(limiter, AsyncLimiter):
+            return float(limiter.max_rate) / float(limiter.time_period)
+        return float(limiter.rate)
+
     async def acquire(self) -> None:
         limiter = self.limiter
         if isinstance(limiter, AsyncLimiter):
@@ -381,9 +470,10 @@ class RateGate:
                 self._loop = loop
         await limiter.acquire()
 
-    def backoff(self) -> None:
+    def backoff(self, retry_after: float | None = None) -> None:
+        """A rate-limit error (with the server's Retry-After, if it gave one)."""
         if self.aimd is not None:
-            self.aimd.backoff()
+            self.aimd.backoff(retry_after)
 
     def success(self) -> None:
         if self.aimd is not None:

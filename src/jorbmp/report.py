@@ -36,6 +36,7 @@ class StateReport(msgspec.Struct, frozen=True):
     utilisation: float  # busy slot-seconds / (concurrency x wall), 0..1
     cpu_percent: float  # mean over the run, of the state's processes
     rate_wait_seconds: float
+    rate_limit: float = 0.0  # the rate limit's rate per second at the end (0: no limit)
 
 
 class RunReport(msgspec.Struct, frozen=True):
@@ -49,11 +50,11 @@ class RunReport(msgspec.Struct, frozen=True):
     hint: str
 
     def __str__(self) -> str:
-        head = (
+        head: tuple[str, tuple[str, ...]] = (
             f"run {self.run!r} {self.outcome} in {self.wall_seconds:.1f}s",
             ("state", "jobs", "execs", "errors", "mean", "p95", "busy", "cpu", "rate wait"),
         )
-        rows = [
+        rows: list[tuple[str, ...]] = [
             (
                 s.state,
                 str(s.jobs),
@@ -67,6 +68,9 @@ class RunReport(msgspec.Struct, frozen=True):
             )
             for s in self.states
         ]
+        if any(s.rate_limit for s in self.states):  # a column only for runs with a limit
+            head = (head[0], (*head[1], "limit"))
+            rows = [(*r, _rate(s.rate_limit)) for r, s in zip(rows, self.states, strict=True)]
         table = [head[1], *rows]
         widths = [max(len(r[i]) for r in table) for i in range(len(head[1]))]
         lines = [head[0]]
@@ -80,6 +84,13 @@ def _seconds(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.2f}s"
     return f"{seconds * 1000:.1f}ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f}us"
+
+
+def _rate(rate: float) -> str:
+    """A rate limit per second ("" for none)."""
+    if not rate:
+        return ""
+    return f"{rate:,.0f}/s" if rate >= 10 else f"{rate:.2g}/s"
 
 
 def build_report(
@@ -104,6 +115,7 @@ def build_report(
             utilisation=c.utilisation,
             cpu_percent=100 * cpu / wall if wall > 0 else 0.0,
             rate_wait_seconds=c.rate_wait_seconds,
+            rate_limit=c.rate_limit,
         )
         for (c, concurrency, kind), cpu in zip(rows, cpu_seconds, strict=True)
     ]
@@ -120,6 +132,7 @@ def _hint(s: StateReport, wall: float) -> str:
         return (
             f"state {name} waited {s.rate_wait_seconds:.1f}s on its rate limit "
             f"({s.rate_wait_seconds / wall:.0%} of the run): the limit sets the pace"
+            + (f" ({_rate(s.rate_limit)} at the end)" if s.rate_limit else "")
         )
     if s.utilisation < SATURATED:
         return (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -81,9 +80,3 @@ def cpu_to_done(ac: Any, oc: Work, jc: Item) -> tuple[Item, str]:
 
 def fan_out_10(ac: Any, oc: Any, jc: Item) -> tuple[Item, str, list[KickRequest[Item]]]:
     return jc, "done", [KickRequest(Item(n=jc.n * 10 + i), "child") for i in range(10)]
-
-
-async def rate_limited_call(ac: list[float], oc: Any, jc: Item) -> tuple[Item, str]:
-    ac.append(time.monotonic())  # the AC is the coordinator's list of call times
-    await asyncio.sleep(0)
-    return jc, "done"

@@ -526,33 +526,16 @@ class _TimedTqdm(jorbmp.TqdmStatusListener):
         self.seconds += time.perf_counter() - start
 
 
-def scenario_ratelimit(quick: bool, rounds: int) -> list[Row]:
-    rate, jobs = 50, (100 if quick else 200)
-    calls: list[float] = []
-    run = bench_run("rate", jobs, Work())
-    states = [
-        State("new", _work.rate_limited_call, concurrency=8, rate_limit=rate),
-        State("done", terminal=True),
-    ]
-    start = time.perf_counter()
-    Processor(calls, states).exec(run)
-    wall = time.perf_counter() - start
-    expected = jobs / rate
-    worst = max(sum(1 for t in calls if c <= t < c + 1.0) for c in calls)
-    err = abs(wall - expected) / expected
-    return [
-        Row(
-            f"rate limit {rate}/s, {jobs} jobs",
-            wall,
-            "s",
-            "expected",
-            expected,
-            expected / wall,
-            "within 2%, <= limit+burst per 1 s window",
-            err <= 0.02 and worst <= rate + 1,
-            {"max_calls_in_1s": worst},
-        )
-    ]
+def scenario_ratelimits(quick: bool, rounds: int) -> list[Row]:
+    from . import ratelimits  # imports this module (Row)
+
+    return ratelimits.scenario(quick, rounds)
+
+
+def scenario_aimd(quick: bool, rounds: int) -> list[Row]:
+    from . import aimd  # imports this module (Row)
+
+    return aimd.scenario(quick, rounds)
 
 
 def scenario_dask(quick: bool, rounds: int) -> list[Row]:
@@ -571,7 +554,8 @@ SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "fanout": scenario_fanout,
     "checkpoint": scenario_checkpoint,
     "status": scenario_status,
-    "ratelimit": scenario_ratelimit,
+    "ratelimits": scenario_ratelimits,
+    "aimd": scenario_aimd,
     "dask": scenario_dask,
 }
 
