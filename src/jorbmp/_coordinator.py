@@ -128,6 +128,12 @@ class Coordinator:
         application's tasks; a second Ctrl-C, which ends the wait)."""
         try:
             return await self._execute()
+        except asyncio.CancelledError:
+            # A cancelled exec_async abandons the run, so it ends promptly: told here,
+            # not by Task.cancelling() (3.11+ only, and still counting a cancellation
+            # that the task swallowed long ago).
+            self.mailbox.give_up("cancelled")
+            raise
         finally:
             await self.mailbox.wait_closed()
 

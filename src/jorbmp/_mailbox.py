@@ -16,14 +16,22 @@ A listener also gets intermediate updates only as long as it spends at most abou
 1 / (1 + `PAUSE_FACTOR`) of the time in them: a listener that holds the GIL (drawing
 bars is Python code) takes that share from the coordinator at most, and a slow one is
 rarely in the middle of an update when the run ends, so the last update, which `exec`
-waits for, seldom has to wait for another first.
+waits for, seldom has to wait for another first. Its cost is the median of its last
+`COST_CALLS` calls, so one slow call (an output paused for a moment, Ctrl-S) does not
+hold up the updates after it.
 
 Calls to one listener object never overlap, even across runs: every call holds the
 listener's `_Seat` lock. A run that gave up waiting leaves its thread behind, maybe
 stuck in a call; if the same listener is used by a later run meanwhile, that run's
 updates wait (coalescing) until the stuck call returns, and the left-behind thread then
-drops what it had left, its close included, so that the later run's updates and close
-are not interleaved with an earlier run's.
+drops what it had left, so that the later run's updates and close are not interleaved
+with an earlier run's. The earlier run's close is not lost: the later run's thread
+calls it before its own first update, so the listener starts the later run afresh
+(`TqdmStatusListener` draws new bars for it).
+
+A listener's call that starts a run with that same listener (a sub-run from inside
+`status_update`) is refused with a RuntimeError: the sub-run's updates would wait for
+the very call that waits for the sub-run.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from .status import NilStatusListener, StatusCount, StatusListener
@@ -49,10 +56,14 @@ log = logging.getLogger("jorbmp")
 # A listener that takes longer (or blocks forever) is left behind on its thread, with
 # a WARNING: the run's results and checkpoint are final before this wait starts.
 CLOSE_TIMEOUT = 5.0
-# After an update that took the listener d seconds, the next intermediate one waits
-# PAUSE_FACTOR x d (pinned ones never wait): 1 ms per update costs nothing, 0.5 s means
-# an update every 2.5 s.
+# After an update, the next intermediate one waits PAUSE_FACTOR x the listener's cost
+# (pinned ones never wait): 1 ms per update costs nothing, 0.5 s means an update every
+# 2.5 s.
 PAUSE_FACTOR = 4.0
+# The cost is the median duration of the last COST_CALLS calls (those before the
+# first count as 0): an odd number, so that one slow call among them is ignored, and a
+# listener that is slow in most of its calls is paused for their duration.
+COST_CALLS = 3
 # Seconds the wait goes on once given up (a second Ctrl-C, a cancelled exec_async):
 # "at once" to a person, and time enough for a healthy listener (tqdm's last redraw
 # takes about a millisecond) to finish, so that only a stuck one is left behind.
@@ -63,7 +74,7 @@ class _Seat:
     """One listener object, shared by every mailbox (every run) that delivers to it:
     the lock each call holds, and which mailbox is the newest."""
 
-    __slots__ = ("__weakref__", "holder", "listener", "lock", "newest")
+    __slots__ = ("__weakref__", "holder", "listener", "lock", "newest", "open", "thread")
 
     def __init__(self, listener: StatusListener) -> None:
         # Held strongly: while the seat lives, id(listener) names this listener.
@@ -71,6 +82,10 @@ class _Seat:
         self.lock = threading.Lock()
         self.newest = 0  # serial of the mailbox created last for this listener
         self.holder = 0  # serial of the mailbox whose call holds the lock (0: none)
+        self.thread = 0  # ident of the thread in that call (0: none)
+        # The mailbox whose run the listener is in (it was given an update and not
+        # closed yet), if any: a run left behind may never close it.
+        self.open: ListenerMailbox | None = None
 
 
 # id(listener) -> its seat, while some mailbox holds it.
@@ -80,13 +95,26 @@ _serials = itertools.count(1)
 
 
 def _take_seat(listener: StatusListener) -> tuple[_Seat, int]:
-    """The listener's seat, and a serial that makes the caller its newest mailbox."""
+    """The listener's seat, and a serial that makes the caller its newest mailbox;
+    RuntimeError when this thread is in a call to the listener (a nested run)."""
     with _seats_lock:
         seat = _seats.get(id(listener))
         if seat is None or seat.listener is not listener:
             seat = _seats[id(listener)] = _Seat(listener)
+        # Only this thread sets seat.thread to its own ident, so the test is exact.
+        if seat.thread == threading.get_ident():
+            raise RuntimeError(
+                f"status listener {listener!r} started a run with itself as its listener "
+                "from inside one of its own calls: that run's updates would wait for "
+                "the call that waits for the run; give the inner run another listener"
+            )
         serial = seat.newest = next(_serials)
     return seat, serial
+
+
+def _cost(durations: deque[float]) -> float:
+    """A listener's cost per call: the median of its recent calls' durations."""
+    return sorted(durations)[len(durations) // 2]
 
 
 def _resolve(fut: asyncio.Future[str], how: str) -> None:
@@ -162,10 +190,6 @@ class ListenerMailbox:
         if self.idle:
             return True
         loop = asyncio.get_running_loop()
-        # A cancelled exec_async abandons, so it must end promptly (Python 3.11+ tells).
-        cancelling = getattr(asyncio.current_task(), "cancelling", None)
-        if cancelling is not None and cancelling():
-            self.give_up("cancelled")
         fut: asyncio.Future[str] = loop.create_future()
         with self._cond:
             if self._done:
@@ -240,6 +264,7 @@ class ListenerMailbox:
     def _deliver_all(self) -> None:
         cond, queue = self._cond, self._queue
         not_before = 0.0  # monotonic time before which no intermediate update goes out
+        durations = deque([0.0] * COST_CALLS, maxlen=COST_CALLS)  # the last calls'
         while True:
             with cond:
                 while True:
@@ -254,34 +279,53 @@ class ListenerMailbox:
                     break  # closing, and everything was delivered
                 counts, _ = queue.popleft()
             started = time.monotonic()
-            if not self._call(self.listener.status_update, counts):
+            if not self._call("status_update", counts):
                 return
             ended = time.monotonic()
-            not_before = ended + PAUSE_FACTOR * (ended - started)
-        self._call(self.listener.close)
+            durations.append(ended - started)
+            not_before = ended + PAUSE_FACTOR * _cost(durations)
+        self._call("close")
 
-    def _call(self, method: Callable[..., Any], *args: Any) -> bool:
-        """Call the listener, never at the same time as another thread does; False when
-        this mailbox was left behind and a later run uses the listener: it stops."""
+    def _dropped(self) -> bool:
+        """Whether this mailbox's calls are dropped: it was left behind, and a later
+        run uses the listener. Once true, it stays true (neither flag goes back)."""
+        return self._left_behind and self._seat.newest != self._serial
+
+    def _call(self, name: str, *args: Any) -> bool:
+        """Call the listener's method ``name``, never at the same time as another thread
+        does; False when this mailbox's calls are dropped: it stops."""
         seat = self._seat
         with seat.lock:
-            if self._left_behind and seat.newest != self._serial:
+            if self._dropped():
                 log.warning(
                     "status listener %r returned to a run that had left it behind, after "
-                    "a later run began using it: the earlier run's last updates and close "
-                    "are dropped",
+                    "a later run began using it: the earlier run's last updates are "
+                    "dropped, and the later run closes the listener for it",
                     self.listener,
                 )
                 return False
-            seat.holder = self._serial
-            try:
-                method(*args)
-            except BaseException:  # SystemExit too: a listener never ends its thread
-                log.exception(
-                    "status listener %r raised in %s (logged only: the run is not affected)",
-                    self.listener,
-                    method.__name__,
-                )
-            finally:
-                seat.holder = 0
+            earlier = seat.open
+            if earlier is not None and earlier is not self and earlier._dropped():
+                # A run left behind never closes the listener: close it for that run,
+                # before this run's first call, so that this run starts afresh.
+                seat.open = None
+                self._guarded(seat, "close")
+            seat.open = self if name != "close" else None
+            self._guarded(seat, name, *args)
         return True
+
+    def _guarded(self, seat: _Seat, name: str, *args: Any) -> None:
+        """Call the listener's method ``name``, with the seat's lock held; what it
+        raises, SystemExit too, is logged (a listener never ends its thread)."""
+        seat.holder, seat.thread = self._serial, threading.get_ident()
+        try:
+            getattr(self.listener, name)(*args)
+        except BaseException:
+            # Cannot raise: a listener whose repr raises is reported by the handler.
+            log.exception(
+                "status listener %r raised in %s (logged only: the run is not affected)",
+                self.listener,
+                name,
+            )
+        finally:
+            seat.holder = seat.thread = 0

@@ -4,11 +4,15 @@ When the output is not a terminal (a log file, CI), redrawn bars would fill it w
 carriage returns; the listener then writes one plain line every `PLAIN_INTERVAL`
 seconds and a last one at the end instead.
 
-tqdm shows at most two bars fewer than the terminal has rows (one fewer than an
-``nrows`` given to it). With more states than that, the terminal states (done,
-failed) keep their bars and the working states that do not fit share one folded bar;
-with fewer rows than terminal states and one, only terminal states are shown, the
-last ones folded into one bar.
+The bars fill at most two rows fewer than the terminal has (one fewer than an
+``nrows`` given), and always at least one bar: a terminal that reports no size is
+taken to have ``LINES`` rows, or 24. With more states than bars, the terminal states
+(done, failed) keep their bars and the working states that do not fit share one
+folded bar; with fewer bars than terminal states and one, only terminal states are
+shown, the last ones folded into one bar (on one or two rows, one bar for all of
+them: the run's progress). tqdm is told to show every bar, whatever it reads of the
+terminal's size.
+A new list of states (a later run) gets new bars.
 Rates are recent (over `RATE_WINDOW_SECONDS`), not averages since the start.
 
 The listener is called on a thread of its own (see `jorbmp._mailbox`): an output that
@@ -43,6 +47,21 @@ class _Bar(tqdm):  # type: ignore[misc]  # tqdm ships no types
     """
 
     monitor_interval = 0
+
+    def __init__(self, *args: Any, bars: int, **kwargs: Any) -> None:
+        self._nrows = bars + 1
+        super().__init__(*args, **kwargs)
+
+    # tqdm hides bars from position nrows - 1 on ("... (more hidden) ..." there), with
+    # nrows read from the terminal at every redraw (dynamic_ncols), 20 when 0: the
+    # listener fits its ``bars`` to the rows already, so tqdm must show all of them.
+    @property
+    def nrows(self) -> int:
+        return self._nrows
+
+    @nrows.setter
+    def nrows(self, value: int | None) -> None:
+        pass  # tqdm's reading of the terminal: the layout decided
 
     # The rate shown: recent, set by the listener (tqdm's own would be the average
     # since the bar started, as the listener sets ``n`` rather than calling update).
@@ -105,24 +124,39 @@ def _layout(counts: list[StatusCount], rows: int) -> list[list[int]]:
     return bars
 
 
-def _terminal_rows(out: IO[str]) -> int:
-    try:
-        return os.get_terminal_size(out.fileno()).lines
-    except (OSError, ValueError, AttributeError):
-        return 0
-
-
 def _fmt_seconds(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.1f}s"
     return f"{seconds * 1000:.0f}ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f}us"
 
 
-def _terminal_columns(out: IO[str]) -> int:
+def _terminal_size(out: IO[str]) -> os.terminal_size:
+    """The size of the terminal ``out`` writes to; 0 where it reports none."""
     try:
-        return os.get_terminal_size(out.fileno()).columns
+        return os.get_terminal_size(out.fileno())
     except (OSError, ValueError, AttributeError):
-        return 0
+        return os.terminal_size((0, 0))
+
+
+def _sizing(out: IO[str], tqdm_kwargs: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """How many bars fit (at least one), and the sizing arguments for tqdm.
+
+    As tqdm's own default, the bars leave two of the terminal's rows free (one of an
+    ``nrows`` given). A terminal that reports no size (some ptys, a file made to look
+    like one) is taken to be ``COLUMNS`` x ``LINES``, else 80 x 24 (shutil's
+    fallback), with a fixed width: tqdm would read 0 columns at every redraw.
+    """
+    size = _terminal_size(out)
+    sizing: dict[str, Any] = {"dynamic_ncols": True}
+    if size.columns <= 0 or size.lines <= 0:
+        fallback = shutil.get_terminal_size()
+        if size.columns <= 0:
+            sizing = {"ncols": fallback.columns}
+        if size.lines <= 0:
+            size = os.terminal_size((size.columns, fallback.lines))
+    sizing.update(tqdm_kwargs)
+    rows = tqdm_kwargs.get("nrows") or size.lines - 1
+    return max(1, rows - 1), sizing
 
 
 def _plain_line(elapsed: float, counts: list[StatusCount]) -> str:
@@ -166,6 +200,7 @@ class TqdmStatusListener(StatusListener):
         self.tqdm_kwargs = tqdm_kwargs
         self.bars: list[tqdm] = []
         self._layout: list[list[int]] = []  # per bar, the states it shows
+        self._states: list[str] = []  # the states the bars were made for
         self._rates: list[_Rate] = []  # per bar, for terminal states' arrivals
         self._last: list[StatusCount] | None = None
         self._started = 0.0
@@ -191,6 +226,8 @@ class TqdmStatusListener(StatusListener):
                 self._printed, self._shown = now, counts
                 print(_plain_line(now - self._started, counts), file=self._out(), flush=True)
             return
+        if self.bars and [c.state for c in counts] != self._states:
+            self._close_bars()  # another run's states: its layout does not apply
         if not self.bars:
             self._make_bars(counts)
         total = sum(c.completed + c.executing + c.waiting for c in counts)
@@ -223,17 +260,9 @@ class TqdmStatusListener(StatusListener):
             bar.refresh()
 
     def _make_bars(self, counts: list[StatusCount]) -> None:
-        sizing: dict[str, Any] = {"dynamic_ncols": True}
-        if _terminal_columns(self._out()) <= 0:
-            # A terminal that reports no size (some ptys): tqdm would hide every
-            # bar beyond its 0 rows, so give it a fixed size.
-            size = shutil.get_terminal_size()
-            sizing = {"ncols": size.columns, "nrows": max(size.lines, len(counts) + 1)}
-        sizing.update(self.tqdm_kwargs)
-        # tqdm draws bars at positions below nrows - 1; its nrows is the terminal's
-        # lines - 1 (20 when it cannot tell), unless given.
-        nrows = sizing.get("nrows") or max(0, _terminal_rows(self._out()) - 1) or 20
-        self._layout = _layout(counts, max(1, nrows - 1))
+        fit, sizing = _sizing(self._out(), self.tqdm_kwargs)
+        self._layout = _layout(counts, fit)
+        self._states = [c.state for c in counts]
         names = [
             counts[shown[0]].state
             if len(shown) == 1
@@ -252,6 +281,7 @@ class TqdmStatusListener(StatusListener):
                 file=self._out(),
                 unit="job",
                 **sizing,
+                bars=len(names),
             )
             for i, name in enumerate(names)
         ]
@@ -260,9 +290,12 @@ class TqdmStatusListener(StatusListener):
     def close(self) -> None:
         if self.plain and self._last is not None and self._last is not self._shown:
             print(_plain_line(time.monotonic() - self._started, self._last), file=self._out())
+        self._close_bars()
+        self._last = self._shown = None
+        self._printed = -PLAIN_INTERVAL
+
+    def _close_bars(self) -> None:
         for bar in self.bars:
             bar.close()
         self.bars = []
-        self._layout, self._rates = [], []
-        self._last = self._shown = None
-        self._printed = -PLAIN_INTERVAL
+        self._layout, self._rates, self._states = [], [], []
