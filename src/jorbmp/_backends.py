@@ -93,6 +93,10 @@ class Backend(ABC):
     def submit(self, jobs: list[Job[Any]]) -> None:
         """Start executing ``jobs`` (at most `max_batch`) in one free slot."""
 
+    def demand(self, waiting: int) -> None:  # noqa: B027 - optional hook
+        """``waiting`` jobs are still queued once `free` ran out: a backend that starts
+        its capacity as the queue needs it (worker processes) starts more for them."""
+
     def check_timeouts(self, now: float) -> None:  # noqa: B027 - optional hook
         """Abandon execs that exceeded the state's timeout (called by the housekeeping tick)."""
 

@@ -85,14 +85,18 @@ class Lane:
             return
         if self.gate is not None:
             self._pump_gated(backend)
-            return
-        limit = 1 if self.isolated else self.batch_limit(backend)
-        spread = 2 * self.state.concurrency
-        while queue and backend.free():
-            # Guided: shrink towards one job as the queue drains, so every slot gets a
-            # share of the tail instead of one slot finishing a big last batch alone.
-            n = min(limit, max(1, len(queue) // spread))
-            backend.submit([queue.popleft() for _ in range(n)])
+        else:
+            limit = 1 if self.isolated else self.batch_limit(backend)
+            spread = 2 * self.state.concurrency
+            while queue and backend.free():
+                # Guided: shrink towards one job as the queue drains, so every slot gets
+                # a share of the tail instead of one slot finishing a big last batch alone.
+                n = min(limit, max(1, len(queue) // spread))
+                backend.submit([queue.popleft() for _ in range(n)])
+        if queue:
+            # Jobs left waiting: a pool that starts workers as the queue needs them
+            # starts more (up to its concurrency).
+            backend.demand(len(queue))
 
     def batch_limit(self, backend: Backend) -> int:
         """Jobs per batch that take about the backend's ``batch_seconds`` at this

@@ -1,15 +1,22 @@
 """The worker-process pool of one process state (`ProcessPool`).
 
-One pool per state, ``concurrency`` workers, each with its own socket (framing in
-`jorbmp._comms`, conversation in `jorbmp._protocol`). The pool never blocks the
-coordinator on a busy worker and never hangs on a dead one: the socket and the
-process sentinel are both watched by the event loop, so a worker that exits, is
-killed or segfaults is noticed at once, the job it was running is charged with the
-failure, the rest of its work goes back to the front of the queue, and a
-replacement starts. A worker that dies outside an exec (decoding a batch, encoding
-results) cannot say which job killed it: those jobs are retried one at a time, so
-that the culprit is charged and the others go on. Replacements that die without
-any job getting anywhere are spaced out and, past `MAX_BARREN_DEATHS`, end the run.
+One pool per state, up to ``concurrency`` workers, each with its own socket (framing
+in `jorbmp._comms`, conversation in `jorbmp._protocol`). Workers start as the
+state's queue needs them (`ProcessPool.demand`), a few milliseconds of forking at a
+time, so that 10 jobs never fork 256 workers and the first workers get work while
+the others start. Which workers can take a batch, and how many execs are running,
+is kept up to date as workers change (`_Slots`): a dispatch costs the same with 256
+workers as with 2.
+
+The pool never blocks the coordinator on a busy worker and never hangs on a dead
+one: the socket and the process sentinel are both watched by the event loop, so a
+worker that exits, is killed or segfaults is noticed at once, the job it was
+running is charged with the failure (and with the time it held its slot), the rest
+of its work goes back to the front of the queue, and a replacement starts. A worker
+that dies outside an exec (decoding a batch, encoding results) cannot say which job
+killed it: those jobs are retried one at a time, so that the culprit is charged and
+the others go on. Replacements that die without any job getting anywhere are spaced
+out and, past `MAX_BARREN_DEATHS`, end the run.
 
 While a state's jobs are short (mean under `PIPELINE_SECONDS`), each worker holds
 a second batch queued behind the one it runs, so it never waits a round trip for
@@ -61,6 +68,8 @@ log = logging.getLogger("jorbmp")
 # less work back when a worker dies. The coordinator sizes batches below this by
 # the queue's depth and the state's mean exec time (see Lane.batch_limit).
 MAX_BATCH = 256
+# Batches a worker holds at most: the one it runs, and one queued behind it.
+MAX_DEPTH = 2
 # Mean exec time under which workers get a second batch queued behind the running
 # one. Above it the round trip is negligible and queueing would only make a job
 # wait behind another instead of going to the next free worker. Not lower: when the
@@ -68,6 +77,25 @@ MAX_BATCH = 256
 # two before it can answer, and at 5 ms (the previous value) 10 ms jobs lost 5-8% of
 # their throughput to that wait.
 PIPELINE_SECONDS = 0.05
+# While workers hold a second batch (mean exec under PIPELINE_SECONDS), the pool's
+# sockets are polled every POLL_SHARE of a mean exec, at most POLL_SECONDS, instead
+# of waking the coordinator for each result (see `jorbmp._comms.Poller`): a worker's
+# queued batch takes at least one mean exec, so it never runs dry for the wait, and
+# each poll takes several results at once. Not longer: results, and the transitions
+# and kicks they bring, wait up to that much more. Waits under MIN_POLL_SECONDS are
+# not worth it (the event loop's timers are about that coarse), nor polls expected to
+# find fewer than POLL_MIN_RESULTS results (few workers, or long execs): a poll that
+# finds none costs a wake-up of its own (2 workers of 10 ms jobs on 2 busy cores lost
+# ~3% of their throughput to such wake-ups).
+POLL_SHARE = 1 / 8
+POLL_SECONDS = 0.002
+MIN_POLL_SECONDS = 0.001
+POLL_MIN_RESULTS = 2.0
+# Longest the coordinator forks workers in one go (at least one each time) before it
+# lets the event loop run: forking 256 workers takes a second or more, and the workers
+# already started get their work and send their results back meanwhile. Longer slices
+# fork a little faster; shorter ones answer ready workers sooner.
+SPAWN_SLICE_SECONDS = 0.005
 # Workers that die before they are ready, in a row, before the run gives up: a worker
 # that cannot start (bad ac_factory, import error under spawn) would otherwise be
 # replaced forever.
@@ -97,6 +125,7 @@ class _Worker:
         "process",
         "ready",
         "reported",
+        "since",
         "slot",
     )
 
@@ -113,10 +142,16 @@ class _Worker:
         # (batch, index, start time) of the exec a timeout killed, or _NO_BLAME.
         self.kill_mark: tuple[float, float, float] | None = None
         self.exit_timer: asyncio.TimerHandle | None = None
+        # Monotonic time since which this worker's slot has been busy with work whose
+        # time no result has accounted for yet: set when it gets work while idle and
+        # at each result message. A job charged with its death is charged that time
+        # (the slot-seconds the exec held, as async states count a timeout's).
+        self.since = 0.0
 
     def takes_work(self) -> bool:
-        """Ready, and not being killed (a timeout's kill may not have landed yet)."""
-        return self.ready and self.kill_mark is None
+        """Ready, not being killed (a timeout's kill may not have landed yet) and not
+        gone."""
+        return self.ready and self.kill_mark is None and not self.link.closed
 
     def kill(self) -> None:
         """SIGKILL the worker and its process group (what its exec started)."""
@@ -127,8 +162,83 @@ class _Worker:
             self.process.kill()  # not yet a group leader (or not on this OS)
 
 
+class _Slots:
+    """Which of a pool's workers can take a batch now, and how many are executing,
+    kept up to date as workers change, so that a dispatch or a result costs the same
+    however many workers the pool has (a walk over 256 workers per job was a fifth
+    of the coordinator's time).
+
+    Invariants, between any two events: a worker is in ``by_load[n]`` exactly when it
+    takes work (`_Worker.takes_work`) and holds ``n < MAX_DEPTH`` batches; ``busy`` is
+    the number of the pool's live workers that hold any batch (each runs one exec at a
+    time, so it is the number of execs running). The pool calls `offer` when a worker
+    starts taking work, `withdraw` when it stops, `take` and then `put_back` to send
+    one a batch, `returned` when a batch's results are all back, and `gone` when it
+    loses a worker.
+    """
+
+    __slots__ = ("busy", "by_load")
+
+    def __init__(self) -> None:
+        # Per load, the workers at it: dicts used as ordered sets (O(1) add, discard
+        # and pop). The most recently listed worker is taken first: which one does
+        # not matter, and popping the last entry is the cheap end.
+        self.by_load: tuple[dict[_Worker, None], ...] = tuple({} for _ in range(MAX_DEPTH))
+        self.busy = 0
+
+    def __repr__(self) -> str:
+        loads = " ".join(f"load{n}={len(b)}" for n, b in enumerate(self.by_load))
+        return f"<_Slots {loads} busy={self.busy}>"
+
+    def free(self, depth: int) -> int:
+        """Batches the listed workers can take, each holding at most ``depth``."""
+        return sum((depth - n) * len(b) for n, b in enumerate(self.by_load[:depth]))
+
+    def take(self, depth: int) -> _Worker | None:
+        """The least loaded worker that can take a batch (an idle one if there is
+        one), unlisted: the caller sends it a batch and then calls `put_back`."""
+        for bucket in self.by_load[:depth]:
+            if bucket:
+                return bucket.popitem()[0]
+        return None
+
+    def offer(self, worker: _Worker) -> None:
+        """``worker`` takes work (it just became ready): list it under its load."""
+        n = len(worker.batches)
+        if n < MAX_DEPTH and worker.takes_work():
+            self.by_load[n][worker] = None
+
+    def withdraw(self, worker: _Worker) -> None:
+        """``worker`` takes no more work (it is being killed, or gone)."""
+        n = len(worker.batches)
+        if n < MAX_DEPTH:
+            self.by_load[n].pop(worker, None)
+
+    def put_back(self, worker: _Worker, before: int) -> None:
+        """``worker``, taken when it held ``before`` batches, was sent one more (or, if
+        its jobs could not be sent, none): list it again under its load."""
+        if before == 0 and worker.batches:
+            self.busy += 1
+        self.offer(worker)
+
+    def returned(self, worker: _Worker, before: int) -> None:
+        """``worker`` held ``before`` batches and now holds one fewer."""
+        if before < MAX_DEPTH:
+            self.by_load[before].pop(worker, None)
+        if before == 1:
+            self.busy -= 1
+        self.offer(worker)
+
+    def gone(self, worker: _Worker) -> None:
+        """``worker`` is no longer the pool's (call before its batches are cleared)."""
+        self.withdraw(worker)
+        if worker.batches:
+            self.busy -= 1
+
+
 class ProcessPool(Backend):
-    """``kind="process"``: ``concurrency`` worker processes, each fed batches over a socket."""
+    """``kind="process"``: up to ``concurrency`` worker processes, each fed batches over
+    a socket, started as the state's queue needs them."""
 
     max_batch = MAX_BATCH
     started_pids = True
@@ -150,7 +260,11 @@ class ProcessPool(Backend):
         self.ctx = ctx
         self.sink = sink
         self.timeout = timeout
-        self.workers: list[_Worker] = []
+        # The live workers, in the order they started (a dict as an ordered set: a
+        # death removes one in O(1)).
+        self.workers: dict[_Worker, None] = {}
+        self.slots = _Slots()
+        self.poller: _comms.Poller | None = None
         self.closing = False
         self.closed_at = 0.0  # monotonic time of `close`
         self.startup_failures = 0
@@ -158,6 +272,12 @@ class ProcessPool(Backend):
         self.progress = False  # a result arrived since the last death
         self.respawn: asyncio.TimerHandle | None = None
         self.spawned = 0
+        # Workers are started as the queue needs them (see `demand`): how many are
+        # wanted and not started yet, how many started and not ready yet, and the
+        # callback that starts the next slice of them.
+        self.to_spawn = 0
+        self.unready = 0
+        self.spawner: asyncio.Handle | None = None
         self.mean_seconds: float | None = None  # recent mean exec time
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_results = msgspec.msgpack.Decoder(Results).decode
@@ -167,13 +287,47 @@ class ProcessPool(Backend):
         ready = sum(w.ready for w in self.workers)
         return (
             f"<ProcessPool {self.spec.state!r} workers={len(self.workers)} ready={ready} "
-            f"executing={self.executing()} depth={self._depth()}>"
+            f"executing={self.executing()} depth={self._depth()} {self.slots!r}>"
         )
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        for _ in range(self.concurrency):
+        if _comms.Poller.available():
+            self.poller = _comms.Poller(self.loop, self._poll_delay, self._guard)
+        # One worker now, whatever the queue: a state whose workers cannot start (an
+        # ac_factory that fails, an import error under spawn) is found at the start of
+        # the run, not when its first job arrives. The first pump says how many more
+        # its queue needs (`demand`).
+        self._spawn()
+
+    def demand(self, waiting: int) -> None:
+        # One worker per job waiting beyond those the workers starting will take,
+        # up to ``concurrency`` workers: 10 jobs never fork 256.
+        have = len(self.workers) + self.to_spawn
+        if have >= self.concurrency or self.closing:
+            return
+        want = min(self.concurrency - have, waiting - self.unready - self.to_spawn)
+        if want <= 0:
+            return
+        self.to_spawn += want
+        if self.spawner is None:
+            self.spawner = self.loop.call_soon(self._guard, self._spawn_some)
+
+    def _spawn_some(self) -> None:
+        """Start wanted workers for at most `SPAWN_SLICE_SECONDS`, then let the loop
+        run (results, dispatch to the workers that are ready) before the next slice."""
+        self.spawner = None
+        if self.closing or self.sink.halting():
+            self.to_spawn = 0
+            return
+        deadline = time.monotonic() + SPAWN_SLICE_SECONDS
+        while self.to_spawn:
+            self.to_spawn -= 1
             self._spawn()
+            if time.monotonic() >= deadline:
+                break
+        if self.to_spawn:
+            self.spawner = self.loop.call_soon(self._guard, self._spawn_some)
 
     def _spawn(self) -> None:
         parent, child = socket_pair()
@@ -209,8 +363,10 @@ class ProcessPool(Backend):
             lambda data: self._guard(self._message, worker, data),
             lambda: self._guard(self._link_closed, worker),
             lambda exc: self._guard(self._send_failed, worker, exc),
+            self.poller,
         )
-        self.workers.append(worker)
+        self.workers[worker] = None
+        self.unready += 1
         self.loop.add_reader(process.sentinel, self._guard, self._exited, worker)
 
     def _guard(self, fn: Any, *args: Any) -> None:
@@ -221,6 +377,17 @@ class ProcessPool(Backend):
         except Exception as exc:
             self.sink.fatal(exc)
 
+    def _poll_delay(self) -> float:
+        """How long the workers' results may wait to be read (0: wake at once); see
+        `POLL_SHARE`."""
+        mean = self.mean_seconds
+        if mean is None or mean >= PIPELINE_SECONDS or self.closing:
+            return 0.0
+        delay = min(POLL_SECONDS, mean * POLL_SHARE)
+        if delay < MIN_POLL_SECONDS or self.slots.busy * delay < POLL_MIN_RESULTS * mean:
+            return 0.0
+        return delay
+
     def _depth(self) -> int:
         mean = self.mean_seconds
         return 2 if mean is not None and mean < PIPELINE_SECONDS else 1
@@ -228,26 +395,33 @@ class ProcessPool(Backend):
     def free(self) -> int:
         if self.closing:
             return 0
-        depth = self._depth()
         # The same workers as `submit` takes: counting one it would refuse made the
         # pump ask again and again, never returning to the loop.
-        return sum(max(0, depth - len(w.batches)) for w in self.workers if w.takes_work())
+        return self.slots.free(self._depth())
 
     def executing(self) -> int:
         if self.closing:
             return 0  # what workers still hold was abandoned: it will never finish
-        return sum(1 for w in self.workers if w.batches)
+        return self.slots.busy
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self.workers if w.process.pid is not None]
 
     def submit(self, jobs: list[Job[Any]]) -> None:
-        ready = [w for w in self.workers if w.takes_work()]
-        if not ready:  # a worker died since `free` said there was room
+        # The ready worker with the least work: an idle one if there is one.
+        worker = self.slots.take(MAX_DEPTH)
+        if worker is None:  # a worker died since `free` said there was room
             self.sink.unrun(jobs)
             return
-        # The ready worker with the least work: an idle one if there is one.
-        worker = min(ready, key=lambda w: len(w.batches))
+        before = len(worker.batches)
+        try:
+            self._send(worker, jobs)
+        finally:
+            self.slots.put_back(worker, before)  # listed again, under its new load
+
+    def _send(self, worker: _Worker, jobs: list[Job[Any]]) -> None:
+        """Send ``jobs`` (or what fits in one message) to ``worker``, taken from the
+        slots; the rest goes back to the queue."""
         data = self._encode([job.context for job in jobs])
         limit = min(self.batch_bytes, _comms.MAX_PAYLOAD)
         while len(jobs) > 1 and len(data) > limit:
@@ -265,6 +439,8 @@ class ProcessPool(Backend):
             )
             self.sink.done(jobs, Results.of([Outcome(FAILED_ATTEMPT, error=error)]))
             return
+        if not worker.batches:
+            worker.since = time.monotonic()
         worker.batches.append(jobs)
         worker.link.send(data)
 
@@ -275,15 +451,19 @@ class ProcessPool(Backend):
                 self.sink.fatal(RuntimeError(f"state {self.spec.state!r}: {startup.error}"))
                 return
             worker.ready = True
+            self.unready -= 1
+            self.slots.offer(worker)
             self.startup_failures = 0
             self.sink.freed()
             return
         results = self._decode_results(data)
+        worker.since = time.monotonic()
         n = len(results.plain)
         batch, start = worker.batches[0], worker.reported
         end = start + n
         if end >= len(batch):
             worker.batches.popleft()
+            self.slots.returned(worker, len(worker.batches) + 1)
             worker.reported = 0
             worker.completed += 1
             jobs = batch if start == 0 else batch[start:]
@@ -300,6 +480,7 @@ class ProcessPool(Backend):
         # The worker may be alive but will never get its batch: replace it, blaming
         # nobody (its jobs go back to the queue).
         log.warning("state %r: cannot send to a worker (%s): replacing it", self.spec.state, exc)
+        self.slots.withdraw(worker)
         worker.kill_mark = _NO_BLAME
         worker.kill()
 
@@ -307,6 +488,7 @@ class ProcessPool(Backend):
         # EOF: the worker is exiting. Its sentinel says when it is gone (and with what
         # exit code); waiting for that here would block the loop.
         if worker.exit_timer is None and worker in self.workers:
+            self.slots.withdraw(worker)  # it takes no more work (`takes_work`)
             worker.exit_timer = self.loop.call_later(EXIT_WAIT, worker.kill)
 
     def _exited(self, worker: _Worker) -> None:
@@ -322,8 +504,7 @@ class ProcessPool(Backend):
             worker.exit_timer = None
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(worker.process.sentinel)
-        _fds.unregister(worker.link.fd)  # before the close: the number may be reused
-        worker.link.close()
+        worker.link.close()  # (which unregisters its fd from `_fds` first)
 
     def _release(self, worker: _Worker) -> None:
         """Detach a gone worker and reap it: its fds close now, not whenever the
@@ -338,7 +519,10 @@ class ProcessPool(Backend):
         """A worker is gone: charge the job it died in, requeue the rest, replace it."""
         if worker not in self.workers:
             return  # already handled
-        self.workers.remove(worker)
+        del self.workers[worker]
+        self.slots.gone(worker)
+        if not worker.ready:
+            self.unready -= 1
         self._release(worker)
         code = worker.process.exitcode
         worker.process.close()
@@ -415,7 +599,7 @@ class ProcessPool(Backend):
             # Jobs before ``at`` ran, but their results (at most a chunk's worth) died
             # with the worker: they run again (at-least-once), without being charged.
             self.sink.unrun(front[:at] + front[at + 1 :] + later)
-            self._charge(front[at], reason)
+            self._charge(front[at], reason, worker)
             return True
         if mark is None and phase in (DECODING, SENDING):
             # Died outside an exec: some job of those it was decoding (the whole batch)
@@ -425,7 +609,7 @@ class ProcessPool(Backend):
             if len(suspects) == 1:
                 self.sink.unrun(rest)
                 what = "decoding its job context" if phase == DECODING else "sending its results"
-                self._charge(suspects[0], f"worker died while {what} (exit code {code})")
+                self._charge(suspects[0], f"worker died while {what} (exit code {code})", worker)
                 return True
             self.sink.unrun(suspects + rest, isolate=suspects)
             return False
@@ -433,8 +617,11 @@ class ProcessPool(Backend):
         self.sink.unrun(front + later)
         return False
 
-    def _charge(self, job: Job[Any], reason: str) -> None:
-        self.sink.done([job], Results.of([Outcome(FAILED_ATTEMPT, error=reason)]))
+    def _charge(self, job: Job[Any], reason: str, worker: _Worker) -> None:
+        """Fail ``job``'s attempt with ``reason``, charging it the time ``worker``'s
+        slot was busy since its last result (what metrics count as its exec time)."""
+        seconds = max(0.0, time.monotonic() - worker.since)
+        self.sink.done([job], Results.of([Outcome(FAILED_ATTEMPT, error=reason, seconds=seconds)]))
 
     def check_timeouts(self, now: float) -> None:
         if self.timeout is None:
@@ -451,6 +638,7 @@ class ProcessPool(Backend):
             ):
                 # Marked with what was running: if that exec ends before the kill lands,
                 # the job that started next is not charged with its timeout.
+                self.slots.withdraw(worker)
                 worker.kill_mark = (slot[SLOT_BATCH], slot[SLOT_INDEX], started)
                 worker.kill_reason = f"timed out after {self.timeout:g}s (worker killed)"
                 worker.kill()
@@ -458,12 +646,18 @@ class ProcessPool(Backend):
     def close(self, abandon: bool) -> None:
         self.closing = True
         self.closed_at = time.monotonic()
+        if self.spawner is not None:
+            self.spawner.cancel()
+            self.spawner = None
+        self.to_spawn = 0
         for worker in self.workers:
             if abandon:
                 worker.kill()
             else:
                 worker.slot[SLOT_CLOSING] = 1.0  # the EOF that follows is no death
             self._detach(worker)
+        if self.poller is not None:
+            self.poller.close()
 
     def wait_closed(self) -> None:
         """Reap the workers `close` sent away; kill any still there after `EXIT_WAIT`."""

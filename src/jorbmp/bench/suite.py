@@ -547,6 +547,12 @@ def scenario_dask(quick: bool, rounds: int) -> list[Row]:
     return dask_cluster.scenario(quick, rounds)
 
 
+def scenario_manycore(quick: bool, rounds: int) -> list[Row]:
+    from . import manycore  # imports this module
+
+    return manycore.scenario(quick, rounds)
+
+
 SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "pipeline": scenario_pipeline,
     "linear": scenario_linear,
@@ -557,6 +563,7 @@ SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "ratelimits": scenario_ratelimits,
     "aimd": scenario_aimd,
     "dask": scenario_dask,
+    "manycore": scenario_manycore,
 }
 
 

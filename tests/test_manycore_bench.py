@@ -1,0 +1,45 @@
+"""The ``manycore`` bench scenario's own logic, on a tiny case (the figures themselves
+are the bench's business, not the tests')."""
+
+from __future__ import annotations
+
+import pytest
+
+from jorbmp.bench import manycore
+from jorbmp.bench.suite import SCENARIOS
+
+
+@pytest.mark.timeout(60)
+def test_manycore_measures_both_sides_of_a_tiny_case() -> None:
+    case = manycore.Case("tiny", 4, 0.01, stages=3)
+    jobs = case.jobs(0.1)
+    assert jobs == 40
+    ours = [manycore.measure_jorbmp(case, jobs)]
+    pools = [manycore.measure_pool(case, jobs)]
+    for m in ours + pools:
+        assert 0 < m.first < m.wall
+        assert 0 < m.steady_jobs < jobs and m.steady_wall > 0
+        assert 0 <= m.steady_cpu <= m.cpu
+    rows = manycore.rows_for(case, jobs, ours, pools)
+    assert [r.scenario.split(": ")[1] for r in rows] == [
+        "efficiency",
+        "parent CPU/job, whole run",
+        "parent CPU/job, start-up excluded",
+        "exec() to first result",
+        "jobs/s",
+    ]
+    efficiency = rows[0]
+    # Ideal: 40 x 10 ms over 4 workers, plus 2 x 10 ms to fill the pipeline.
+    assert efficiency.extra["ideal_s"] == pytest.approx(0.12)
+    assert 0 < efficiency.jorbmp <= 1.05 and 0 < (efficiency.baseline_value or 0) <= 1.05
+    assert all(r.jorbmp > 0 and (r.baseline_value or 0) > 0 for r in rows[1:])
+
+
+@pytest.mark.timeout(10)
+def test_manycore_is_a_scenario_with_a_quick_version() -> None:
+    assert "manycore" in SCENARIOS
+    assert set(manycore.QUICK_CASES) < {c.key for c in manycore.CASES}
+    growth = manycore.dispatch_growth(
+        [manycore.Measure(1, 1, 0.1, 0.1, 1, 1000)], [manycore.Measure(1, 1, 0.1, 0.11, 1, 1000)]
+    )
+    assert growth.jorbmp == pytest.approx(1.1) and growth.ok
