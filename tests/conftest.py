@@ -37,4 +37,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the Dask tests last: a Dask client leaves threads running in this process
     (its IO loop), and every worker a later test forked would come from a process with
     threads in it, which Python 3.12+ warns may deadlock the child."""
-    items.sort(key=lambda item: item.path.name in ("test_dask.py", "test_dask_reliability.py"))
+    items.sort(key=lambda item: item.path.name.startswith("test_dask"))

@@ -105,3 +105,49 @@ def slow_or_marked(ac: DAC, oc: DOC, jc: DJob) -> tuple[DJob, str]:
         marker.write_text(str(os.getpid()))
     time.sleep(oc.sleep)
     return jc, "second"
+
+
+class LJob(msgspec.Struct):
+    """A job whose exec notes its start and end (see `noted`)."""
+
+    n: int
+    sleep: float = 0.0
+    freeze: bool = False
+    runs: int = 0
+
+
+class LOC(msgspec.Struct):
+    log: str = ""
+
+
+def _note(path: str, what: str, n: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{what} {n} {os.getpid()} {time.time():.6f}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def noted(ac: object, oc: LOC, jc: LJob) -> tuple[LJob, str]:
+    """Notes ``start n pid time`` and ``end ...`` in ``oc.log`` around a sleep. With
+    ``freeze``, freezes its Dask worker as an exec holding the GIL does: its event loop
+    runs nothing more (so no report leaves it), and the exec hangs."""
+    _note(oc.log, "start", jc.n)
+    if jc.freeze:
+        from distributed import get_worker
+
+        get_worker().loop.add_callback(time.sleep, 60)
+        time.sleep(60)
+    time.sleep(jc.sleep)
+    jc.runs += 1
+    _note(oc.log, "end", jc.n)
+    return jc, "done"
+
+
+def notes(path: Path) -> list[tuple[str, int, int, float]]:
+    """The ``(what, n, pid, time)`` notes of `noted`, in the order written."""
+    rows = []
+    for line in path.read_text().splitlines():
+        what, n, pid, at = line.split()
+        rows.append((what, int(n), int(pid), float(at)))
+    return rows

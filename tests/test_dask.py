@@ -24,7 +24,7 @@ import distributed
 import helpers_dask as h
 import pytest
 
-import jorbmp.dask
+import jorbmp._dask_pool
 from jorbmp import FAILED, JournalSerializer, Processor, Run, State, Stopped
 from jorbmp.dask import DaskBackend
 
@@ -255,7 +255,8 @@ def free_port() -> int:
 def separate_cluster(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A scheduler and two workers in their own processes: the scheduler can be killed."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    paths = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
     dask_cli = [sys.executable, "-m"]
     scheduler = subprocess.Popen(
@@ -314,7 +315,7 @@ def test_scheduler_gone_unnoticed_is_found_by_the_ping(
 ) -> None:
     """An in-process LocalCluster closed gracefully leaves the client believing it is
     connected and the tasks pending forever; the periodic ping ends the run instead."""
-    monkeypatch.setattr(jorbmp.dask, "PING_TIMEOUT", 2.0)
+    monkeypatch.setattr(jorbmp._dask_pool, "PING_TIMEOUT", 2.0)
     run = make_run(40, h.DOC(workdir=str(tmp_path), sleep=0.2))
     with local_cluster() as own:
         states = [
@@ -327,11 +328,46 @@ def test_scheduler_gone_unnoticed_is_found_by_the_ping(
             wait_for(marker.exists, 60, "the first exec")
             own.close()
 
-        threading.Thread(target=close_cluster, daemon=True).start()
+        closer = threading.Thread(target=close_cluster, daemon=True)
+        closer.start()
         started = time.monotonic()
         with pytest.raises(RuntimeError, match="state 'new': lost the Dask scheduler"):
             Processor(None, states).exec(run)
         assert time.monotonic() - started < 30
+        closer.join(30)  # before the second close on leaving: distributed cannot overlap them
+
+
+@pytest.mark.timeout(60)
+def test_abandoning_with_a_hung_scheduler_returns_at_once(
+    separate_cluster: tuple[subprocess.Popen[bytes], str], tmp_path: Path
+) -> None:
+    """d18: the scheduler hangs (SIGSTOP) mid-run, then the run is stopped and its grace
+    period ends (as a second Ctrl-C does at once): 9baee05 waited 10 s more for the
+    hung scheduler to drop the plugin; now exec raises Stopped at once."""
+    scheduler, address = separate_cluster
+    run = make_run(40, h.DOC(workdir=str(tmp_path), sleep=0.5))
+    states = [
+        State("new", h.slow_or_marked, concurrency=1, backend=DaskBackend(address)),
+        State("second", terminal=True),
+    ]
+    proc = Processor(None, states, grace_period=0.5)
+    stopped: list[float] = []
+
+    def hang_then_stop() -> None:
+        wait_for((tmp_path / "started").exists, 60, "the first exec")
+        scheduler.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)
+        stopped.append(time.monotonic())
+        proc.stop()
+
+    threading.Thread(target=hang_then_stop, daemon=True).start()
+    try:
+        with pytest.raises(Stopped):
+            proc.exec(run)
+        took = time.monotonic() - stopped[0]
+    finally:
+        scheduler.send_signal(signal.SIGCONT)
+    assert took < 5, took
 
 
 def test_dask_checkpoint_resumes_with_local_workers(

@@ -224,7 +224,7 @@ def test_worker_decoding_contexts_differently_fails_the_state(
         State("new", skew_types.hop, concurrency=2, backend=DaskBackend(address)),
         State("done", terminal=True),
     ]
-    with pytest.raises(RuntimeError, match="decode job contexts differently") as info:
+    with pytest.raises(RuntimeError, match="decodes job contexts differently") as info:
         Processor(None, states).exec(run)
     assert "Skewed(url='u" in str(info.value) and "arrives there as Skewed(" in str(info.value)
     assert run.counts() == {"new": 6}
@@ -258,22 +258,22 @@ def test_a_set_in_another_order_is_not_a_mismatch(
     import set_types
 
     run: Run[None, set_types.Tagged] = Run("sets", None, set_types.Tagged)
-    for i in range(4):
+    for i in range(40):
         run.add_job(set_types.Tagged(tags={f"t{i}-{k}" for k in range(30)}))
     with distributed.LocalCluster(
-        n_workers=1,
-        threads_per_worker=1,
+        n_workers=2,
+        threads_per_worker=2,
         processes=True,
         dashboard_address=":0",
         host="127.0.0.1",
         silence_logs=logging.CRITICAL,
     ) as cluster:
         states = [
-            State("new", set_types.touch, concurrency=2, backend=DaskBackend(cluster)),
+            State("new", set_types.touch, concurrency=8, backend=DaskBackend(cluster, max_batch=1)),
             State("done", terminal=True),
         ]
         Processor(None, states).exec(run)
-    assert run.counts() == {"done": 4}
+    assert run.counts() == {"done": 40}
     for i, job in enumerate(run.jobs.values()):
         assert job.context.tags == {f"t{i}-{k}" for k in range(30)}
         assert job.context.runs == 1 and not job.recorded_errors()

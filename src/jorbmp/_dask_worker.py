@@ -25,6 +25,9 @@ class StatePlugin(WorkerPlugin):
         self.name = name
         self.spec = spec
         self.error: str | None = None
+        # The coordinator judged that this worker's encoding of contexts, other bytes
+        # than its own, holds the same values (a set's order differs): see `trust`.
+        self.trusted = False
 
     def setup(self, worker: Any) -> None:
         spec = self.spec
@@ -38,39 +41,49 @@ class StatePlugin(WorkerPlugin):
             raise
 
 
-def run_batch(
-    name: str, payload: bytes, check: bool = False, topic: str = "", key: str = ""
-) -> bytes:
-    """The Dask task: run a batch of encoded contexts through the state's exec.
+def _plugin(worker: Any, name: str) -> StatePlugin:
+    plugin = worker.plugins.get(name)
+    if not isinstance(plugin, StatePlugin):
+        raise RuntimeError(f"jorbmp plugin {name!r} is not registered on worker {worker.address}")
+    return plugin
 
-    With ``check``, first make sure this worker decodes the contexts to the same
-    values as the coordinator: their encoding again must be ``payload`` byte for byte.
-    The answer is then ``(True, results)``, or ``(False, that encoding)`` with nothing
-    run, for the coordinator to judge (a job type that reached this worker by value,
-    without its fields, would otherwise silently reset every context).
+
+def run_batch(
+    name: str, payload: bytes, topic: str = "", key: str = ""
+) -> bytes | tuple[bytes, str]:
+    """The Dask task: run a batch of encoded contexts through the state's exec, and
+    return the encoded `Results`.
+
+    First, on every batch, the contexts this worker decoded must encode again to
+    ``payload`` byte for byte (one encode per batch): else this worker's job type is
+    not the coordinator's (a skewed module, a type sent by value), and it returns
+    ``(its encoding, its address)`` with nothing run, for the coordinator to judge.
 
     With a ``topic`` (the state has a timeout), the worker reports ``("start", key,
     worker address)`` under it as the exec starts and ``("end", key)`` when it ends,
     however it ends: the coordinator counts the timeout from the start, and keeps the
     slot of a timed-out exec until its end (a thread cannot be interrupted)."""
     worker = get_worker()
-    plugin = worker.plugins.get(name)
-    if not isinstance(plugin, StatePlugin):
-        raise RuntimeError(f"jorbmp plugin {name!r} is not registered on worker {worker.address}")
+    plugin = _plugin(worker, name)
     if plugin.error is not None:
         raise RuntimeError(plugin.error)
     spec = plugin.spec
     state, fn, ac, oc, codec = spec.state, spec.exec, plugin.ac, spec.overall, plugin.codec
     contexts = plugin.decode(payload)
-    if check:
+    if not plugin.trusted:
         again = plugin.encode(contexts)
         if again != payload:
-            return plugin.encode((False, again))
+            return again, str(worker.address)
     if topic:
         worker.log_event(topic, ("start", key, worker.address))
     try:
-        results = plugin.encode(_execute.run_batch(state, fn, ac, oc, contexts, codec))
+        return plugin.encode(_execute.run_batch(state, fn, ac, oc, contexts, codec))
     finally:
         if topic:
             worker.log_event(topic, ("end", key))
-    return plugin.encode((True, results)) if check else results
+
+
+def trust(name: str, dask_worker: Any) -> None:
+    """Run by ``client.run`` on one worker: its contexts hold the same values as the
+    coordinator's in other bytes (a set's order), so it stops comparing bytes."""
+    _plugin(dask_worker, name).trusted = True
