@@ -67,3 +67,58 @@ def test_first_jobs_run_while_the_other_workers_start() -> None:
     # Started while the queue needed them: many, never more than the concurrency.
     assert 16 < len({job.context.pid for job in jobs}) <= 256
     assert wall < 60, wall
+
+
+class Span(msgspec.Struct):
+    """When an exec ran, as its worker saw it."""
+
+    n: int
+    start: float = 0.0
+    end: float = 0.0
+
+
+def flaky_ac() -> dict[str, int]:
+    """An AC factory whose 2nd and 3rd calls in workers die (calls are numbered through
+    files in $JORBMP_TEST_ACDIR; call 0 is the coordinator's, 1 the eager worker's)."""
+    where = os.environ["JORBMP_TEST_ACDIR"]
+    k = 0
+    while True:
+        try:
+            os.close(os.open(os.path.join(where, str(k)), os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            k += 1
+    if k in (2, 3):
+        os._exit(1)
+    return {"k": k}
+
+
+def span(ac: object, oc: object, jc: Span) -> tuple[Span, str]:
+    jc.start = time.time()
+    time.sleep(0.5)
+    jc.end = time.time()
+    return jc, "done"
+
+
+@pytest.mark.timeout(120)
+def test_workers_dying_at_start_never_leave_more_execs_than_concurrency(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two deaths in a row put the replacement on a delay; the queue's demand must not
+    # start another worker meanwhile (there were 9 execs at once at concurrency 8).
+    monkeypatch.setenv("JORBMP_TEST_ACDIR", str(tmp_path))
+    run: Run[None, Span] = Run("flaky", None, Span)
+    for i in range(24):
+        run.add_job(Span(i))
+    states = [State("new", span, concurrency=8), State("done", terminal=True)]
+    Processor(None, states, ac_factory=flaky_ac, mp_context="fork").exec(run)
+    jobs = list(run.jobs.values())
+    assert all(job.state == "done" for job in jobs)
+    edges = sorted(
+        [(job.context.start, 1) for job in jobs] + [(job.context.end, -1) for job in jobs]
+    )
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    assert most <= 8, most

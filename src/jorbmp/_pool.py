@@ -270,7 +270,9 @@ class ProcessPool(Backend):
         self.startup_failures = 0
         self.barren_deaths = 0  # deaths in a row with no job getting anywhere
         self.progress = False  # a result arrived since the last death
-        self.respawn: asyncio.TimerHandle | None = None
+        # Replacements waiting out their delay (`_replace`): counted as workers, so that
+        # the queue's demand neither starts one in their place nor exceeds concurrency.
+        self.respawns = 0
         self.spawned = 0
         # Workers are started as the queue needs them (see `demand`): how many are
         # wanted and not started yet, how many started and not ready yet, and the
@@ -303,7 +305,7 @@ class ProcessPool(Backend):
     def demand(self, waiting: int) -> None:
         # One worker per job waiting beyond those the workers starting will take,
         # up to ``concurrency`` workers: 10 jobs never fork 256.
-        have = len(self.workers) + self.to_spawn
+        have = len(self.workers) + self.to_spawn + self.respawns
         if have >= self.concurrency or self.closing:
             return
         want = min(self.concurrency - have, waiting - self.unready - self.to_spawn)
@@ -575,10 +577,14 @@ class ProcessPool(Backend):
             self._spawn()
             return
         delay = min(MAX_RESPAWN_DELAY, RESPAWN_DELAY * 2**n)
+        self.respawns += 1
         self.loop.call_later(delay, self._guard, self._spawn_later)
 
     def _spawn_later(self) -> None:
-        if not self.closing and not self.sink.halting():
+        self.respawns -= 1
+        # (Never beyond concurrency, whatever started meanwhile.)
+        full = len(self.workers) + self.to_spawn >= self.concurrency
+        if not full and not self.closing and not self.sink.halting():
             self._spawn()
 
     def _settle_death(
