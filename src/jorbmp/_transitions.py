@@ -63,7 +63,7 @@ class Transitions:
 
         This loop is the coordinator's cost per transition, so plain outcomes (a
         valid context, a known next state and maybe kicks, no error; see `Results`)
-        are applied inline when the lane has no rate limiter and debug logging is off;
+        are applied inline when the lane has no adaptive rate limiter and debug logging is off;
         everything else goes through `finish`. Both do the same to a job. Every job of
         the batch changed (each got at least a new ``last_update``): the serializer
         hears of them all at once, at the end.
@@ -79,7 +79,9 @@ class Transitions:
         found = [lanes.get(name) for name in results.next_states]
         contexts: list[Any] | None = None
         kick_contexts: list[Any] = []
-        if lane.gate is None and not self.debug and None not in found:
+        gate = lane.gate
+        # (An AIMD limiter hears of each success, in `finish`; other gates need not.)
+        if (gate is None or gate.aimd is None) and not self.debug and None not in found:
             # A context that does not decode: `finish` decodes each on its own, to fail
             # only the bad ones.
             with contextlib.suppress(msgspec.ValidationError):
