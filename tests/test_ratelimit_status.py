@@ -20,6 +20,7 @@ from jorbmp import (
     StatusListener,
     TqdmStatusListener,
 )
+from jorbmp.progress import _limit
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -110,3 +111,35 @@ def test_the_tqdm_bar_shows_the_limit() -> None:
     states = [State("new", ok, rate_limit=2.5), State("done", terminal=True)]
     Processor(None, states, status_listener=listener).exec(run_of(3))
     assert "limit=2.5/s" in out.getvalue()
+
+
+class Keep(StatusListener):
+    last: list[StatusCount] | None = None
+
+    def status_update(self, counts: list[StatusCount]) -> None:
+        self.last = counts
+
+
+def test_a_bar_folding_several_states_shows_no_sum_of_their_limits() -> None:
+    """Bars fold middle states when the terminal is short. At b06c975 the folded bar
+    showed the sum of their limits: two states sharing one AIMDRateLimiter(20, 20, 20)
+    showed limit=40/s, and a limited state folded with an unlimited one showed its
+    limit as the group's."""
+    lim = AIMDRateLimiter(20, 20, 20)
+    run = Run("b", None, J)
+    for i in range(4):
+        run.add_job(J(n=i), state="a" if i % 2 else "b")
+    keep = Keep()
+    states = [
+        State("a", ok, rate_limit=lim),
+        State("b", ok, rate_limit=lim),
+        State("c", ok),
+        State("done", terminal=True),
+    ]
+    Processor(None, states, status_listener=keep).exec(run)
+    assert keep.last is not None
+    a, b, c = keep.last[:3]
+    assert (a.rate_limit, b.rate_limit, c.rate_limit) == (20.0, 20.0, 0.0)
+    assert _limit([a]) == " limit=20/s"
+    assert _limit([a, b]) == ""
+    assert _limit([a, c]) == ""

@@ -9,8 +9,11 @@ Real limiter objects throughout; injected clocks, no sleeping.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import math
 import re
+import time
 from fractions import Fraction
 from typing import Any
 
@@ -108,6 +111,43 @@ def test_bounds_must_be_finite_numbers(
         AIMDRateLimiter(*args, clock=Clock())
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "param", "value"),
+    [
+        ((5e-324, 5e-324, 1), {}, "min", 5e-324),
+        ((1e-310, 1e-310, 1e-310), {}, "min", 1e-310),
+        ((1e-10, 1e-10, 1), {}, "min", 1e-10),
+        ((5, 1, 10), {"interval": 5e-324}, "interval", 5e-324),
+        ((5, 1, 10), {"interval": 1e-7}, "interval", 1e-07),
+    ],
+)
+def test_rates_and_intervals_too_small_for_the_arithmetic_are_refused(
+    args: tuple[Any, Any, Any], kwargs: dict[str, Any], param: str, value: object
+) -> None:
+    """At b06c975 AIMDRateLimiter(5e-324, 5e-324, 1) was accepted, and its first
+    success divided by rate * span, which underflows to 0.0: ZeroDivisionError in the
+    coordinator, and that job's result was lost."""
+    with pytest.raises(ValueError, match=named(param, value)):
+        AIMDRateLimiter(*args, clock=Clock(), **kwargs)
+
+
+@pytest.mark.parametrize("value", [5e-324, 1e-310, 1e-10])
+def test_numeric_rate_limit_too_small_is_refused(value: float) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(value))):
+        make_gate("a", value)
+
+
+def test_the_least_rate_and_interval_run() -> None:
+    """The smallest accepted values do the arithmetic in normal floats."""
+    clock = Clock(0.0)
+    lim = AIMDRateLimiter(1e-9, 1e-9, 1, interval=1e-6, clock=clock)
+    for _ in range(5):
+        clock.now += 1e-6
+        lim.try_acquire()
+        lim.success()
+    assert 1e-9 <= lim.rate <= 1
+
+
 def test_bounds_message_names_each_value() -> None:
     with pytest.raises(ValueError, match=r"min=6, initial=5, max=10"):
         AIMDRateLimiter(5, 6, 10, clock=Clock())
@@ -142,6 +182,32 @@ def test_backward_clock_jump_is_no_time_not_a_debt() -> None:
     assert lim.try_acquire() == pytest.approx(0.1)  # one token at 10/s, as without the jump
     clock.now = 0.5
     assert lim.try_acquire() == 0.0
+
+
+def test_forward_clock_jump_grants_at_most_the_burst_beyond_the_rate() -> None:
+    """A wall clock (time.time + an NTP step) jumping an hour ahead while a caller
+    sleeps in acquire: at b06c975 the hour counted as the caller's late wake-up and
+    handed out that much at once (125 starts in one real second at 100/s, 101
+    allowed). Real time, ~2.5 s."""
+    offset = [0.0]
+    lim = AIMDRateLimiter(100, 100, 100, clock=lambda: time.monotonic() + offset[0])
+    starts: list[float] = []
+
+    def jump() -> None:  # while the caller sleeps in acquire
+        offset[0] = 3600.0
+
+    async def caller() -> None:
+        end = time.monotonic() + 2.5
+        asyncio.get_running_loop().call_later(1.3, jump)
+        while time.monotonic() < end:
+            await lim.acquire()
+            starts.append(time.monotonic())
+
+    asyncio.run(caller())
+    most = max(bisect.bisect_left(starts, t + 1.0) - i for i, t in enumerate(starts))
+    # The rate and a burst, give or take a busy host's jitter between a grant and its
+    # timestamp here (the hour's worth was 25 more).
+    assert most <= 100 + lim.burst + 9
 
 
 def test_backward_clock_jump_does_not_freeze_increase() -> None:

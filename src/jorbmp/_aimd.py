@@ -14,14 +14,20 @@ every few seconds. This controller keeps AIMD's reactions, and learns the allowa
   CUBIC TCP climb back fast to the window where the last loss happened and slowly
   beyond it. A server counts arrivals, not our grants: a request delayed on its way
   (a busy machine, a stalled server) arrives with the next ones, and a second there
-  holds more than it did here. An error at or below the holding level says so: the
-  share drops by `HEADROOM_STEP` (down to `MIN_HEADROOM`), and climbs back by as much
-  after each `PROBE_AFTER` without one.
-- **Probing is rare and gentle.** After `PROBE_AFTER` seconds at that level without an
-  error, the rate creeps up by `PROBE_STEP` of the allowance, doubling each interval,
-  to find out whether the limit was raised; a probe past it costs an error or two.
-  Steps that grow as large as ``increase`` mean the allowance is stale: it is
-  forgotten, and the rate climbs by ``increase`` as before the first error.
+  holds more than it did here. An error while holding that level says so: the share
+  drops by `HEADROOM_STEP` (down to `MIN_HEADROOM`), and climbs back by as much after
+  each probe delay without one. Errors on the way back after a cut do not count: they
+  answer the cut's own aftermath (a drop of the allowance errs for several intervals).
+- **Probing starts soon after a change, and backs off while the allowance holds.**
+  After the probe delay at that level without an error, the rate creeps up by
+  `PROBE_STEP` of the allowance, doubling each interval, to find out whether the limit
+  was raised; a probe past it costs an error or two. The delay is `PROBE_FIRST` after
+  an error that measured a new allowance (a drop may be brief: 500/s, 5/s for 10 s,
+  500/s again), and doubles, up to `PROBE_AFTER`, with each error that measured the
+  same one again (a fixed limit: about one probe in 30 s). Successes that keep pace
+  past the allowance (by more than `_margin`), or steps as large as
+  ``increase``, mean the allowance is stale: it is forgotten, and the rate climbs by
+  ``increase`` as before the first error.
 - **No growth unless the rate was what held the state back** (as TCP does not grow a
   window the sender does not fill, RFC 7661, and Netflix's concurrency-limits
   ``AIMDLimit`` grows only while requests in flight fill it): a caller found the
@@ -31,6 +37,19 @@ every few seconds. This controller keeps AIMD's reactions, and learns the allowa
   ``max`` and bursting once the jobs speed up.
 - **Retry-After is honoured:** the job waits it out (the coordinator), and the rate
   does not grow before it has passed.
+
+**The allowance is measured per second: a limitation.** A server that counts per 10 s
+or per minute answers 429 for the rest of its window once it is full, so the last
+second's successes at those errors are 0 or 1: fewer than `GRAIN`, while the last
+`LONG_SECONDS` held more, leave the allowance as it was, instead of taking it down to
+``min``. Simulated (1 ms steps, a deep queue,
+``AIMDRateLimiter(10, 1, 100)``, 300 s): 100 per 10 s, 94% of it through (b06c975:
+29%); 600 per minute, 66% (46%): a minute's window stays full for most of a minute
+after each probe that fills it. A floor of the successes of the last 10 s did no
+better, and kept the level high for 10 s after a drop of a per-second allowance (500/s
+to 5/s): 100-160 429s a second instead of a few in all. The price of the longer
+span: an allowance that drops to about one a second is learned only once those 10 s
+show it (10/s to 1/s: 24 429s in the next 90 s, b06c975 4).
 
 Everything here is arithmetic on the times it is given: the limiter passes its own
 clock's readings, and tests step them.
@@ -57,10 +76,21 @@ MIN_HEADROOM = 0.85
 # The share of the gap to the holding level closed per interval after a cut: back
 # within about three intervals, each smaller than the one before.
 RECOVERY = 0.75
-# Seconds at the holding level without an error before probing above it. Each probe
-# past a fixed limit costs an error or two; this many seconds keeps them to about one
-# in 30 s, at the price of finding a raised limit that much later.
+# Seconds at the holding level without an error before probing above it, at most. Each
+# probe past a fixed limit costs an error or two; this many seconds keeps them to about
+# one in 30 s, at the price of finding a raised limit that much later.
 PROBE_AFTER = 30.0
+# The probe delay after an error that measured a new allowance; it doubles with each
+# error that measures the same one again (within `_margin` of it), up to PROBE_AFTER.
+PROBE_FIRST = 2.0
+# Allowances closer than this share (or than `GRAIN` successes a second, the count's
+# grain at low rates) are the same one. Successes in a second beyond the allowance by
+# more than that say the server lets more through than it did: it is forgotten.
+SAME_ALLOWANCE = 0.1
+GRAIN = 1.5
+# Seconds of the longer success tally that tells a service allowing about one a second
+# from one whose longer window is full (see `AimdControl.backed_off`).
+LONG_SECONDS = 10.0
 # The first probe step, as a share of the allowance; it doubles every interval.
 PROBE_STEP = 0.01
 # Bins of the success tally per `ALLOWANCE_SECONDS`: its count is exact to a tenth.
@@ -70,6 +100,11 @@ TALLY_BINS = 10
 # one held to 80% by its concurrency (a caller still waits now and then, when two
 # slots free at once) must not grow the rate.
 USED_SHARE = 0.9
+
+
+def _margin(allowance: float) -> float:
+    """How far from ``allowance`` a measurement still counts as the same allowance."""
+    return max(SAME_ALLOWANCE * allowance, GRAIN / ALLOWANCE_SECONDS)
 
 
 class _Tally:
@@ -127,6 +162,8 @@ class AimdControl:
         "_last_decision",
         "_last_decrease",
         "_level_since",
+        "_long",
+        "_probe_after",
         "_probes",
         "_successes",
         "allowance",
@@ -162,7 +199,9 @@ class AimdControl:
         self._headroom = HEADROOM  # the share of the allowance held
         self._level_since: float | None = None  # when the rate reached the holding level
         self._probes = 0  # probe steps since then
+        self._probe_after = PROBE_FIRST  # seconds at the level before probing
         self._successes = _Tally(ALLOWANCE_SECONDS)
+        self._long = _Tally(LONG_SECONDS)
 
     def _clamp(self, rate: float) -> float:
         return min(self.max_rate, max(self.min_rate, rate))
@@ -175,10 +214,14 @@ class AimdControl:
         """A successful exec at ``now``. ``short_at``: the last time a caller found the
         bucket empty; ``granted``: the tokens it has granted in all."""
         self._successes.add(now)
+        self._long.add(now)
         if now < self._hold_until or now - self._last_decision < self.interval:
             return
         span = now - self._last_decision
-        used = (granted - self._granted) / (self.rate * span)
+        # The limiter keeps rate and interval normal floats; still, a product that
+        # underflows is no reason to lose an exec's result to ZeroDivisionError.
+        offered = self.rate * span
+        used = (granted - self._granted) / offered if offered > 0 else 1.0
         # A cut within the span holds callers back by itself (the grants made at the
         # old rate fill the window of the new one): low use then is the cut's doing.
         cut = self._last_decrease >= self._last_decision
@@ -201,10 +244,13 @@ class AimdControl:
             return rate
         if self._level_since is None:
             self._level_since = now
-        if now - self._level_since < PROBE_AFTER:
+        if now - self._level_since < self._probe_after:
             return rate
+        if self._successes.count(now) / ALLOWANCE_SECONDS >= allowance + _margin(allowance):
+            self.allowance = None  # successes keep pace well past it: it grew
+            return rate + self.increase
         if self._probes == 0 and self._headroom < HEADROOM:
-            # PROBE_AFTER without an error: take back one step of headroom first.
+            # A probe delay without an error: take back one step of headroom first.
             self._headroom = min(HEADROOM, self._headroom + HEADROOM_STEP)
             self._level_since = now
             return self._level(allowance)
@@ -223,12 +269,37 @@ class AimdControl:
             self._hold_until = max(self._hold_until, now + retry_after)
         if now - self._last_decrease < self.interval:
             return False
-        if self.allowance is not None and self.rate <= self._level(self.allowance) * 1.001:
-            # Not a probe: the server's count ran ahead of ours by more than the headroom.
+        previous = self.allowance
+        if (
+            previous is not None
+            and self._level_since is not None
+            and self.rate <= self._level(previous) * 1.001
+        ):
+            # Holding, not probing: the server's count ran ahead of ours by more than
+            # the headroom. (On the way back after a cut, the rate is below the level
+            # because of the cut: such an error says nothing about the headroom.)
             self._headroom = max(MIN_HEADROOM, self._headroom - HEADROOM_STEP)
         measured = self._successes.count(now) / ALLOWANCE_SECONDS
-        if measured > 0:
+        if measured > 0 and (
+            measured >= GRAIN / ALLOWANCE_SECONDS
+            or previous is None
+            or self._long.count(now) / LONG_SECONDS < GRAIN / ALLOWANCE_SECONDS
+        ):
+            # Fewer successes than GRAIN a second, while the last `LONG_SECONDS` held
+            # more, are too few to measure: a server counting per 10 s or per minute
+            # answers 429 for the rest of its window once it is full, and an allowance
+            # taken from them fell to ``min`` for minutes. A service that lets one a
+            # second through shows as much over the longer span as well.
             self.allowance = self._clamp(measured)
+        allowance = self.allowance
+        if (
+            previous is not None
+            and allowance is not None
+            and abs(allowance - previous) <= _margin(previous)
+        ):
+            self._probe_after = min(PROBE_AFTER, 2 * self._probe_after)  # it holds
+        else:
+            self._probe_after = PROBE_FIRST  # a new allowance: it may change back soon
         base = self.rate if self.allowance is None else min(self.rate, self.allowance)
         self.rate = self._clamp(base * self.decrease)
         self._last_decrease = now

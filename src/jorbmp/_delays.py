@@ -1,9 +1,11 @@
 """Jobs waiting out a not-before time (a retry delay, a ``Retry-After``), off every queue.
 
 One heap and one timer for all of them, however many: a job waiting here holds no
-worker, no slot and no timer of its own. The time is wall-clock (seconds since the
-epoch, `Job.not_before`) because it is stored on the job and must mean the same
-after a stop and a resume in another process.
+worker, no slot and no timer of its own. The wait follows the event loop's clock
+(``time.monotonic``), so a step of the wall clock (NTP, a suspended laptop's catch-up)
+neither stretches nor cuts it. `Job.not_before` keeps the wall-clock time too (seconds
+since the epoch), as it is stored on the job and must mean the same after a stop and a
+resume in another process: only a job resumed from a checkpoint is timed from it.
 """
 
 from __future__ import annotations
@@ -20,46 +22,48 @@ from .run import Job
 
 
 class DelayQueue:
-    """Holds jobs until their ``not_before`` passes, then hands each to ``release``."""
+    """Holds jobs until their delay has passed, then hands each to ``release``."""
 
     def __init__(self, release: Callable[[Any, Job[Any]], None]) -> None:
         self.release = release
-        self.heap: list[tuple[float, int, Any, Job[Any]]] = []
+        self.heap: list[tuple[float, int, Any, Job[Any]]] = []  # (loop time due, ...)
         self.seq = itertools.count()  # ties: first in, first out
         self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0  # wall time the timer is set for
+        self.timer_at = 0.0  # loop time the timer is set for
 
     def __len__(self) -> int:
         return len(self.heap)
 
-    def add(self, lane: Any, job: Job[Any]) -> None:
-        """Hold ``job`` (of ``lane``) until ``job.not_before``."""
-        at = job.not_before or 0.0
-        if not math.isfinite(at):  # a hand-edited checkpoint: due now, not never
-            at = 0.0
+    def add(self, lane: Any, job: Job[Any], delay: float | None = None) -> None:
+        """Hold ``job`` (of ``lane``) for ``delay`` seconds, or, without one, until
+        ``job.not_before`` (wall time: a job resumed from a checkpoint)."""
+        loop = asyncio.get_running_loop()
+        if delay is None:
+            wall = job.not_before or 0.0
+            # A hand-edited checkpoint's inf or nan: due now, not never.
+            delay = wall - time.time() if math.isfinite(wall) else 0.0
+        at = loop.time() + max(0.0, delay)
         heapq.heappush(self.heap, (at, next(self.seq), lane, job))
         if self.timer is None or at < self.timer_at:
-            self._arm()
+            self._arm(loop)
 
-    def _arm(self) -> None:
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if not self.heap:
             return
-        at = self.heap[0][0]
-        loop = asyncio.get_running_loop()
-        self.timer_at = at
-        self.timer = loop.call_at(loop.time() + max(0.0, at - time.time()), self._due)
+        self.timer_at = at = self.heap[0][0]
+        self.timer = loop.call_at(at, self._due, loop)
 
-    def _due(self) -> None:
+    def _due(self, loop: asyncio.AbstractEventLoop) -> None:
         self.timer = None
-        now = time.time()
+        now = loop.time()
         heap = self.heap
         while heap and heap[0][0] <= now:
             _, _, lane, job = heapq.heappop(heap)
             self.release(lane, job)
-        self._arm()
+        self._arm(loop)
 
     def close(self) -> None:
         """Stop the timer (the run is over); the jobs keep their ``not_before``."""

@@ -306,10 +306,11 @@ class Transitions:
 
     def retry_later(self, lane: Lane, job: Job[Any], delay: float) -> None:
         """Keep a job in its state but out of the queue for ``delay`` seconds (a retry
-        delay, a Retry-After); the time is noted on the job, for the checkpoint."""
+        delay, a Retry-After), timed by the loop's monotonic clock; the wall time is
+        noted on the job, for the checkpoint (a resume)."""
         job.last_update = self.now
         job.not_before = time.time() + delay
-        self.delays.add(lane, job)
+        self.delays.add(lane, job, delay)
 
     def release(self, lane: Lane, job: Job[Any]) -> None:
         job.not_before = None

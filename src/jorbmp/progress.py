@@ -175,8 +175,15 @@ def _plain_line(elapsed: float, counts: list[StatusCount]) -> str:
 
 
 def _limit(group: list[StatusCount]) -> str:
-    """The states' rate limit now (an `AIMDRateLimiter`'s moves), or nothing without one."""
-    rate = sum(c.rate_limit for c in group)
+    """A state's rate limit now (an `AIMDRateLimiter`'s moves), or nothing without one.
+
+    A bar folding several states shows none: their limits do not add up (states may
+    share one limiter, and an unlimited one has no limit to add), and a count alone
+    cannot tell which limit holds the group back.
+    """
+    if len(group) != 1:
+        return ""
+    rate = group[0].rate_limit
     if not rate:
         return ""
     return f" limit={rate:,.0f}/s" if rate >= 10 else f" limit={rate:.2g}/s"

@@ -39,8 +39,14 @@ DEFAULT_STEPS_MIN_TO_MAX = 10
 
 # The longest a sleeping caller's wake-up may be late and still be handed every token
 # that accrued meanwhile (beyond the burst). A wake-up later than this (a loop blocked
-# for longer) delivers what this much lateness is worth; the rest is lost.
+# for longer) delivers what this much lateness is worth, one later than `MAX_STEP`
+# only the burst; the rest is lost.
 MAX_LATE = 0.25
+# An elapsed time longer than this since the bucket's last reading is idle time or a
+# step of the clock (an injected ``time.time`` under NTP), not a late wake-up: it
+# fills the bucket to its burst only, and the window's log keeps the grants before it
+# (`_Window.shift`), so a step forward lets no second hold more than ``rate + burst``.
+MAX_STEP = 1.0
 # After a grant, for this long the tokens beyond the burst stay on offer to the next
 # caller: the callers that follow a late wake-up at once (the coordinator's gate asks
 # again right after each dispatch). A caller after a longer pause finds an idle
@@ -55,6 +61,12 @@ WINDOW_SECONDS = 1.01
 # latest of them (so they leave the window no earlier than they should): the log
 # holds at most about 1 / MERGE_SECONDS entries, whatever the rate.
 MERGE_SECONDS = 0.001
+# The least rate (per second) and interval (seconds) a limit may have: below them the
+# arithmetic (a rate times a span, a second divided by a rate) leaves normal floats
+# and ends in 0.0 or inf (5e-324/s made the first success divide by zero). One
+# execution in ~30 years, and a microsecond, are far past any real use.
+MIN_RATE = 1e-9
+MIN_INTERVAL = 1e-6
 # Tokens short of a whole one by less than this count as whole: elapsed times are
 # differences of floats, and 4 x 0.25 tokens must make one.
 TOKEN_EPSILON = 1e-9
@@ -113,6 +125,13 @@ class _Window:
                 return max(entry[1] - horizon, 1e-6)
         return WINDOW_SECONDS  # unreachable: limit >= 1
 
+    def shift(self, seconds: float) -> None:
+        """Move every grant ``seconds`` later: a step of the clock is not time in
+        which they left the window."""
+        for entry in self._entries:
+            entry[0] += seconds
+            entry[1] += seconds
+
     def record(self, now: float, n: int = 1) -> None:
         entries = self._entries
         if entries and now - entries[-1][0] < MERGE_SECONDS:
@@ -130,7 +149,8 @@ class _Bucket:
     Tokens accrue at ``rate`` per second of elapsed time. An idle bucket holds at most
     ``burst``; while a caller sleeps in `wait`, or within `CREDIT_SECONDS` of the last
     grant, it holds up to ``burst + rate * MAX_LATE``: the tokens a late wake-up is
-    owed, handed out at once. `_Window` caps every window at ``rate + burst`` grants.
+    owed, handed out at once (unless more than `MAX_STEP` passed: a clock's step or a
+    loop blocked that long). `_Window` caps every window at ``rate + burst`` grants.
     The rate is passed in on every call, as `AIMDRateLimiter` changes it.
 
     ``short_at`` is the last time a caller asked for more than the bucket held, and
@@ -165,7 +185,14 @@ class _Bucket:
             return
         self._last = now
         tokens = self.tokens + elapsed * rate
-        if self._sleepers or now <= self._credit_until:
+        if elapsed > MAX_STEP:
+            # Idle time or a step of the clock: which, the bucket cannot tell. The
+            # grants before it stay in the window for as long as they would have
+            # without it, so a step forward lets no second hold more than the window
+            # allows; after a real idle spell that costs at most the burst.
+            self._window.shift(elapsed)
+            cap = self.burst
+        elif self._sleepers or now <= self._credit_until:
             cap = self.burst + rate * MAX_LATE
         else:
             cap = self.burst
@@ -227,11 +254,14 @@ class AIMDRateLimiter:
     while the rate is what holds the state back (a caller found the bucket empty).
     Before the first error it adds ``increase``; after one, it climbs back fast to just
     below the allowance the server was measured to grant, holds there, and probes
-    above it now and then (`jorbmp._aimd`). ``clock`` is injectable for tests; only its
+    above it now and then (`jorbmp._aimd`; it measures per second, so a service that
+    counts per minute is followed poorly: 66% of its allowance in simulation, see
+    there). ``clock`` is injectable for tests; only its
     forward steps count (see `_tick`).
 
-    Every parameter must be a finite number (not a bool): ``0 < min <= initial <=
-    max``, ``increase >= 0``, ``0 < decrease < 1``, ``interval > 0``, ``burst >= 1``;
+    Every parameter must be a finite number (not a bool): ``MIN_RATE <= min <=
+    initial <= max``, ``increase >= 0``, ``0 < decrease < 1``, ``interval >=
+    MIN_INTERVAL``, ``burst >= 1``;
     anything else raises ``ValueError`` naming the parameter, so the rate can never
     leave ``[min, max]``.
     """
@@ -259,6 +289,8 @@ class AIMDRateLimiter:
                 f"{owner} needs 0 < min <= initial <= max, "
                 f"got min={min!r}, initial={initial!r}, max={max!r}"
             )
+        if min_f < MIN_RATE:
+            raise ValueError(f"{owner} min must be >= {MIN_RATE:g} per second, got {min!r}")
         if increase is None:
             increase_f = (max_f - min_f) / DEFAULT_STEPS_MIN_TO_MAX or min_f
         else:
@@ -271,8 +303,10 @@ class AIMDRateLimiter:
         if not 0 < decrease_f < 1:
             raise ValueError(f"{owner} decrease must be in (0, 1), got {decrease!r}")
         interval_f = _number(owner, "interval", interval)
-        if interval_f <= 0:
-            raise ValueError(f"{owner} interval must be > 0 seconds, got {interval!r}")
+        if not interval_f >= MIN_INTERVAL:
+            raise ValueError(
+                f"{owner} interval must be >= {MIN_INTERVAL:g} seconds, got {interval!r}"
+            )
         burst_f = _number(owner, "burst", burst)
         if burst_f < 1:
             raise ValueError(f"{owner} burst must be >= 1, got {burst!r}")
@@ -324,7 +358,10 @@ class AIMDRateLimiter:
         ``time.monotonic`` (the default) never steps back, but an injected clock
         (``time.time`` under NTP, a test clock) may. A backward step counts as no time
         passing, instead of draining the bucket into a debt as long as the jump and
-        freezing increases until the clock catches up; a non-finite reading is ignored.
+        freezing increases until the clock catches up; a forward step longer than
+        `MAX_STEP` fills the bucket to its burst only and keeps the window's grants
+        (`_Bucket.refill`), so no second holds more than ``rate + burst`` across it;
+        a non-finite reading is ignored.
         """
         try:
             raw = float(self._clock())
@@ -507,6 +544,8 @@ def make_gate(state_name: str, rate_limit: object) -> RateGate | None:
         rate = float(rate_limit)
         if math.isnan(rate) or rate <= 0:
             raise ValueError(f"{where} must be > 0, got {rate_limit!r}")
+        if rate < MIN_RATE:
+            raise ValueError(f"{where} must be >= {MIN_RATE:g} per second, got {rate_limit!r}")
         if math.isinf(rate):
             raise ValueError(f"{where} must be finite, got {rate_limit!r}; use None for no limit")
         return RateGate(SteadyRate(rate))
