@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
 import pytest
+from helpers_status import StuckAfterFirst
 
 from jorbmp import Processor, Run, State, StatusCount, StatusListener
 
@@ -43,19 +43,6 @@ def make_run(n: int) -> Run[None, JC]:
     for i in range(n):
         run.add_job(JC(n=i))
     return run
-
-
-class StuckAfterFirst(StatusListener):
-    """Takes the first update, then blocks in every later one until released."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.calls = 0
-
-    def status_update(self, counts: list[StatusCount]) -> None:
-        self.calls += 1
-        if self.calls > 1:
-            self.release.wait(30)
 
 
 class SlowClose(StatusListener):

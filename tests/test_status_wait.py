@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from helpers_status import StuckAfterFirst
 
 from jorbmp import Processor, Run, State, StatusCount, StatusListener
 
@@ -50,23 +51,6 @@ def make_run(n: int) -> Run[None, JC]:
     for i in range(n):
         run.add_job(JC(n=i))
     return run
-
-
-class StuckAfterFirst(StatusListener):
-    """Takes the first update, then blocks in every later one until released."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.calls = 0
-        self.closed = 0
-
-    def status_update(self, counts: list[StatusCount]) -> None:
-        self.calls += 1
-        if self.calls > 1:
-            self.release.wait()
-
-    def close(self) -> None:
-        self.closed += 1
 
 
 @pytest.mark.timeout(90)
