@@ -44,8 +44,7 @@ DEFAULT_STEPS_MIN_TO_MAX = 10
 MAX_LATE = 0.25
 # An elapsed time longer than this since the bucket's last reading is idle time or a
 # step of the clock (an injected ``time.time`` under NTP), not a late wake-up: it
-# fills the bucket to its burst only, and the window's log keeps the grants before it
-# (`_Window.shift`), so a step forward lets no second hold more than ``rate + burst``.
+# fills the bucket to its burst only (a step of an hour is no hour of lateness owed).
 MAX_STEP = 1.0
 # After a grant, for this long the tokens beyond the burst stay on offer to the next
 # caller: the callers that follow a late wake-up at once (the coordinator's gate asks
@@ -125,13 +124,6 @@ class _Window:
                 return max(entry[1] - horizon, 1e-6)
         return WINDOW_SECONDS  # unreachable: limit >= 1
 
-    def shift(self, seconds: float) -> None:
-        """Move every grant ``seconds`` later: a step of the clock is not time in
-        which they left the window."""
-        for entry in self._entries:
-            entry[0] += seconds
-            entry[1] += seconds
-
     def record(self, now: float, n: int = 1) -> None:
         entries = self._entries
         if entries and now - entries[-1][0] < MERGE_SECONDS:
@@ -186,11 +178,10 @@ class _Bucket:
         self._last = now
         tokens = self.tokens + elapsed * rate
         if elapsed > MAX_STEP:
-            # Idle time or a step of the clock: which, the bucket cannot tell. The
-            # grants before it stay in the window for as long as they would have
-            # without it, so a step forward lets no second hold more than the window
-            # allows; after a real idle spell that costs at most the burst.
-            self._window.shift(elapsed)
+            # Idle time or a step of the clock: which, the bucket cannot tell, so it
+            # owes no late wake-up anything. (The window is left as it is: moving its
+            # grants along with a step would keep them in it forever at rates of 1/s
+            # and below, where every wait is that long, and after every idle spell.)
             cap = self.burst
         elif self._sleepers or now <= self._credit_until:
             cap = self.burst + rate * MAX_LATE
@@ -359,8 +350,9 @@ class AIMDRateLimiter:
         (``time.time`` under NTP, a test clock) may. A backward step counts as no time
         passing, instead of draining the bucket into a debt as long as the jump and
         freezing increases until the clock catches up; a forward step longer than
-        `MAX_STEP` fills the bucket to its burst only and keeps the window's grants
-        (`_Bucket.refill`), so no second holds more than ``rate + burst`` across it;
+        `MAX_STEP` fills the bucket to its burst only (`_Bucket.refill`), though the
+        grants before it leave the window at once, so the real second around a step
+        may hold up to twice ``rate + burst`` (use a monotonic clock to avoid it);
         a non-finite reading is ignored.
         """
         try:
