@@ -11,8 +11,8 @@ from jorbmp.bench.suite import SCENARIOS
 
 @pytest.mark.timeout(60)
 def test_manycore_measures_both_sides_of_a_tiny_case() -> None:
-    case = manycore.Case("tiny", 4, 0.01, stages=3)
-    jobs = case.jobs(0.1)
+    case = manycore.Case("tiny", 4, 0.01, 0.1, stages=3)
+    jobs = case.jobs(case.ideal_s)
     assert jobs == 40
     ours = [manycore.measure_jorbmp(case, jobs)]
     pools = [manycore.measure_pool(case, jobs)]
@@ -20,6 +20,7 @@ def test_manycore_measures_both_sides_of_a_tiny_case() -> None:
         assert 0 < m.first < m.wall
         assert 0 < m.steady_jobs < jobs and m.steady_wall > 0
         assert 0 <= m.steady_cpu <= m.cpu
+        assert 0 <= m.shutdown < m.wall - m.first
     rows = manycore.rows_for(case, jobs, ours, pools)
     assert [r.scenario.split(": ")[1] for r in rows] == [
         "efficiency",
@@ -43,3 +44,26 @@ def test_manycore_is_a_scenario_with_a_quick_version() -> None:
         [manycore.Measure(1, 1, 0.1, 0.1, 1, 1000)], [manycore.Measure(1, 1, 0.1, 0.11, 1, 1000)]
     )
     assert growth.jorbmp == pytest.approx(1.1) and growth.ok
+
+
+@pytest.mark.timeout(10)
+def test_rows_with_many_workers_are_long_enough_to_hide_start_up() -> None:
+    """Forking 64 to 256 workers takes 1 to 2 s on this VM, on both sides: a row's
+    ideal wall must dwarf it, and the whole scenario (3 rounds, both sides) must still
+    fit its budget."""
+    cases = {c.key: c for c in manycore.CASES}
+    for key in ("c64", "c256", "pipeline"):
+        assert cases[key].ideal_s >= 3.0, key
+    assert cases["c256"].ideal_s >= 6.0
+    three_rounds = 3 * 2 * sum(c.ideal_s for c in manycore.CASES)
+    assert three_rounds <= 0.9 * manycore.BUDGET_SECONDS
+
+
+@pytest.mark.timeout(10)
+def test_a_row_of_short_jobs_swamps_the_coordinator() -> None:
+    swamp = {c.key: c for c in manycore.CASES}["swamp"]
+    jobs = swamp.jobs(swamp.ideal_s)
+    assert swamp.concurrency == 64 and swamp.seconds < 0.001
+    # The ideal rate is far beyond what one coordinator dispatches (~10 us per job).
+    assert jobs / swamp.ideal(jobs) > 100_000
+    assert "swamps the coordinator" in swamp.title(jobs)
