@@ -113,6 +113,8 @@ class LJob(msgspec.Struct):
     n: int
     sleep: float = 0.0
     freeze: bool = False
+    kill: bool = False
+    hold: float = 0.0
     runs: int = 0
 
 
@@ -131,13 +133,19 @@ def _note(path: str, what: str, n: int) -> None:
 def noted(ac: object, oc: LOC, jc: LJob) -> tuple[LJob, str]:
     """Notes ``start n pid time`` and ``end ...`` in ``oc.log`` around a sleep. With
     ``freeze``, freezes its Dask worker as an exec holding the GIL does: its event loop
-    runs nothing more (so no report leaves it), and the exec hangs."""
+    runs nothing more (so no report leaves it), and the exec hangs. With ``kill``, kills
+    its worker. With ``hold``, freezes its worker that many seconds, then returns (half
+    a second in: the results of the exec before it have left that worker by then)."""
     _note(oc.log, "start", jc.n)
-    if jc.freeze:
+    if jc.kill:
+        os._exit(7)
+    if jc.hold:
+        time.sleep(0.5)
+    if jc.freeze or jc.hold:
         from distributed import get_worker
 
-        get_worker().loop.add_callback(time.sleep, 60)
-        time.sleep(60)
+        get_worker().loop.add_callback(time.sleep, jc.hold or 60)
+        time.sleep(jc.hold or 60)
     time.sleep(jc.sleep)
     jc.runs += 1
     _note(oc.log, "end", jc.n)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,13 +21,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import dask
 import distributed
 import helpers_dask as h
 import pytest
 
-from jorbmp import Processor, Run, State
+from jorbmp import Processor, Run, State, Stopped
 from jorbmp.dask import DaskBackend
 
 HERE = Path(__file__).parent
@@ -390,3 +393,212 @@ def test_the_users_client_restarted_or_closed_mid_run(tmp_path: Path, event: str
             actor.join(30)
         finally:
             client.close()
+
+
+# -- attack on 93f45d4: a restarted worker that comes back at the same address -------------
+
+
+@contextlib.contextmanager
+def fixed_port_cluster(port: int) -> Iterator[distributed.LocalCluster]:
+    """One worker, one thread, on ``port``: its nanny restarts it at the same address.
+    (A LocalCluster closes a worker's nanny when the worker is down
+    ``lost-worker-timeout`` after one of its removals: with deaths every second, it
+    would be down at that moment sooner or later, and the run would wait forever.)"""
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}):
+        cluster = distributed.LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            host="127.0.0.1",
+            worker_port=port,
+            silence_logs=logging.CRITICAL,
+        )
+        with cluster:  # (the timeout is read at each removal)
+            yield cluster
+
+
+@pytest.mark.timeout(90)
+def test_a_job_killing_a_restarted_worker_at_the_same_address_is_charged(tmp_path: Path) -> None:
+    """c3: job 0 hangs past its timeout and its worker is restarted; it comes back at
+    the same address (a fixed port), and job 1 kills it on every run. 93f45d4 took every
+    removal of that address for 120 s as its own restart: job 1 was never charged (28
+    deaths, the run near-hung). Now only the restart's removal goes uncharged: job 1
+    fails its two attempts."""
+    log = tmp_path / "execs.log"
+    run = noted_run(log, [h.LJob(n=0, sleep=60), h.LJob(n=1, kill=True)])
+    with fixed_port_cluster(free_port()) as cluster:
+        backend = DaskBackend(cluster, restart_hung_after=0)
+        states = [
+            State("new", h.noted, timeout=1.0, max_retries=1, backend=backend),
+            State("done", terminal=True),
+        ]
+        proc = Processor(None, states)
+        stopper = threading.Timer(40, proc.stop)
+        stopper.start()
+        try:
+            proc.exec(run)
+        except Stopped:  # 93f45d4: job 1 still rerunning, never charged
+            pass
+        finally:
+            stopper.cancel()
+    job = run.jobs["1"]
+    assert job.state == "failed", (job.state, job.state_errors)
+    errors = job.state_errors["new"]
+    assert len(errors) == 2 and all(e.startswith("worker died") for e in errors), errors
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_restarted_at_the_same_address_is_told_to_trust_each_time(
+    tmp_path: Path,
+) -> None:
+    """a4: the contexts hold an int in a float field (other bytes, equal values: each
+    new worker process is told to stop comparing), and 7 jobs kill their worker, which
+    comes back at the same address. 93f45d4 counted the tries per address and failed
+    the state ("kept comparing contexts after being told to stop 5 times"); now each
+    new worker process is told once, and the run completes."""
+    log = tmp_path / "execs.log"
+    jobs = [h.LJob(n=i, sleep=0, kill=i % 8 == 3) for i in range(56)]
+    assert isinstance(jobs[0].sleep, int)  # encodes as an int; the worker re-encodes a float
+    run = noted_run(log, jobs)
+    with fixed_port_cluster(free_port()) as cluster:
+        states = [
+            State("new", h.noted, max_retries=0, backend=DaskBackend(cluster, max_batch=1)),
+            State("done", terminal=True),
+        ]
+        Processor(None, states).exec(run)
+    assert run.counts() == {"done": 49, "failed": 7}, run.counts()
+    for job in run.jobs.values():
+        assert job.state == ("failed" if job.context.kill else "done"), job
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_frozen_by_another_states_exec_charges_nothing_of_ours(tmp_path: Path) -> None:
+    """b1: state b's exec (no timeout) freezes the only worker for 8 s, as a C call
+    holding the GIL does; state a's tasks (timeout 2 s) wait in its queue, never started.
+    93f45d4 charged a's oldest "timed out" and restarted the worker (b's job ran again);
+    now a's jobs wait uncharged, and b's exec runs once."""
+    log = tmp_path / "execs.log"
+    run = noted_run(log, [])
+    run.add_job(h.LJob(n=0, hold=8), state="b")
+    for i in range(1, 5):
+        run.add_job(h.LJob(n=i, sleep=0.3), state="a")
+    with process_cluster(1, 1) as cluster:
+        states = [
+            State("b", h.noted, backend=DaskBackend(cluster)),
+            State(
+                "a",
+                h.noted,
+                concurrency=2,
+                timeout=2.0,
+                max_retries=0,
+                backend=DaskBackend(cluster, restart_hung_after=0),
+            ),
+            State("done", terminal=True),
+        ]
+        Processor(None, states).exec(run)
+    starts = [(n, at) for what, n, _, at in h.notes(log) if what == "start"]
+    b_start = next(at for n, at in starts if n == 0)
+    assert any(n and at > b_start + 7 for n, at in starts), starts  # a waited behind b
+    assert run.counts() == {"done": 5}, {j.id: j.state_errors for j in run.jobs.values()}
+    assert not [j for j in run.jobs.values() if j.recorded_errors()]
+    assert [n for n, _ in starts].count(0) == 1, starts
+
+
+@pytest.mark.timeout(90)
+def test_a_run_starting_while_another_runs_worker_is_frozen_sets_up(tmp_path: Path) -> None:
+    """h2: two runs share one Client. Run a's exec freezes its worker (until restarted);
+    run b starts meanwhile, and registering its plugin waits on that worker. 93f45d4
+    failed b at setup ("cannot set up the Dask workers ... CommClosedError") when the
+    frozen worker was restarted; now the registration is tried again, and b runs."""
+    out: dict[str, BaseException | None] = {}
+    runs = {
+        "a": noted_run(tmp_path / "a.log", [h.LJob(n=0, freeze=True), h.LJob(n=1)]),
+        "b": noted_run(tmp_path / "b.log", [h.LJob(n=i, sleep=0.1) for i in range(4)]),
+    }
+    with (
+        process_cluster(2, 1) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+
+        def go(name: str, timeout: float) -> None:
+            states = [
+                State(
+                    "new",
+                    h.noted,
+                    timeout=timeout,
+                    max_retries=0,
+                    backend=DaskBackend(client, restart_hung_after=0.5),
+                ),
+                State("done", terminal=True),
+            ]
+            try:
+                Processor(None, states).exec(runs[name])
+                out[name] = None
+            except BaseException as exc:
+                out[name] = exc
+
+        a = threading.Thread(target=go, args=("a", 1.0))
+        b = threading.Thread(target=go, args=("b", 30.0))
+        a.start()
+        wait_for((tmp_path / "a.log").exists, 30, "run a's exec")
+        time.sleep(0.3)
+        b.start()
+        a.join(60)
+        b.join(60)
+    assert out == {"a": None, "b": None}, out
+    assert runs["b"].counts() == {"done": 4}, runs["b"].counts()
+    assert runs["a"].jobs["0"].state == "failed"
+
+
+@pytest.mark.timeout(120)
+def test_a_client_restart_charges_no_job_it_killed_on_the_way(tmp_path: Path) -> None:
+    """f2: a client.restart() cancels our tasks, which go back and are submitted again,
+    sometimes onto a worker the restart is about to kill. 93f45d4 charged that job
+    "worker died" in about half the restarts (max_retries=0: it failed); now deaths
+    for a while after a restart was seen go back uncharged. Three restarts."""
+    with (
+        process_cluster(2, 1) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        for rep in range(3):
+            log = tmp_path / f"{rep}.log"
+            run = noted_run(log, [h.LJob(n=i, sleep=1.0) for i in range(8)])
+
+            def restart(log: Path = log) -> None:
+                wait_for(log.exists, 30, "the execs")
+                time.sleep(1.5)
+                client.restart(timeout=30)
+
+            restarter = threading.Thread(target=restart, daemon=True)
+            restarter.start()
+            backend = DaskBackend(client, batch_seconds=0.01)
+            states = [
+                State("new", h.noted, concurrency=2, max_retries=0, backend=backend),
+                State("done", terminal=True),
+            ]
+            Processor(None, states).exec(run)
+            restarter.join(30)
+            errors = {j.id: j.state_errors for j in run.jobs.values() if j.recorded_errors()}
+            assert run.counts() == {"done": 8} and not errors, (rep, errors)
+
+
+@pytest.mark.timeout(30)
+def test_a_nan_in_a_batch_is_no_loss_to_the_decode_check() -> None:
+    """a1/a3: an int sent for a float field makes the worker's bytes differ, and the
+    values are compared; 93f45d4 compared them with ``==`` and failed the state on a
+    NaN anywhere in the batch (NaN != NaN), although nothing was lost. A value really
+    lost (an int too big for a float) still fails."""
+    import msgspec
+
+    from jorbmp._dask_checks import compare
+
+    def echo(contexts: list[h.LJob]) -> bytes:  # what the worker sends back
+        payload = msgspec.msgpack.encode(contexts)
+        return msgspec.msgpack.encode(msgspec.msgpack.Decoder(list[h.LJob]).decode(payload))
+
+    batch = [h.LJob(n=0, sleep=1, hold=float("nan")), h.LJob(n=1, sleep=2)]
+    assert echo(batch) != msgspec.msgpack.encode(batch)
+    assert compare(h.LJob, batch, echo(batch)) is None
+    lossy = [h.LJob(n=0, sleep=2**60 + 1)]
+    assert compare(h.LJob, lossy, echo(lossy)) is not None

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import msgspec.inspect
+import msgspec.structs
 
 from ._execute import describe
 from ._protocol import WorkerSpec
@@ -30,7 +32,7 @@ from ._protocol import WorkerSpec
 if TYPE_CHECKING:
     from ._dask_pool import DaskPool, Task
 
-__all__ = ["Echoes", "check_travels", "compare", "short"]
+__all__ = ["Echoes", "check_travels", "compare", "same", "short"]
 
 _MAIN_MODULES = ("__main__", "__mp_main__")
 
@@ -55,6 +57,23 @@ def _fields(value: Any, where: str = "$") -> set[str]:
     return paths
 
 
+def same(a: Any, b: Any) -> bool:
+    """Whether two decoded values hold the same data: ``==``, except that NaN equals
+    NaN (a NaN in a context is no loss) and Structs compare field by field (one with
+    ``eq=False`` compares by identity)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if type(a) is not type(b):
+        return bool(a == b)  # an int sent for a float field decodes as a float there
+    if isinstance(a, msgspec.Struct):
+        return all(map(same, msgspec.structs.astuple(a), msgspec.structs.astuple(b)))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(same, a, b))
+    return bool(a == b)
+
+
 def compare(job_type: Any, contexts: list[Any], echo: bytes) -> str | None:
     """None when ``echo`` (a worker's encoding of ``contexts`` as it decoded them) holds
     the same values with the same fields; else what differs, for an error message.
@@ -68,7 +87,7 @@ def compare(job_type: Any, contexts: list[Any], echo: bytes) -> str | None:
         )
     except (msgspec.DecodeError, msgspec.ValidationError, TypeError, IndexError) as exc:
         return f"{short(contexts[0])} does not survive the trip there ({describe(exc)})"
-    if decoded == contexts and not lost:
+    if same(decoded, contexts) and not lost:
         return None
     seen = decoded[0] if decoded else None
     what = f"{short(contexts[0])} arrives there as {short(seen)}"
@@ -90,7 +109,8 @@ class Echoes:
     def __init__(self, pool: DaskPool) -> None:
         self.pool = pool
         # Workers told to trust their encoding: when they confirmed (loop time; None
-        # while the message travels), and how many times they were told.
+        # while the message travels), and how many times they were told; by address,
+        # forgotten when that worker leaves (see `worker_gone`).
         self.told: dict[str, float | None] = {}
         self.tries: dict[str, int] = {}
 
@@ -123,6 +143,12 @@ class Echoes:
             "defined in __main__, or differently on the workers? Define them in a module "
             "the workers import"
         )
+
+    def worker_gone(self, worker: str) -> None:
+        """A Dask worker left: one that comes back at the same address (a fixed port,
+        a nanny's restart) is a new process, which compares again until told."""
+        self.told.pop(worker, None)
+        self.tries.pop(worker, None)
 
     def _tell(self, worker: str) -> None:
         from ._dask_worker import trust

@@ -19,14 +19,15 @@ not say which one killed it.
   For `ABANDONED_SUSPECT_SECONDS` after, a job dying alone while isolating is charged
   only on its second such death.
 - A worker that a pool of this process restarted (a hung exec) killed nobody: what
-  it held goes back uncharged.
+  it held goes back uncharged. Only that removal: a worker on a fixed port comes back
+  at the same address, and its next death is a job's doing. Nor did the workers a
+  ``client.restart()`` restarts, for a while after it cancelled our tasks.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._dask_watch import restarted
 from ._protocol import FAILED_ATTEMPT, Outcome, Results
 from .run import Job
 
@@ -79,13 +80,14 @@ class Deaths:
             return 0 if running or slots <= 0 else 1
         return max(0, slots - running)
 
-    def worker_died(self, worker: str, keys: set[str]) -> None:
-        """A Dask worker died while processing ``keys``: take ours."""
+    def worker_died(self, worker: str, keys: set[str], restarted: bool) -> None:
+        """A Dask worker died while processing ``keys``: take ours. ``restarted``: a
+        pool of this process restarted it (this removal, not an earlier one)."""
         pool = self.pool
         lost = {key: task for key in keys if (task := pool.tasks.pop(key, None)) is not None}
         if not lost:
             return
-        if restarted(worker):
+        if restarted or pool.cluster_restarting():
             for key, task in lost.items():
                 self.abandon(key, task)
             pool.sink.unrun([job for task in lost.values() for job in task.jobs])

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,14 @@ CLOSE_TIMEOUT = 10.0
 # Seconds past ``connect_timeout`` before the coordinator gives up on a connection
 # itself (distributed's own error, which says more, normally comes first).
 CONNECT_SLACK = 0.5
+# Tries at registering the state's worker plugin when a connection closes under it (a
+# worker restarting), REGISTER_RETRY_SECONDS times the tries so far apart.
+REGISTER_TRIES = 5
+# Seconds after a client.restart() was seen (our tasks cancelled by it) during which a
+# worker death is the restart's doing: the workers it restarts may die under tasks
+# submitted again meanwhile.
+CLUSTER_RESTART_SECONDS = 10.0
+REGISTER_RETRY_SECONDS = 0.5
 
 
 class Task:
@@ -109,6 +118,7 @@ class DaskPool(Backend):
         self.pinged_at = 0.0
         self.reconnecting = False  # the client was seen reconnecting to the scheduler
         self.lost = False  # the scheduler is gone: nothing to tidy up there
+        self.cluster_restarted_at = -CLUSTER_RESTART_SECONDS  # see `_cancelled`
         self.address = config.address()
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_results = msgspec.msgpack.Decoder(Results).decode
@@ -151,7 +161,7 @@ class DaskPool(Backend):
                     client.close(timeout=CLOSE_TIMEOUT)
             return
         try:
-            client.register_plugin(StatePlugin(self.name, self.spec), name=self.name)
+            self._register(client, StatePlugin(self.name, self.spec))
         except BaseException as exc:
             error = RuntimeError(
                 f"state {self.state!r}: cannot set up the Dask workers at "
@@ -163,6 +173,28 @@ class DaskPool(Backend):
             self.tell(self._start_failed, error)
             return
         self.tell(self._ready)
+
+    def _register(self, client: Any, plugin: Any) -> None:
+        """In the connecting thread: register the worker plugin. A worker that leaves
+        meanwhile (another run restarting its frozen worker, a death) fails the call
+        with a closed connection: it is retried, `REGISTER_TRIES` times at most, within
+        ``connect_timeout``."""
+        deadline = time.monotonic() + self.config.connect_timeout
+        for tries in itertools.count(1):
+            try:
+                client.register_plugin(plugin, name=self.name)
+                return
+            except OSError as exc:  # distributed's CommClosedError is one
+                wait = min(REGISTER_RETRY_SECONDS * tries, deadline - time.monotonic())
+                if tries >= REGISTER_TRIES or wait <= 0 or self.closing:
+                    raise
+                self.log.debug(
+                    "state %r: registering the Dask plugin: %s; again in %.1fs",
+                    self.state,
+                    describe(exc),
+                    wait,
+                )
+                time.sleep(wait)
 
     def tell(self, fn: Callable[..., None], *args: Any) -> None:
         """Call ``fn(*args)`` in the coordinator's loop (from any thread)."""
@@ -267,13 +299,15 @@ class DaskPool(Backend):
 
     # -- the scheduler's events (in the coordinator's loop) ---------------------------
 
-    def worker_removed(self, worker: str, died: set[str]) -> None:
-        """A Dask worker left; ``died``: the keys it was processing, if it died."""
+    def worker_removed(self, worker: str, died: set[str], restarted: bool) -> None:
+        """A Dask worker left; ``died``: the keys it was processing, if it died;
+        ``restarted``: the removal a restart by this process waited for."""
         if self.closing:
             return
         if died:  # first: it asks who was hung there
-            self.deaths.worker_died(worker, died)
+            self.deaths.worker_died(worker, died, restarted)
         self.timeouts.worker_gone(worker)
+        self.echoes.worker_gone(worker)
 
     # -- results and failures -------------------------------------------------------------
 
@@ -333,7 +367,9 @@ class DaskPool(Backend):
             self._client_gone(status)
         elif reason == "scheduler-restart":
             # client.restart(): every task forgotten, the workers restarted. Nobody
-            # was at fault: the jobs run again on the new workers.
+            # was at fault: the jobs run again on the new workers (and the deaths of
+            # the workers it restarts are not theirs, see `cluster_restarting`).
+            self.cluster_restarted_at = self.loop.time()
             self.log.warning(
                 "state %r: the Dask cluster was restarted (client.restart()): its tasks "
                 "were cancelled, their jobs run again",
@@ -345,6 +381,11 @@ class DaskPool(Backend):
                 f"a Dask task of the state was cancelled from outside jorbmp ({describe(error)}"
                 "; client.cancel() on its futures?)"
             )
+
+    def cluster_restarting(self) -> bool:
+        """Whether a client.restart() was seen lately: the workers it restarts die
+        under whatever of ours reached them meanwhile, killed by nobody."""
+        return self.loop.time() - self.cluster_restarted_at < CLUSTER_RESTART_SECONDS
 
     def _client_gone(self, status: str) -> None:
         """The client is not running: the scheduler is lost, or the client was closed."""

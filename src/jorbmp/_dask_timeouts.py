@@ -8,7 +8,11 @@
   from its submission, is looked up: the scheduler says which worker holds it, and
   when that worker does not answer within `PROBE_TIMEOUT` the oldest such task there
   is charged, its timeout counted from its submission. (A worker that answers is
-  busy with something else: our task waits in its queue, and is not charged.)
+  busy with something else: our task waits in its queue, and is not charged.) Only
+  when nothing but this pool's tasks is processing on that worker: an exec of another
+  state, run or client may be the one holding it, and ours, which never started, waits
+  uncharged. While the lookups find nothing to charge, they come ever less often
+  (the interval doubles, up to `LOOKUP_MAX_SECONDS`).
 - A timed-out task is abandoned (cancelled), but Dask cannot interrupt the thread
   still running the exec: the task keeps its slot until the worker reports the
   exec's end or the worker leaves, and a worker still running it
@@ -39,8 +43,10 @@ START_GRACE = 2.0
 PROBE_TIMEOUT = 2.0
 # Seconds the scheduler has to answer a restart or a lookup.
 SCHEDULER_TIMEOUT = 20.0
-# Seconds between lookups at least (one asks for every worker's tasks: not every tick).
+# Seconds between lookups at least (one asks for every worker's tasks: not every tick),
+# doubling up to LOOKUP_MAX_SECONDS while they find nothing to charge.
 LOOKUP_SECONDS = 2.0
+LOOKUP_MAX_SECONDS = 30.0
 
 
 class Hung:
@@ -63,6 +69,7 @@ class Timeouts:
         self.hung: dict[str, Hung] = {}  # by key, at most concurrency
         self.probe: concurrent.futures.Future[None] | None = None  # a lookup in flight
         self.looked_at = -LOOKUP_SECONDS
+        self.look_every = LOOKUP_SECONDS  # see `_back_off`
 
     def __repr__(self) -> str:
         return f"<Timeouts hung={len(self.hung)}>"
@@ -109,7 +116,9 @@ class Timeouts:
             elif now - started > timeout:
                 self._expire(key, task, now)
         idle = self.probe is None or self.probe.done()
-        if unreported and idle and now - self.looked_at >= LOOKUP_SECONDS:
+        if not unreported:
+            self.look_every = LOOKUP_SECONDS
+        elif idle and now - self.looked_at >= self.look_every:
             self.looked_at = now
             self.probe = asyncio.run_coroutine_threadsafe(
                 self._lookup(unreported), pool.client_loop
@@ -138,7 +147,16 @@ class Timeouts:
             self.pool.log.debug("state %r: Dask lookup failed: %s", self.pool.state, describe(exc))
             return
         wanted = set(keys)
-        where = {str(k): w for w, held in processing.items() for k in held if str(k) in wanted}
+        prefix = self.pool.name + "-"
+        # Only workers processing nothing but ours: anything else there may be what
+        # holds the GIL (another state's exec, another run's, another client's).
+        where = {
+            str(k): w
+            for w, held in processing.items()
+            if all(str(k).startswith(prefix) for k in held)
+            for k in held
+            if str(k) in wanted
+        }
         frozen: set[str] = set()
         for worker in set(where.values()):
             try:
@@ -150,13 +168,24 @@ class Timeouts:
                 continue
         if frozen:
             self.pool.tell(self._frozen, {k: w for k, w in where.items() if w in frozen})
+        else:
+            self.pool.tell(self._back_off)
+
+    def _back_off(self) -> None:
+        """In the coordinator's loop: a lookup found nothing to charge (our tasks wait
+        behind something else): the next comes later, down to one per
+        `LOOKUP_MAX_SECONDS` (each asks the scheduler for every worker's tasks)."""
+        self.look_every = min(LOOKUP_MAX_SECONDS, self.look_every * 2)
 
     def _frozen(self, where: dict[str, str]) -> None:
         """In the coordinator's loop: the tasks ``where`` sit on workers that did not
         answer. On each such worker, the oldest of ours with no start reported is taken
-        as the one holding the GIL, unless a hung exec of ours is known there."""
+        as the one holding the GIL, unless a hung exec of ours is known there, or one
+        that reported its start and not its end (its own timeout tells)."""
         pool = self.pool
+        self.look_every = LOOKUP_SECONDS
         busy = {hung.worker for hung in self.hung.values()}
+        busy |= {t.worker for t in pool.tasks.values() if t.started is not None and not t.ended}
         oldest: dict[str, Task] = {}
         for key, worker in where.items():
             task = pool.tasks.get(key)

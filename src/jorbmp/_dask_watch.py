@@ -29,13 +29,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._dask_pool import DaskPool
 
-__all__ = ["EXEC_TOPIC", "Watch", "note_restart", "restarted", "watch"]
+__all__ = ["EXEC_TOPIC", "Watch", "note_restart", "restart_removed", "watch"]
 
 EXEC_TOPIC = "jorbmp-execs"
 # Seconds a restart by this process is remembered while its worker's removal is awaited.
 RESTART_MEMORY = 120.0
 
-_restarts: dict[str, float] = {}  # worker address -> time.monotonic() of our restart
+# Worker address -> [time.monotonic() of our restart, the stimulus id of the removal
+# that consumed it, or None while it is awaited].
+_restarts: dict[str, list[Any]] = {}
 _restarts_lock = threading.Lock()
 
 
@@ -43,17 +45,32 @@ def note_restart(worker: str) -> None:
     """A pool of this process is about to restart ``worker``."""
     now = time.monotonic()
     with _restarts_lock:
-        for old, at in list(_restarts.items()):
+        for old, (at, _) in list(_restarts.items()):
             if now - at > RESTART_MEMORY:
                 del _restarts[old]
-        _restarts[worker] = now
+        _restarts[worker] = [now, None]
 
 
-def restarted(worker: str) -> bool:
-    """Whether ``worker`` left because a pool of this process restarted it (lately)."""
+def restart_removed(worker: str, stimulus: str) -> bool:
+    """Whether this removal of ``worker`` (the scheduler's ``stimulus_id``) is the one a
+    restart by this process was waiting for.
+
+    One removal per restart: a worker on a fixed port comes back at the same address,
+    and a later death there is its own (a job that kills it must be charged). Every
+    client of this process sees the same removal with the same stimulus id, so each of
+    their watches gets the same answer."""
     with _restarts_lock:
-        at = _restarts.get(worker)
-    return at is not None and time.monotonic() - at <= RESTART_MEMORY
+        record = _restarts.get(worker)
+        if record is None:
+            return False
+        at, consumed = record
+        if consumed is None and time.monotonic() - at <= RESTART_MEMORY:
+            record[1] = stimulus
+            return True
+        if consumed == stimulus:
+            return True
+        del _restarts[worker]  # a later removal: not ours
+        return False
 
 
 class Watch:
@@ -129,8 +146,9 @@ class Watch:
             worker = str(msg.get("worker"))
             died = not msg.get("expected")
             keys = {str(key) for key in msg.get("processing-tasks") or ()} if died else set()
+            ours = restart_removed(worker, str(msg.get("stimulus_id")))
             for pool in self._each():
-                pool.tell(pool.worker_removed, worker, keys)
+                pool.tell(pool.worker_removed, worker, keys, ours)
         if self.previous is not None:
             return self.previous(event)
         return None
