@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import threading
 
-from jorbmp import StatusCount, StatusListener
+import msgspec
+
+from jorbmp import Run, StatusCount, StatusListener
+
+
+class JC(msgspec.Struct):
+    n: int = 0
+
+
+def make_run(n: int, name: str = "status") -> Run[None, JC]:
+    """A run of ``n`` jobs in state "new"."""
+    run: Run[None, JC] = Run(name)
+    for i in range(n):
+        run.add_job(JC(n=i))
+    return run
 
 
 class StuckAfterFirst(StatusListener):

@@ -15,18 +15,13 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-import msgspec
 import pytest
-from helpers_status import StuckAfterFirst
+from helpers_status import JC, StuckAfterFirst, make_run
 
-from jorbmp import Processor, Run, State, StatusCount, StatusListener
+from jorbmp import Processor, State, StatusCount, StatusListener
 
 # The most `exec` waits at its end for a listener (jorbmp._mailbox.CLOSE_TIMEOUT).
 CLOSE_BOUND = 5.0
-
-
-class JC(msgspec.Struct):
-    n: int = 0
 
 
 async def astep(ac: Any, oc: Any, jc: JC) -> Any:
@@ -36,13 +31,6 @@ async def astep(ac: Any, oc: Any, jc: JC) -> Any:
 
 def states() -> list[State]:
     return [State("new", astep, kind="async", concurrency=4), State("done", terminal=True)]
-
-
-def make_run(n: int) -> Run[None, JC]:
-    run: Run[None, JC] = Run("cancel")
-    for i in range(n):
-        run.add_job(JC(n=i))
-    return run
 
 
 class SlowClose(StatusListener):

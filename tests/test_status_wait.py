@@ -20,21 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
-from helpers_status import StuckAfterFirst
+from helpers_status import JC, StuckAfterFirst, make_run
 
-from jorbmp import Processor, Run, State, StatusCount, StatusListener
+from jorbmp import Processor, State, StatusCount, StatusListener
 
 # The most `exec` waits at its end for a listener (jorbmp._mailbox.CLOSE_TIMEOUT).
 CLOSE_BOUND = 5.0
 # Far beyond every bound: a listener called on the loop (9baee05) blocks it until then,
 # so that the old code fails these tests instead of hanging them.
 SAFETY = 25.0
-
-
-class JC(msgspec.Struct):
-    n: int = 0
 
 
 def tstep(ac: Any, oc: Any, jc: JC) -> Any:
@@ -44,13 +39,6 @@ def tstep(ac: Any, oc: Any, jc: JC) -> Any:
 
 def states() -> list[State]:
     return [State("new", tstep, kind="thread", concurrency=4), State("done", terminal=True)]
-
-
-def make_run(n: int) -> Run[None, JC]:
-    run: Run[None, JC] = Run("wait")
-    for i in range(n):
-        run.add_job(JC(n=i))
-    return run
 
 
 @pytest.mark.timeout(90)

@@ -321,22 +321,20 @@ class SqliteWriter:
 
     def store(self, rows: _Rows, next_id: int, report: str | None) -> None:
         """Store one batch of changed jobs, in one transaction."""
-        conn = self._open()
-
-        def body() -> None:
-            _insert(conn, rows)
-            conn.execute("UPDATE run SET next_id = ?, report = ?", (next_id, report))
-
-        self.transaction(conn, body)
+        self._upsert([rows], "UPDATE run SET next_id = ?, report = ?", (next_id, report))
 
     def store_all(self, chunks: list[_Rows], head: _Head) -> None:
         """Upsert ``chunks`` (in order) and the run's row, in one transaction."""
+        self._upsert(chunks, _PUT_RUN, head)
+
+    def _upsert(self, chunks: list[_Rows], run_sql: str, run_row: tuple[Any, ...]) -> None:
+        """Upsert ``chunks`` and update the run's row with ``run_sql``, in one transaction."""
         conn = self._open()
 
         def body() -> None:
             for rows in chunks:
                 _insert(conn, rows)
-            conn.execute(_PUT_RUN, head)
+            conn.execute(run_sql, run_row)
 
         self.transaction(conn, body)
 
