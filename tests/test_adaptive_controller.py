@@ -1,0 +1,281 @@
+"""The adaptive concurrency controller (issue 17) on an injected clock.
+
+A small simulator stands in for a state: a model gives (jobs/s, mean exec seconds) for
+a limit; every ~0.1 s (jittered, as the coordinator's loop is) the fake clock steps,
+the cumulative counters grow by what the model gives for the current limit, with
+seeded noise, and the controller is updated. Nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from jorbmp import AdaptiveConcurrency
+from jorbmp.adaptive import HISTORY_MAX, HOLD_MAX, ConcurrencyController
+
+pytestmark = pytest.mark.timeout(60)
+
+Model = Callable[[int], tuple[float, float]]  # limit -> (jobs/s, mean exec seconds)
+
+
+def contention(k: int, base: float = 0.02) -> Model:
+    """A remote service that holds ``k`` execs: latency grows with the overload squared."""
+
+    def model(c: int) -> tuple[float, float]:
+        latency = base * max(1.0, (c / k) ** 2)
+        return c / latency, latency
+
+    return model
+
+
+def linear(c: int) -> tuple[float, float]:
+    """No contention: every slot adds 20 jobs/s at 50 ms."""
+    return c / 0.05, 0.05
+
+
+def plateau(c: int) -> tuple[float, float]:
+    """Throughput flat beyond 6 slots (120 jobs/s); latency then rises linearly."""
+    x = min(c, 6) / 0.05
+    return x, c / x
+
+
+def best(model: Model, hi: int = 256) -> float:
+    return max(model(c)[0] for c in range(1, hi + 1))
+
+
+@dataclass
+class Sim:
+    """A state run by ``model`` under a controller: see the module doc."""
+
+    model: Model
+    spec: AdaptiveConcurrency
+    seed: int = 1
+    noise: float = 0.05
+    initial: int | None = None
+    now: float = 0.0
+    done: float = 0.0  # jobs finished (fractional: the model's rate times the step)
+    exec_seconds: float = 0.0
+    # (time, limit after the update, jobs finished in the step, step seconds)
+    trace: list[tuple[float, int, int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.ctl = ConcurrencyController(self.spec, clock=lambda: self.now, initial=self.initial)
+
+    def step(self, saturated: bool = True, slow: float = 1.0) -> None:
+        """One update; ``slow`` scales throughput (a rate limit holding the state back)."""
+        dt = 0.1 * self.rng.uniform(0.8, 1.2)
+        x, latency = self.model(self.ctl.limit)
+        x *= max(0.0, 1 + self.rng.gauss(0, self.noise)) * slow
+        latency *= max(0.1, 1 + self.rng.gauss(0, self.noise))
+        before = int(self.done)
+        self.done += x * dt
+        self.exec_seconds += x * dt * latency
+        self.now += dt
+        limit = self.ctl.update(int(self.done), self.exec_seconds, saturated)
+        assert limit == self.ctl.limit
+        assert self.spec.min <= limit <= self.spec.max
+        self.trace.append((self.now, limit, int(self.done) - before, dt))
+
+    def run(self, seconds: float, **kw: float | bool) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step(**kw)  # type: ignore[arg-type]
+
+    def since(self, t: float) -> list[tuple[float, int, int, float]]:
+        return [row for row in self.trace if row[0] > t]
+
+    def throughput(self, t: float) -> float:
+        """Mean jobs/s from ``t`` to now."""
+        rows = self.since(t)
+        return sum(r[2] for r in rows) / sum(r[3] for r in rows)
+
+    def limits(self, t: float) -> list[int]:
+        return [r[1] for r in self.since(t)]
+
+    def time_to(self, target: float) -> float:
+        """The first time the mean throughput of the last second reached ``target``."""
+        for i, (t, *_) in enumerate(self.trace):
+            rows = [r for r in self.trace[: i + 1] if r[0] > t - 1.0]
+            if t >= 1.0 and sum(r[2] for r in rows) / sum(r[3] for r in rows) >= target:
+                return t
+        return float("inf")
+
+
+def settled(limits: list[int]) -> bool:
+    """Every limit within one step (1, or 10% of big limits) of their median."""
+    mid = statistics.median_low(limits)
+    step = max(1, mid // 10)
+    return all(abs(v - mid) <= step for v in limits)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_remote_capacity_curve_gets_085_of_best_and_settles(seed: int) -> None:
+    """The issue's curve: 20 ms * max(1, (c/8)**2); best fixed is 8, 400 jobs/s."""
+    sim = Sim(contention(8), AdaptiveConcurrency(1, 256), seed=seed)
+    sim.run(10.0)
+    assert sim.throughput(5.0) >= 0.85 * best(contention(8))
+    assert settled(sim.limits(5.0)), sim.limits(5.0)
+    assert 7 <= sim.ctl.limit <= 9
+    assert sim.time_to(0.9 * best(contention(8))) <= 5.0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_contended_device_k4_gets_085_of_best(seed: int) -> None:
+    sim = Sim(contention(4), AdaptiveConcurrency(1, 64), seed=seed)
+    sim.run(10.0)
+    assert sim.throughput(5.0) >= 0.85 * best(contention(4), 64)
+    assert settled(sim.limits(5.0)), sim.limits(5.0)
+    assert 3 <= sim.ctl.limit <= 5
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_linear_throughput_takes_the_limit_to_max(seed: int) -> None:
+    sim = Sim(linear, AdaptiveConcurrency(1, 16), seed=seed)
+    sim.run(10.0)
+    # At max, probes go one step down (and a level one step below may hold a while).
+    assert statistics.median(sim.limits(5.0)) >= 15 and min(sim.limits(5.0)) >= 14
+    assert sim.throughput(5.0) >= 0.9 * linear(16)[0]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_plateau_settles_near_its_knee_not_at_max(seed: int) -> None:
+    sim = Sim(plateau, AdaptiveConcurrency(1, 64), seed=seed)
+    sim.run(10.0)
+    limits = sim.limits(5.0)
+    assert 5 <= statistics.median(limits) <= 7 and max(limits) <= 9, limits
+    assert 5 <= sim.ctl.limit <= 7 or sim.ctl.limit in (4, 8)  # a probe next to 5..7
+    assert sim.throughput(5.0) >= 0.85 * best(plateau)
+
+
+def test_unsaturated_updates_never_raise_the_limit() -> None:
+    """Throughput that would take the limit to max, but no job ever waited for a slot."""
+    sim = Sim(linear, AdaptiveConcurrency(1, 64))
+    sim.run(30.0, saturated=False)
+    assert set(sim.limits(0.0)) == {2}
+
+
+def test_a_window_with_one_unsaturated_update_is_no_evidence() -> None:
+    """Every other update unsaturated: no window ever holds only saturated updates."""
+    sim = Sim(linear, AdaptiveConcurrency(1, 64))
+    for i in range(300):
+        sim.step(saturated=bool(i % 2))
+    assert set(sim.limits(0.0)) == {2}
+
+
+def test_a_rate_limited_stretch_neither_lowers_nor_raises_a_settled_limit() -> None:
+    """Settled at 8; then 60 s at a tenth of the throughput with the queue held back by
+    a rate limit (not saturated): the limit stays; then saturated again, still 8."""
+    sim = Sim(contention(8), AdaptiveConcurrency(1, 256))
+    sim.run(10.0)
+    level = sim.ctl.limit
+    stretch = len(sim.trace)
+    sim.run(60.0, saturated=False, slow=0.1)
+    assert {r[1] for r in sim.trace[stretch:]} == {level}
+    sim.run(10.0)
+    assert 7 <= sim.ctl.limit <= 9
+
+
+@pytest.mark.parametrize("lo, hi", [(1, 1), (5, 5), (3, 4)])
+def test_the_limit_stays_within_tight_bounds(lo: int, hi: int) -> None:
+    for model in (linear, contention(2)):
+        sim = Sim(model, AdaptiveConcurrency(lo, hi))
+        sim.run(20.0)  # every update asserts lo <= limit <= hi
+        assert {r[1] for r in sim.trace} <= set(range(lo, hi + 1))
+
+
+def test_a_huge_max_settles_on_the_curve_without_overflow() -> None:
+    sim = Sim(contention(8), AdaptiveConcurrency(1, 10**6))
+    sim.run(10.0)
+    assert sim.throughput(5.0) >= 0.85 * best(contention(8))
+    assert max(sim.limits(5.0)) <= 9
+
+
+def test_a_huge_max_is_reached_in_doublings_with_o1_updates() -> None:
+    """Linear up to 10**12: an update doing O(max) work would never finish."""
+    sim = Sim(linear, AdaptiveConcurrency(1, 10**12))
+    sim.run(30.0)
+    assert sim.ctl.limit >= 9 * 10**11
+    assert len(sim.ctl.history.changes) <= HISTORY_MAX + 1
+
+
+def test_initial_is_the_start_clamped_into_the_bounds() -> None:
+    clock = lambda: 0.0  # noqa: E731
+    assert ConcurrencyController(AdaptiveConcurrency(1, 64), clock).limit == 2
+    assert ConcurrencyController(AdaptiveConcurrency(1, 1), clock).limit == 1
+    assert ConcurrencyController(AdaptiveConcurrency(4, 64), clock).limit == 4
+    assert ConcurrencyController(AdaptiveConcurrency(1, 64), clock, initial=20).limit == 20
+    assert ConcurrencyController(AdaptiveConcurrency(1, 64), clock, initial=99).limit == 64
+    assert ConcurrencyController(AdaptiveConcurrency(3, 64), clock, initial=0).limit == 3
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_limit_follows_capacity_down_and_back_up(seed: int) -> None:
+    sim = Sim(contention(8), AdaptiveConcurrency(1, 256), seed=seed)
+    sim.run(10.0)
+    assert 7 <= sim.ctl.limit <= 9
+    sim.model = contention(4)
+    sim.run(4.0)
+    assert 3 <= sim.ctl.limit <= 5, sim.limits(10.0)
+    sim.run(6.0)
+    assert sim.throughput(16.0) >= 0.85 * best(contention(4))
+    sim.model = contention(8)
+    sim.run(HOLD_MAX + 5.0)
+    assert 7 <= sim.ctl.limit <= 9, sim.limits(20.0)
+    assert sim.throughput(sim.now - 3.0) >= 0.85 * best(contention(8))
+
+
+def test_history_keeps_min_max_final_and_a_bounded_list_of_changes() -> None:
+    """Capacity that swings every few seconds keeps the limit moving for 20 minutes."""
+    sim = Sim(contention(8), AdaptiveConcurrency(1, 256))
+    for i in range(300):
+        sim.model = contention(4 if i % 2 else 16)
+        sim.run(4.0)
+    history = sim.ctl.history
+    seen = [r[1] for r in sim.trace]
+    assert history.min == min([*seen, 2]) and history.max == max(seen)
+    assert history.final == sim.ctl.limit
+    assert history.changes[0] == (0.0, 2)
+    assert history.changes[-1][1] == sim.ctl.limit
+    assert len(history.changes) <= HISTORY_MAX + 1
+    times = [t for t, _ in history.changes]
+    assert times == sorted(times) and times[-1] > 1000
+
+
+@pytest.mark.parametrize(
+    "lo, hi, words",
+    [
+        (0, 4, "min must be >= 1"),
+        (-3, 4, "min must be >= 1"),
+        (5, 4, "max must be >= min"),
+        (1.0, 4, "min must be an int"),
+        (1, True, "max must be an int"),
+        (1, "8", "max must be an int"),
+    ],
+)
+def test_validation_names_the_state(lo: object, hi: object, words: str) -> None:
+    spec = AdaptiveConcurrency(lo, hi)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"state 'fetch': AdaptiveConcurrency {words}"):
+        spec.check("fetch")
+    with pytest.raises(ValueError, match=words):
+        ConcurrencyController(spec)
+
+
+def test_max_is_required_and_the_spec_is_a_frozen_value() -> None:
+    with pytest.raises(TypeError, match="needs max"):
+        AdaptiveConcurrency()  # type: ignore[call-arg]
+    spec = AdaptiveConcurrency(max=8)
+    assert spec == AdaptiveConcurrency(1, 8) and spec.min == 1 and hash(spec)
+    with pytest.raises(AttributeError):
+        spec.max = 9  # type: ignore[misc]
+    AdaptiveConcurrency(2, 2).check("fetch")
+
+
+def test_repr_shows_the_live_limit() -> None:
+    ctl = ConcurrencyController(AdaptiveConcurrency(1, 64), lambda: 0.0, initial=5)
+    assert "limit=5 in [1, 64]" in repr(ctl)
