@@ -58,6 +58,12 @@ class Sink(Protocol):
     def fatal(self, exc: BaseException) -> None:
         """The backend cannot go on (e.g. workers fail to start): end the run with ``exc``."""
 
+    def batch_scale(self) -> int:
+        """How many times `Backend.batch_seconds` of work batches hold now: above 1 while
+        the coordinator falls behind (see `jorbmp._load`), for backends that
+        `scale_with_load`."""
+        return 1
+
 
 class Backend(ABC):
     """Runs the jobs of one state, at most ``concurrency`` at once."""
@@ -67,6 +73,9 @@ class Backend(ABC):
     #: Wall time of work the coordinator aims to put in one batch: the longer a
     #: backend's round trip, the more work a batch needs to hide it.
     batch_seconds = 0.02
+    #: Whether batches grow with the coordinator's load (`Sink.batch_scale`): for
+    #: backends whose every message costs the coordinator (local worker processes).
+    scale_with_load = False
     #: Encoded bytes of contexts the coordinator aims to put in one batch at most, and
     #: the mean encoded size of one context as the backend last saw it (0: unknown).
     batch_bytes: float = CHUNK_BYTES

@@ -123,10 +123,11 @@ class CoordinatorEnd:
         else:
             poller.add(self.fd, self.drain)
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes, prefix: bytes = b"") -> None:
+        """Send one message: ``prefix`` then ``payload`` (one copy of each, in the frame)."""
         if self.closed:
             return
-        frame = HEADER.pack(len(payload)) + payload
+        frame = b"".join((HEADER.pack(len(prefix) + len(payload)), prefix, payload))
         if self._out:  # still flushing earlier messages: keep the order
             self._out += frame
             return

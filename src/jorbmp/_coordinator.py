@@ -39,6 +39,7 @@ from . import _floats
 from ._backends import Backend
 from ._delays import DelayQueue
 from ._lane import Lane
+from ._load import LoadMeter
 from ._mailbox import ListenerMailbox
 from ._transitions import Transitions
 from .checkpoint.base import Serializer
@@ -106,6 +107,9 @@ class Coordinator(Transitions):
         self.started = asyncio.get_running_loop().time()
         self.sample_time = self.started  # loop time of the last psutil sample
         self.tick: asyncio.TimerHandle | None = None
+        self.tick_due = 0.0  # loop time the housekeeping tick is due at
+        # How far behind the loop is, and how much bigger batches should be for it.
+        self.load = LoadMeter()
         self.final_report: RunReport | None = None
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -160,7 +164,7 @@ class Coordinator(Transitions):
                 self.sample_processes(baseline=True)
                 for lane in lanes.values():
                     lane.pump()
-                self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
+                self.schedule_tick(loop)
                 return await self.done
             finally:
                 if self.tick is not None:
@@ -236,10 +240,15 @@ class Coordinator(Transitions):
         """Post ``last`` and have the listener closed after it (`execute` waits)."""
         self.mailbox.close(last)
 
+    def schedule_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.tick_due = loop.time() + TICK_SECONDS
+        self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
+
     def housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         try:
+            self.load.tick(now - self.tick_due)
             for lane in self.lanes.values():
                 if lane.backend is not None:
                     lane.backend.check_timeouts(now)
@@ -253,7 +262,7 @@ class Coordinator(Transitions):
         except Exception as exc:
             self.fail(exc)
             return
-        self.tick = loop.call_later(TICK_SECONDS, self.housekeeping)
+        self.schedule_tick(loop)
 
     def sample_processes(self, baseline: bool = False) -> None:
         """Sample the CPU and memory of every state's processes; with ``baseline`` (at

@@ -88,11 +88,15 @@ class Lane:
         else:
             limit = 1 if self.isolated else self.batch_limit(backend)
             spread = 2 * self.state.concurrency
-            while queue and backend.free():
+            free = backend.free()
+            while queue and free:
                 # Guided: shrink towards one job as the queue drains, so every slot gets
                 # a share of the tail instead of one slot finishing a big last batch alone.
                 n = min(limit, max(1, len(queue) // spread))
+                # (A slot lost meanwhile, to a worker's death, sends the jobs back to
+                # the queue: `free` still falls, so this loop ends.)
                 backend.submit([queue.popleft() for _ in range(n)])
+                free -= 1
         if queue:
             # Jobs left waiting: a pool that starts workers as the queue needs them
             # starts more (up to its concurrency).
@@ -104,7 +108,9 @@ class Lane:
 
         Tiny jobs travel in big batches (the cost per message is what limits them);
         slow jobs travel alone, so results flow on and a worker death or a timeout
-        sends few jobs back. One job until the first exec has been timed.
+        sends few jobs back; while the coordinator falls behind, batches hold the
+        load's scale times as much (`jorbmp._load`). One job until the first exec has
+        been timed.
         """
         metrics, max_batch = self.metrics, backend.max_batch
         if max_batch == 1 or not metrics.processed:
@@ -112,7 +118,10 @@ class Lane:
         if backend.job_bytes:  # and not too many bytes
             max_batch = min(max_batch, int(backend.batch_bytes / backend.job_bytes))
         mean = metrics.total_seconds / metrics.processed
-        return max(1, min(max_batch, int(backend.batch_seconds / max(mean, 1e-7))))
+        seconds = backend.batch_seconds
+        if backend.scale_with_load:
+            seconds *= self.coord.load.scale
+        return max(1, min(max_batch, int(seconds / max(mean, 1e-7))))
 
     def _pump_gated(self, backend: Backend) -> None:
         """Hand out as many queued jobs as the gate has tokens for now, then, while
@@ -210,3 +219,6 @@ class Lane:
 
     def halting(self) -> bool:
         return self.coord.stopping or self.coord.signalled
+
+    def batch_scale(self) -> int:
+        return self.coord.load.scale

@@ -43,6 +43,8 @@ from . import _comms, _fds
 from ._backends import Backend, Sink
 from ._comms import CoordinatorEnd, socket_pair
 from ._protocol import (
+    BATCH_HEADER,
+    CHUNK_SECONDS,
     DECODING,
     EXECUTING,
     FAILED_ATTEMPT,
@@ -69,7 +71,7 @@ log = logging.getLogger("jorbmp")
 # the queue's depth and the state's mean exec time (see Lane.batch_limit).
 MAX_BATCH = 256
 # Batches a worker holds at most: the one it runs, and one queued behind it.
-MAX_DEPTH = 2
+MAX_DEPTH = 2  # (`_Slots.free` counts for this depth without a loop)
 # Mean exec time under which workers get a second batch queued behind the running
 # one. Above it the round trip is negligible and queueing would only make a job
 # wait behind another instead of going to the next free worker. Not lower: when the
@@ -192,7 +194,8 @@ class _Slots:
 
     def free(self, depth: int) -> int:
         """Batches the listed workers can take, each holding at most ``depth``."""
-        return sum((depth - n) * len(b) for n, b in enumerate(self.by_load[:depth]))
+        idle, loaded = self.by_load  # (MAX_DEPTH == 2; per dispatch: no loop here)
+        return 2 * len(idle) + len(loaded) if depth == 2 else len(idle)
 
     def take(self, depth: int) -> _Worker | None:
         """The least loaded worker that can take a batch (an idle one if there is
@@ -241,6 +244,7 @@ class ProcessPool(Backend):
     a socket, started as the state's queue needs them."""
 
     max_batch = MAX_BATCH
+    scale_with_load = True
     started_pids = True
 
     def __init__(
@@ -385,7 +389,9 @@ class ProcessPool(Backend):
         mean = self.mean_seconds
         if mean is None or mean >= PIPELINE_SECONDS or self.closing:
             return 0.0
-        delay = min(POLL_SECONDS, mean * POLL_SHARE)
+        # Under load, batches (and so a worker's queued work) hold `scale` times more.
+        scale = self.sink.batch_scale()
+        delay = min(POLL_SECONDS * scale, mean * POLL_SHARE * scale)
         if delay < MIN_POLL_SECONDS or self.slots.busy * delay < POLL_MIN_RESULTS * mean:
             return 0.0
         return delay
@@ -425,7 +431,7 @@ class ProcessPool(Backend):
         """Send ``jobs`` (or what fits in one message) to ``worker``, taken from the
         slots; the rest goes back to the queue."""
         data = self._encode([job.context for job in jobs])
-        limit = min(self.batch_bytes, _comms.MAX_PAYLOAD)
+        limit = min(self.batch_bytes, _comms.MAX_PAYLOAD - BATCH_HEADER.size)
         while len(jobs) > 1 and len(data) > limit:
             # Too many bytes for one message: send what fits, give back the rest.
             keep = max(1, min(len(jobs) - 1, int(len(jobs) * limit / len(data))))
@@ -434,17 +440,22 @@ class ProcessPool(Backend):
             data = self._encode([job.context for job in jobs])
         per_job = len(data) / len(jobs)
         self.job_bytes = per_job if not self.job_bytes else 0.8 * self.job_bytes + 0.2 * per_job
-        if len(data) > _comms.MAX_PAYLOAD:
+        if len(data) > _comms.MAX_PAYLOAD - BATCH_HEADER.size:
             error = (
                 f"job context of {len(data)} bytes cannot be sent to a worker (the limit "
-                f"of one message is {_comms.MAX_PAYLOAD} bytes)"
+                f"of one message is {_comms.MAX_PAYLOAD - BATCH_HEADER.size} bytes)"
             )
             self.sink.done(jobs, Results.of([Outcome(FAILED_ATTEMPT, error=error)]))
             return
         if not worker.batches:
             worker.since = time.monotonic()
         worker.batches.append(jobs)
-        worker.link.send(data)
+        # Results go back every CHUNK_SECONDS of exec time, so a death loses little
+        # finished work; while the coordinator falls behind, a batch's come back whole:
+        # a message per job is what it cannot afford then.
+        scale = self.sink.batch_scale()
+        chunk = CHUNK_SECONDS if scale == 1 else self.batch_seconds * scale
+        worker.link.send(data, BATCH_HEADER.pack(chunk))
 
     def _message(self, worker: _Worker, data: bytes) -> None:
         if not worker.ready:
