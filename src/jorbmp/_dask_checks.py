@@ -17,7 +17,6 @@ worker decodes silently loses data.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 from typing import TYPE_CHECKING, Any
@@ -159,11 +158,10 @@ class Echoes:
 
         async def tell() -> None:
             with contextlib.suppress(Exception):  # a worker gone: it asks again, or not
-                await pool.client._run(trust, pool.name, workers=[worker])
+                await pool.connection.client._run(trust, pool.name, workers=[worker])
             pool.tell(self._confirmed, worker)
 
-        with contextlib.suppress(RuntimeError):  # the client's loop has stopped
-            asyncio.run_coroutine_threadsafe(tell(), pool.client_loop)
+        pool.connection.run_quietly(tell())
 
     def _confirmed(self, worker: str) -> None:
         self.told[worker] = self.pool.loop.time()

@@ -172,4 +172,4 @@ class Deaths:
             del self.abandoned[old]
         self.abandoned[key] = now
         self.abandoned_at = now
-        self.pool.cancel(task.future)
+        self.pool.connection.cancel(task.future)

@@ -1,9 +1,11 @@
 """`DaskPool`: the backend of one Dask state for one execution.
 
-It connects (off the coordinator's loop), submits batches as Dask tasks and hands
-their results to the lane; `Deaths` judges lost workers, `Timeouts` the timeouts and
-hung execs, `jorbmp._dask_watch` brings the scheduler's events. The coordinator's
-loop runs every method here except the coroutines, which run in the client's loop.
+It submits batches as Dask tasks and hands their results to the lane. Its parts:
+`Connection` holds the client (connecting off the coordinator's loop, telling its
+loss, closing), `Deaths` judges lost workers, `Timeouts` the timeouts and hung execs,
+`Echoes` the batches a worker decoded differently, and `jorbmp._dask_watch` brings the
+scheduler's events. The coordinator's loop runs every method here except the
+coroutines, which run in the client's loop.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,7 @@ import msgspec
 
 from ._backends import Backend, Sink
 from ._dask_checks import Echoes, check_travels
+from ._dask_connection import Connection
 from ._dask_deaths import Deaths
 from ._dask_timeouts import Timeouts
 from ._dask_watch import EXEC_TOPIC, watch
@@ -39,20 +40,10 @@ __all__ = ["DaskPool", "Task"]
 # there; no answer within PING_TIMEOUT ends the run.
 PING_SECONDS = 2.0
 PING_TIMEOUT = 20.0
-# Seconds `close` waits for the cluster to drop the state's worker plugin (not at
-# all when abandoning: a second Ctrl-C, a failed run, a hung exec).
-CLOSE_TIMEOUT = 10.0
-# Seconds past ``connect_timeout`` before the coordinator gives up on a connection
-# itself (distributed's own error, which says more, normally comes first).
-CONNECT_SLACK = 0.5
-# Tries at registering the state's worker plugin when a connection closes under it (a
-# worker restarting), REGISTER_RETRY_SECONDS times the tries so far apart.
-REGISTER_TRIES = 5
 # Seconds after a client.restart() was seen (our tasks cancelled by it) during which a
 # worker death is the restart's doing: the workers it restarts may die under tasks
 # submitted again meanwhile.
 CLUSTER_RESTART_SECONDS = 10.0
-REGISTER_RETRY_SECONDS = 0.5
 
 
 class Task:
@@ -108,18 +99,12 @@ class DaskPool(Backend):
         self.deaths = Deaths(self)
         self.timeouts = Timeouts(self)
         self.echoes = Echoes(self)
-        self.client: Any = None
-        self.own_client = False
-        self.closing = False
+        self.connection = Connection(self)
+        self.closing = False  # see `Connection.lock`
         self.ready = False  # connected and the plugin registered (see `start`)
-        self.connect_lock = threading.Lock()  # client and closing, with the connecting thread
-        self.connect_deadline = 0.0
         self.pinged: concurrent.futures.Future[None] | None = None  # a ping in flight
         self.pinged_at = 0.0
-        self.reconnecting = False  # the client was seen reconnecting to the scheduler
-        self.lost = False  # the scheduler is gone: nothing to tidy up there
         self.cluster_restarted_at = -CLUSTER_RESTART_SECONDS  # see `_cancelled`
-        self.address = config.address()
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_results = msgspec.msgpack.Decoder(Results).decode
 
@@ -130,88 +115,34 @@ class DaskPool(Backend):
 
     def start(self) -> None:
         """Check what can be checked here, then connect and register the worker plugin
-        in a thread of their own: the coordinator's loop stays free meanwhile, so Ctrl-C,
-        SIGTERM and `Processor.stop` work at once, and ``connect_timeout`` holds even
-        against a peer that never answers. Until then the state takes no jobs."""
+        in a thread of their own (`Connection.open`): the coordinator's loop stays free
+        meanwhile, so Ctrl-C, SIGTERM and `Processor.stop` work at once, and
+        ``connect_timeout`` holds even against a peer that never answers. Until then the
+        state takes no jobs."""
         check_travels(self.spec)
         self.config.check_client()
         self.loop = asyncio.get_running_loop()
-        self.connect_deadline = self.loop.time() + self.config.connect_timeout + CONNECT_SLACK
-        threading.Thread(
-            target=self._connect, name=f"jorbmp-dask-connect-{self.state}", daemon=True
-        ).start()
-
-    def _connect(self) -> None:
-        """In the connecting thread: connect, register the plugin, tell the loop."""
-        from ._dask_worker import StatePlugin
-
-        try:
-            client, own = self.config.connect()
-        except BaseException as exc:
-            self.tell(self._start_failed, exc)
-            return
-        with self.connect_lock:
-            closing = self.closing
-            if not closing:
-                self.client, self.own_client = client, own
-                self.client_loop = client.loop.asyncio_loop
-        if closing:  # the run ended (Ctrl-C, stop, the deadline) while we connected
-            if own:
-                with contextlib.suppress(Exception):
-                    client.close(timeout=CLOSE_TIMEOUT)
-            return
-        try:
-            self._register(client, StatePlugin(self.name, self.spec))
-        except BaseException as exc:
-            error = RuntimeError(
-                f"state {self.state!r}: cannot set up the Dask workers at "
-                f"{self.config.address()!r}: {describe(exc)} (the workers must import "
-                "jorbmp and the modules defining the exec and the context types; types "
-                "defined in a script's __main__ cannot travel)"
-            )
-            error.__cause__ = exc
-            self.tell(self._start_failed, error)
-            return
-        self.tell(self._ready)
-
-    def _register(self, client: Any, plugin: Any) -> None:
-        """In the connecting thread: register the worker plugin. A worker that leaves
-        meanwhile (another run restarting its frozen worker, a death) fails the call
-        with a closed connection: it is retried, `REGISTER_TRIES` times at most, within
-        ``connect_timeout``."""
-        deadline = time.monotonic() + self.config.connect_timeout
-        for tries in itertools.count(1):
-            try:
-                client.register_plugin(plugin, name=self.name)
-                return
-            except OSError as exc:  # distributed's CommClosedError is one
-                wait = min(REGISTER_RETRY_SECONDS * tries, deadline - time.monotonic())
-                if tries >= REGISTER_TRIES or wait <= 0 or self.closing:
-                    raise
-                self.log.debug(
-                    "state %r: registering the Dask plugin: %s; again in %.1fs",
-                    self.state,
-                    describe(exc),
-                    wait,
-                )
-                time.sleep(wait)
+        self.connection.open()
 
     def tell(self, fn: Callable[..., None], *args: Any) -> None:
         """Call ``fn(*args)`` in the coordinator's loop (from any thread)."""
         with contextlib.suppress(RuntimeError):  # the coordinator's loop has closed
             self.loop.call_soon_threadsafe(fn, *args)
 
-    def _ready(self) -> None:
+    def connected(self) -> None:
         """In the coordinator's loop: connected and registered; take jobs."""
         if self.closing:
             return
         self.ready = True
+        connection = self.connection
         # The address, for messages, while the client still knows it.
-        self.address = str(getattr(self.client.scheduler, "address", "") or self.address)
-        watch(self.client).add(self, timed=self.timeout is not None)
+        known = getattr(connection.client.scheduler, "address", "")
+        connection.address = str(known or connection.address)
+        watch(connection.client).add(self, timed=self.timeout is not None)
         self.sink.freed()
 
-    def _start_failed(self, exc: BaseException) -> None:
+    def start_failed(self, exc: BaseException) -> None:
+        """In the coordinator's loop: connecting or registering failed with ``exc``."""
         if not self.closing:
             self.sink.fatal(exc)
 
@@ -231,71 +162,46 @@ class DaskPool(Backend):
     def submit(self, jobs: list[Job[Any]]) -> None:
         from ._dask_worker import run_batch
 
-        status = self.client.status
-        if status != "running":
-            self._client_gone(status)  # first: nothing is dispatched again
+        connection = self.connection
+        if not connection.running():  # first: nothing is dispatched again
             self.sink.unrun(jobs)
             return
         key = f"{self.name}-{next(self.counter)}"
         payload = self._encode([job.context for job in jobs])
         topic = EXEC_TOPIC if self.timeout is not None else ""
-        future = self.client.submit(run_batch, self.name, payload, topic, key, key=key, pure=False)
+        submit = connection.client.submit
+        future = submit(run_batch, self.name, payload, topic, key, key=key, pure=False)
         self.tasks[key] = Task(jobs, future, self.loop.time())
-        asyncio.run_coroutine_threadsafe(self._collect(key, future), self.client_loop)
+        connection.run(self._collect(key, future))
 
     def check_timeouts(self, now: float) -> None:
         if self.closing:
             return
         if not self.ready:
-            if self.client is None and now > self.connect_deadline:
-                self.closing = True  # the connecting thread drops what it gets later
-                self.sink.fatal(
-                    RuntimeError(
-                        f"cannot connect to the Dask scheduler at {self.config.address()!r}: "
-                        f"no answer within connect_timeout={self.config.connect_timeout:g}s"
-                    )
-                )
+            self.connection.check_deadline(now)
             return
-        status = self.client.status
-        if status != "running":
-            self._client_gone(status)
+        if not self.connection.running():
             return
         idle = self.pinged is None or self.pinged.done()
         if (self.tasks or self.timeouts.hung) and idle and now - self.pinged_at >= PING_SECONDS:
             # A scheduler can also go away without the client noticing (seen with one
             # closed gracefully in this process): ask it, rather than wait forever.
             self.pinged_at = now
-            self.pinged = asyncio.run_coroutine_threadsafe(self._ping(), self.client_loop)
+            self.pinged = self.connection.run(self._ping())
         self.timeouts.check(now)
 
     def close(self, abandon: bool) -> None:
-        with self.connect_lock:
-            self.closing = True
-            client = self.client
+        connection = self.connection
+        client = connection.shut()
         if client is None:
             return  # still connecting: that thread closes what it opens
         for task in self.tasks.values():
-            self.cancel(task.future)
+            connection.cancel(task.future)
         self.tasks.clear()
         if self.ready:
             watch(client).discard(self)
-        if client.status == "running" and not self.lost:
-            # In the client's loop: the public, blocking call would wait forever for a
-            # scheduler that went away unnoticed. Abandoning (a second Ctrl-C, a failed
-            # run) or with a hung exec (its worker may not answer), nobody waits.
-            unregister = client._unregister_worker_plugin(name=self.name, nanny=None)
-            run = asyncio.run_coroutine_threadsafe(unregister, self.client_loop)
-            if not abandon and not self.timeouts.hung:
-                try:
-                    run.result(CLOSE_TIMEOUT)
-                except Exception as exc:  # the workers keep an idle plugin: nothing lost
-                    log = self.log.debug
-                    log("state %r: unregistering Dask plugin: %s", self.state, describe(exc))
-        if self.own_client:
-            if abandon:  # a scheduler that hangs would hold the close for its timeout
-                threading.Thread(target=_close_quietly, args=(client,), daemon=True).start()
-            else:
-                _close_quietly(client)
+        # A hung exec's worker may not answer: nobody waits for the plugin's removal.
+        connection.close(abandon, wait=not abandon and not self.timeouts.hung)
 
     # -- the scheduler's events (in the coordinator's loop) ---------------------------
 
@@ -314,16 +220,16 @@ class DaskPool(Backend):
     async def _ping(self) -> None:
         """In the client's loop: check that the scheduler answers."""
         try:
-            await asyncio.wait_for(self.client.scheduler.identity(), PING_TIMEOUT)
+            await asyncio.wait_for(self.connection.client.scheduler.identity(), PING_TIMEOUT)
         except Exception as exc:
-            self.tell(self._scheduler_lost, f"it did not answer: {describe(exc)}")
+            self.tell(self.connection.scheduler_lost, f"it did not answer: {describe(exc)}")
 
     async def _collect(self, key: str, future: Any) -> None:
         """In the client's loop: wait for one task, then hand the result to `_finished`."""
         data: Any = None
         error: BaseException | None = None
         try:
-            data = await self.client.gather(future, asynchronous=True)
+            data = await self.connection.client.gather(future, asynchronous=True)
         except BaseException as exc:  # cancelled, lost, or failed outside the exec
             error = exc
         self.tell(self._finished, key, data, error)
@@ -348,7 +254,7 @@ class DaskPool(Backend):
                 # The gather's own call to the scheduler failed before the client
                 # cancelled its futures. (Data a worker fails to send is asked of the
                 # scheduler instead, so only the scheduler's connection ends up here.)
-                self._scheduler_lost(describe(error))
+                self.connection.scheduler_lost(describe(error))
             else:
                 self.fatal(
                     f"a Dask task failed outside the exec ({describe(error)}); are jorbmp, "
@@ -360,11 +266,12 @@ class DaskPool(Backend):
     def _cancelled(self, task: Task, error: BaseException) -> None:
         """Our task was cancelled, and not by us: say by whom, as far as it is known."""
         reason = getattr(error, "reason", "")
-        status = self.client.status
+        connection = self.connection
+        status = connection.client.status
         if reason == "scheduler-connection-lost" or status == "connecting":
-            self._scheduler_lost(describe(error))
+            connection.scheduler_lost(describe(error))
         elif status != "running":
-            self._client_gone(status)
+            connection.gone(status)
         elif reason == "scheduler-restart":
             # client.restart(): every task forgotten, the workers restarted. Nobody
             # was at fault: the jobs run again on the new workers (and the deaths of
@@ -387,37 +294,10 @@ class DaskPool(Backend):
         under whatever of ours reached them meanwhile, killed by nobody."""
         return self.loop.time() - self.cluster_restarted_at < CLUSTER_RESTART_SECONDS
 
-    def _client_gone(self, status: str) -> None:
-        """The client is not running: the scheduler is lost, or the client was closed."""
-        if status == "connecting":
-            self.reconnecting = True
-            self._scheduler_lost("the client is reconnecting")
-        elif self.reconnecting or self.own_client:
-            self._scheduler_lost(f"client {status}")
-        else:
-            self.lost = True  # nothing to tidy up with a closed client either
-            self.fatal(
-                f"the Dask client given to DaskBackend was closed ({status}) while the "
-                "state ran: keep it open until exec returns"
-            )
-
-    def _scheduler_lost(self, what: str) -> None:
-        self.lost = True
-        self.fatal(f"lost the Dask scheduler ({what})")
-
     def fatal(self, what: str) -> None:
-        self.sink.fatal(RuntimeError(f"state {self.state!r}: {what} (scheduler {self.address!r})"))
-
-    def cancel(self, future: Any) -> None:
-        """Cancel a task of ours (in the client's loop)."""
-        coro = self.client.cancel([future], asynchronous=True)
-        with contextlib.suppress(RuntimeError):  # the client's loop has stopped
-            asyncio.run_coroutine_threadsafe(coro, self.client_loop)
-
-
-def _close_quietly(client: Any) -> None:
-    with contextlib.suppress(Exception):
-        client.close(timeout=CLOSE_TIMEOUT)
+        """End the run: ``what`` went wrong with the state on the cluster."""
+        address = self.connection.address
+        self.sink.fatal(RuntimeError(f"state {self.state!r}: {what} (scheduler {address!r})"))
 
 
 def _cancelled_error() -> type[BaseException]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -120,9 +119,7 @@ class Timeouts:
             self.look_every = LOOKUP_SECONDS
         elif idle and now - self.looked_at >= self.look_every:
             self.looked_at = now
-            self.probe = asyncio.run_coroutine_threadsafe(
-                self._lookup(unreported), pool.client_loop
-            )
+            self.probe = pool.connection.run(self._lookup(unreported))
         restart = pool.config.restart_hung_after
         if restart is not None:
             for hung in self.hung.values():
@@ -140,7 +137,7 @@ class Timeouts:
 
     async def _lookup(self, keys: list[str]) -> None:
         """In the client's loop: which workers hold ``keys``, and which of them are frozen."""
-        client = self.pool.client
+        client = self.pool.connection.client
         try:
             processing = await asyncio.wait_for(client.scheduler.processing(), SCHEDULER_TIMEOUT)
         except Exception as exc:  # the ping tells a lost scheduler
@@ -220,7 +217,7 @@ class Timeouts:
 
         async def restart() -> None:
             try:
-                result = await pool.client._restart_workers(
+                result = await pool.connection.client._restart_workers(
                     workers=[worker], timeout=SCHEDULER_TIMEOUT, raise_for_error=False
                 )
                 status = result.get(worker, "?") if isinstance(result, dict) else result
@@ -235,5 +232,4 @@ class Timeouts:
                     describe(exc),
                 )
 
-        with contextlib.suppress(RuntimeError):  # the client's loop has stopped
-            asyncio.run_coroutine_threadsafe(restart(), pool.client_loop)
+        pool.connection.run_quietly(restart())

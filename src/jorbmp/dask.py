@@ -7,7 +7,7 @@ status stay here, and only execs move to the cluster::
 
     coordinator (this process)                          Dask worker (each)
     --------------------------                          ------------------
-    DaskPool.start: connect, register StatePlugin  -->  plugin: spec, AC built there
+    Connection.open: connect, register StatePlugin -->  plugin: spec, AC built there
     DaskPool.submit: Dask task run_batch(contexts) -->  re-encode = payload? exec each
     DaskPool._finished  <-- encoded Results, or the worker's encoding (nothing run)
     Watch  <-- scheduler events: remove-worker; exec start/end (states with a timeout)
@@ -33,7 +33,8 @@ status stay here, and only execs move to the cluster::
   Client, a ``client.restart()`` and a cancel from elsewhere are told apart.
 - Connecting and registering the plugin run in a thread of their own: the
   coordinator's loop (Ctrl-C, SIGTERM, `Processor.stop`) stays free, and
-  ``connect_timeout`` holds against a peer that never answers.
+  ``connect_timeout`` holds against a peer that never answers
+  (`jorbmp._dask_connection`).
 
 ``distributed`` is an optional dependency (``pip install 'jorbmp[dask]'``); this module
 imports it only when a state with a `DaskBackend` starts.
@@ -137,10 +138,10 @@ class DaskBackend:
     def connect(self) -> tuple[Any, bool]:
         """A running synchronous client, and whether this backend made it (and closes it).
 
-        Blocks (`DaskPool` calls it off the coordinator's loop). A scheduler address is
-        first asked for distributed's handshake within ``connect_timeout``: a peer that
-        accepts the connection and never answers would hold ``distributed.Client``
-        forever, whatever its timeout."""
+        Blocks (`jorbmp._dask_connection.Connection` calls it off the coordinator's
+        loop). A scheduler address is first asked for distributed's handshake within
+        ``connect_timeout``: a peer that accepts the connection and never answers would
+        hold ``distributed.Client`` forever, whatever its timeout."""
         distributed = _distributed()
         self.check_client()
         cluster = self.cluster
