@@ -1,0 +1,87 @@
+"""Slot accounting of a `jorbmp._pool.ProcessPool` (`Slots`): which workers can take
+a batch now, and how many execs are running, kept as workers change so that a
+dispatch or a result costs the same however many workers the pool has."""
+
+from __future__ import annotations
+
+from ._pool_worker import Worker
+
+__all__ = ["MAX_DEPTH", "Slots"]
+
+# Batches a worker holds at most: the one it runs, and one queued behind it.
+MAX_DEPTH = 2  # (`Slots.free` counts for this depth without a loop)
+
+
+class Slots:
+    """Which of a pool's workers can take a batch now, and how many are executing,
+    kept up to date as workers change, so that a dispatch or a result costs the same
+    however many workers the pool has (a walk over 256 workers per job was a fifth
+    of the coordinator's time).
+
+    Invariants, between any two events: a worker is in ``by_load[n]`` exactly when it
+    takes work (`Worker.takes_work`) and holds ``n < MAX_DEPTH`` batches; ``busy`` is
+    the number of the pool's live workers that hold any batch (each runs one exec at a
+    time, so it is the number of execs running). The pool calls `offer` when a worker
+    starts taking work, `withdraw` when it stops, `take` and then `put_back` to send
+    one a batch, `returned` when a batch's results are all back, and `gone` when it
+    loses a worker.
+    """
+
+    __slots__ = ("busy", "by_load")
+
+    def __init__(self) -> None:
+        # Per load, the workers at it: dicts used as ordered sets (O(1) add, discard
+        # and pop). The most recently listed worker is taken first: which one does
+        # not matter, and popping the last entry is the cheap end.
+        self.by_load: tuple[dict[Worker, None], ...] = tuple({} for _ in range(MAX_DEPTH))
+        self.busy = 0
+
+    def __repr__(self) -> str:
+        loads = " ".join(f"load{n}={len(b)}" for n, b in enumerate(self.by_load))
+        return f"<Slots {loads} busy={self.busy}>"
+
+    def free(self, depth: int) -> int:
+        """Batches the listed workers can take, each holding at most ``depth``."""
+        idle, loaded = self.by_load  # (MAX_DEPTH == 2; per dispatch: no loop here)
+        return 2 * len(idle) + len(loaded) if depth == 2 else len(idle)
+
+    def take(self, depth: int) -> Worker | None:
+        """The least loaded worker that can take a batch (an idle one if there is
+        one), unlisted: the caller sends it a batch and then calls `put_back`."""
+        for bucket in self.by_load[:depth]:
+            if bucket:
+                return bucket.popitem()[0]
+        return None
+
+    def offer(self, worker: Worker) -> None:
+        """``worker`` takes work (it just became ready): list it under its load."""
+        n = len(worker.batches)
+        if n < MAX_DEPTH and worker.takes_work():
+            self.by_load[n][worker] = None
+
+    def withdraw(self, worker: Worker) -> None:
+        """``worker`` takes no more work (it is being killed, or gone)."""
+        n = len(worker.batches)
+        if n < MAX_DEPTH:
+            self.by_load[n].pop(worker, None)
+
+    def put_back(self, worker: Worker, before: int) -> None:
+        """``worker``, taken when it held ``before`` batches, was sent one more (or, if
+        its jobs could not be sent, none): list it again under its load."""
+        if before == 0 and worker.batches:
+            self.busy += 1
+        self.offer(worker)
+
+    def returned(self, worker: Worker, before: int) -> None:
+        """``worker`` held ``before`` batches and now holds one fewer."""
+        if before < MAX_DEPTH:
+            self.by_load[before].pop(worker, None)
+        if before == 1:
+            self.busy -= 1
+        self.offer(worker)
+
+    def gone(self, worker: Worker) -> None:
+        """``worker`` is no longer the pool's (call before its batches are cleared)."""
+        self.withdraw(worker)
+        if worker.batches:
+            self.busy -= 1
