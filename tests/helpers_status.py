@@ -37,3 +37,13 @@ class StuckAfterFirst(StatusListener):
 
     def close(self) -> None:
         self.closed += 1
+
+
+class Recorder(StatusListener):
+    """Keeps every status update it gets."""
+
+    def __init__(self) -> None:
+        self.updates: list[list[StatusCount]] = []
+
+    def status_update(self, counts: list[StatusCount]) -> None:
+        self.updates.append(counts)

@@ -382,7 +382,8 @@ def test_a_plain_class_context_is_refused_up_front() -> None:
 
 def test_concurrency_of_the_wrong_type_says_so() -> None:
     with pytest.raises(
-        ValueError, match=r"state 'new': concurrency must be an int, got '4' \(str\)"
+        ValueError,
+        match=r"state 'new': concurrency must be an int or AdaptiveConcurrency, got '4' \(str\)",
     ):
         Processor(None, states(h.ok, concurrency="4"))
 

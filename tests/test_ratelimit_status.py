@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 from aiolimiter import AsyncLimiter
+from helpers_status import Recorder
 
 from jorbmp import (
     AIMDRateLimiter,
@@ -45,14 +46,6 @@ async def flaky(ac: Limited, oc: Any, jc: J) -> tuple[J, str]:
         ac.limited -= 1
         raise RateLimitError("429")
     return jc, "done"
-
-
-class Recorder(StatusListener):
-    def __init__(self) -> None:
-        self.updates: list[list[StatusCount]] = []
-
-    def status_update(self, counts: list[StatusCount]) -> None:
-        self.updates.append(counts)
 
 
 def run_of(n: int) -> Run[Any, J]:

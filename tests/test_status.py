@@ -62,7 +62,7 @@ def test_first_and_last_updates_are_exact_and_in_state_order(listener: Any) -> N
     first, last = listener.updates[0], listener.updates[-1]
     assert [c.state for c in first] == ["new", "middle", "done", FAILED]
     assert [c.terminal for c in first] == [False, False, True, True]
-    assert first[0] == StatusCount("new", waiting=100)
+    assert first[0] == StatusCount("new", waiting=100, concurrency=2)
     assert (first[1].waiting, first[2].completed, first[3].completed) == (0, 0, 0)
     by = {c.state: c for c in last}
     assert by["done"].completed == 50 and by[FAILED].completed == 50

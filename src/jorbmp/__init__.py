@@ -5,6 +5,7 @@ The public API is everything in ``__all__``; modules starting with ``_`` are int
 
 import logging
 
+from .adaptive import AdaptiveConcurrency
 from .backoff import Backoff
 from .checkpoint import (
     JournalSerializer,
@@ -31,6 +32,7 @@ __all__ = [
     "FAILED",
     "NEW",
     "AIMDRateLimiter",
+    "AdaptiveConcurrency",
     "Backoff",
     "CheckpointError",
     "DaskBackend",

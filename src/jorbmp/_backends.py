@@ -83,12 +83,21 @@ class Backend(ABC):
     #: How the run report names where this backend runs execs, when not by the state's
     #: kind (e.g. "dask": the cores are not this machine's).
     label: str | None = None
+    #: Execs at once the backend allows now (see `set_limit`): its concurrency, unless
+    #: an adaptive state's controller set it lower.
+    limit: int
     #: True when `pids` are processes started for this run (their CPU time counts from
     #: zero): the coordinator then needs no baseline sample of them at the start.
     started_pids = False
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (processes, threads); called inside the running loop."""
+
+    def set_limit(self, limit: int) -> None:
+        """From now on, at most ``limit`` execs at once (1 <= limit <= the backend's
+        concurrency): an adaptive state's current limit (`jorbmp.adaptive`). Execs
+        running above a lowered limit finish; `free` gives no slot until they have."""
+        self.limit = limit
 
     @abstractmethod
     def free(self) -> int:
@@ -151,6 +160,7 @@ class _InProcess(Backend):
     ) -> None:
         self.state, self.fn, self.ac, self.oc = state, fn, ac, oc
         self.concurrency = concurrency
+        self.limit = concurrency  # (see `set_limit`)
         self.sink = sink
         self.running = 0
         self.closed = False
@@ -168,7 +178,7 @@ class _InProcess(Backend):
             raise BadContext(bad_context(self._type_name, exc)) from None
 
     def free(self) -> int:
-        return self.concurrency - self.running
+        return max(0, self.limit - self.running)
 
     def executing(self) -> int:
         return self.running

@@ -123,11 +123,10 @@ class CoordinatorEnd:
         else:
             poller.add(self.fd, self.drain)
 
-    def send(self, payload: bytes, prefix: bytes = b"") -> None:
-        """Send one message: ``prefix`` then ``payload`` (one copy of each, in the frame)."""
+    def send(self, payload: bytes) -> None:
         if self.closed:
             return
-        frame = b"".join((HEADER.pack(len(prefix) + len(payload)), prefix, payload))
+        frame = HEADER.pack(len(payload)) + payload
         if self._out:  # still flushing earlier messages: keep the order
             self._out += frame
             return

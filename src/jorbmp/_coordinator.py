@@ -42,6 +42,7 @@ from ._lane import Lane
 from ._load import LoadMeter
 from ._mailbox import ListenerMailbox
 from ._transitions import Transitions
+from .adaptive import LimitHistory
 from .checkpoint.base import Serializer
 from .report import RunReport, build_report
 from .run import Job, Run, utcnow
@@ -158,6 +159,8 @@ class Coordinator(Transitions):
                 for lane in lanes.values():
                     if not lane.terminal:
                         lane.backend = self.make_backend(lane.state, lane)
+                        if lane.limit.controller is not None:
+                            lane.backend.set_limit(lane.limit.current)
                         lane.backend.start()
                 self.mailbox.put(self.snapshot(), pinned=True)  # the first update, exact
                 self.changed = False
@@ -252,6 +255,7 @@ class Coordinator(Transitions):
             for lane in self.lanes.values():
                 if lane.backend is not None:
                     lane.backend.check_timeouts(now)
+                    lane.adapt(now)
             if now - self.sample_time >= SAMPLE_SECONDS:
                 self.sample_processes()
                 self.changed = True  # CPU and rates moved even if no job did
@@ -278,7 +282,6 @@ class Coordinator(Transitions):
         """The status of every state; ``final``: the run is over and nothing executes
         (backends may still count abandoned execs as running)."""
         now = asyncio.get_running_loop().time()
-        elapsed = now - self.started
         return [
             lane.metrics.snapshot(
                 lane.name,
@@ -286,7 +289,8 @@ class Coordinator(Transitions):
                 lane.count,
                 lane.backend.executing() if lane.backend is not None and not final else 0,
                 now,
-                lane.state.concurrency * elapsed,
+                lane.limit.capacity_seconds(now),
+                lane.limit.current,
             )
             for lane in self.lanes.values()
         ]
@@ -303,8 +307,8 @@ class Coordinator(Transitions):
     def report(self, outcome: str) -> RunReport:
         """The end-of-run report: per-state figures, the bottleneck and a hint."""
         wall = asyncio.get_running_loop().time() - self.started
-        rows: list[tuple[StatusCount, int, str]] = [
-            (count, lane.state.concurrency, lane.kind())
+        rows: list[tuple[StatusCount, int, str, LimitHistory | None]] = [
+            (count, lane.limit.maximum, lane.kind(), lane.limit.history())
             for count, lane in zip(self.snapshot(final=True), self.lanes.values(), strict=True)
         ]
         cpu = [lane.metrics.cpu_seconds for lane in self.lanes.values()]

@@ -87,6 +87,7 @@ class DaskPool(Backend):
         self.spec = spec
         self.state = spec.state
         self.concurrency = concurrency
+        self.limit = concurrency  # an adaptive state's current limit (`set_limit`)
         self.sink = sink
         self.timeout = timeout
         # With a timeout, one job per task: the one charged is then the one that hung.
@@ -151,7 +152,7 @@ class DaskPool(Backend):
     def free(self) -> int:
         if self.closing or not self.ready:
             return 0
-        return self.deaths.free(self.concurrency - len(self.timeouts.hung))
+        return self.deaths.free(self.limit - len(self.timeouts.hung))
 
     def executing(self) -> int:
         return len(self.tasks)

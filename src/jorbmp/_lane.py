@@ -12,6 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ._backends import Backend
+from ._limit import StateLimit
 from ._protocol import Results
 from .ratelimit import RateGate, make_gate
 from .run import Job, utcnow
@@ -41,6 +42,7 @@ class Lane:
         "gate_task",
         "gate_tokens",
         "isolated",
+        "limit",
         "metrics",
         "name",
         "queue",
@@ -65,6 +67,8 @@ class Lane:
         # any, batches hold one job, so that the culprit alone is charged.
         self.isolated: set[str] = set()
         self.metrics = StateMetrics()
+        # Execs at once: the state's concurrency, or its adaptive controller's choice.
+        self.limit = StateLimit(state.concurrency, asyncio.get_running_loop().time())
         if self.gate is not None:
             self.metrics.rate_limit = self.gate.rate  # shown in the status
 
@@ -87,9 +91,9 @@ class Lane:
             self._pump_gated(backend)
         else:
             limit = 1 if self.isolated else self.batch_limit(backend)
-            spread = 2 * self.state.concurrency
+            spread = 2 * self.limit.current
             free = backend.free()
-            while queue and free:
+            while queue and free > 0:
                 # Guided: shrink towards one job as the queue drains, so every slot gets
                 # a share of the tail instead of one slot finishing a big last batch alone.
                 n = min(limit, max(1, len(queue) // spread))
@@ -101,6 +105,24 @@ class Lane:
             # Jobs left waiting: a pool that starts workers as the queue needs them
             # starts more (up to its concurrency).
             backend.demand(len(queue))
+
+    def adapt(self, now: float) -> None:
+        """Let an adaptive state's controller see its metrics and move its limit (each
+        housekeeping tick)."""
+        backend = self.backend
+        if backend is None or self.limit.controller is None:
+            return
+        # Saturated: jobs wait for a slot, not for a rate limit's token or a stop.
+        saturated = (
+            bool(self.queue)
+            and backend.free() == 0
+            and self.gate_task is None
+            and not self.coord.stopping
+        )
+        metrics = self.metrics
+        if self.limit.update(now, metrics.processed, metrics.total_seconds, saturated):
+            backend.set_limit(self.limit.current)
+            self.coord.settle(self)  # a raised limit frees slots now
 
     def batch_limit(self, backend: Backend) -> int:
         """Jobs per batch that take about the backend's ``batch_seconds`` at this

@@ -10,13 +10,16 @@ shares of the wall time:
   runnable but not running (its machine's cores are all taken, by the workers it
   feeds among others) is as far behind as a busy one, and its CPU time does not say
   so: 256 workers of 5 ms jobs on 2 cores kept the loop's CPU near 40% while its
-  ticks came 75% late, and 4x bigger batches raised that run's throughput by 70%.
+  ticks came 75% late; scaled batches raised that run's throughput by half.
 
 Their sum is the pressure. Above `HIGH` the scale doubles (up to `MAX_SCALE`); below
 `LOW` it halves (down to 1). The gap between the two keeps it from flapping: halving
 the scale at most doubles the cost per job of the messages, so a pressure under `LOW`
-stays under `HIGH` after it. Backends multiply their batch time by the scale; the
-guided shrink of batches as a queue drains still keeps the tail short.
+stays under `HIGH` after it. Backends multiply their batch time by the scale (and
+process pools the wait between polls of their sockets); the guided shrink of batches
+as a queue drains still keeps the tail short. Results still come back every few
+milliseconds of exec time, as at scale 1, so a worker's death re-runs no more
+finished work than it would without load.
 """
 
 from __future__ import annotations

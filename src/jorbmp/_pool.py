@@ -45,8 +45,6 @@ from ._pool_slots import MAX_DEPTH, Slots
 from ._pool_spawner import Spawner
 from ._pool_worker import Worker
 from ._protocol import (
-    BATCH_HEADER,
-    CHUNK_SECONDS,
     FAILED_ATTEMPT,
     SLOT_CLOSING,
     Outcome,
@@ -88,6 +86,10 @@ MIN_POLL_SECONDS = 0.001
 POLL_MIN_RESULTS = 2.0
 # Seconds to wait for a worker to exit on its own before it is killed.
 EXIT_WAIT = 2.0
+# An adaptive state's worker idle this long goes (a fixed state keeps its workers):
+# a state whose jobs ran out leaves no idle worker behind, and one that gets more
+# later forks again in a few milliseconds.
+IDLE_RETIRE_SECONDS = 1.0
 
 
 class ProcessPool(Backend):
@@ -112,12 +114,16 @@ class ProcessPool(Backend):
         self.forkserver = ctx.get_start_method() == "forkserver"
         self.spec = msgspec.structs.replace(spec, parent_pid=parent)
         self.concurrency = concurrency
+        self.limit = concurrency  # execs at once now (`set_limit`)
+        self.adaptive = False  # an adaptive state's pool: idle workers are let go
         self.ctx = ctx
         self.sink = sink
         self.timeout = timeout
         # The live workers, in the order they started (a dict as an ordered set: a
         # death removes one in O(1)).
         self.workers: dict[Worker, None] = {}
+        # Workers let go while idle (`retire`), until their exit is reaped.
+        self.leaving: dict[Worker, None] = {}
         self.slots = Slots()
         self.spawner = Spawner(
             spec.state, concurrency, sink, self.workers, self._launch, self._guard
@@ -146,6 +152,29 @@ class ProcessPool(Backend):
 
     def demand(self, waiting: int) -> None:
         self.spawner.demand(waiting)
+
+    def set_limit(self, limit: int) -> None:
+        # Workers start only up to the limit; idle ones above it go now, busy ones as
+        # soon as they are idle (`_message`), and any idle for IDLE_RETIRE_SECONDS.
+        self.limit = limit
+        self.adaptive = True
+        self.spawner.concurrency = limit
+        for worker in self.slots.idle():
+            if len(self.workers) <= limit:
+                break
+            self.retire(worker)
+
+    def retire(self, worker: Worker) -> None:
+        """Let an idle worker go: its socket closes (it exits on the EOF) and its exit
+        is reaped when it comes, charging nobody and replacing nobody."""
+        self.slots.withdraw(worker)
+        del self.workers[worker]
+        self.leaving[worker] = None
+        worker.retired = True
+        worker.slot[SLOT_CLOSING] = 1.0  # the EOF that follows is no death
+        worker.link.close()
+        worker.exit_timer = self.loop.call_later(EXIT_WAIT, worker.kill)
+        self.spawner.lost(True)
 
     def _launch(self, number: int) -> None:
         """Start worker ``number`` and watch its socket and its exit."""
@@ -192,7 +221,7 @@ class ProcessPool(Backend):
             return 0
         # The same workers as `submit` takes: counting one it would refuse made the
         # pump ask again and again, never returning to the loop.
-        return self.slots.free(self._depth())
+        return self.slots.free(self._depth(), self.limit)
 
     def executing(self) -> int:
         if self.closing:
@@ -204,7 +233,7 @@ class ProcessPool(Backend):
 
     def submit(self, jobs: list[Job[Any]]) -> None:
         # The ready worker with the least work: an idle one if there is one.
-        worker = self.slots.take(MAX_DEPTH)
+        worker = self.slots.take(MAX_DEPTH, self.limit)
         if worker is None:  # a worker died since `free` said there was room
             self.sink.unrun(jobs)
             return
@@ -218,7 +247,7 @@ class ProcessPool(Backend):
         """Send ``jobs`` (or what fits in one message) to ``worker``, taken from the
         slots; the rest goes back to the queue."""
         data = self._encode([job.context for job in jobs])
-        limit = min(self.batch_bytes, _comms.MAX_PAYLOAD - BATCH_HEADER.size)
+        limit = min(self.batch_bytes, _comms.MAX_PAYLOAD)
         while len(jobs) > 1 and len(data) > limit:
             # Too many bytes for one message: send what fits, give back the rest.
             keep = max(1, min(len(jobs) - 1, int(len(jobs) * limit / len(data))))
@@ -227,22 +256,17 @@ class ProcessPool(Backend):
             data = self._encode([job.context for job in jobs])
         per_job = len(data) / len(jobs)
         self.job_bytes = per_job if not self.job_bytes else 0.8 * self.job_bytes + 0.2 * per_job
-        if len(data) > _comms.MAX_PAYLOAD - BATCH_HEADER.size:
+        if len(data) > _comms.MAX_PAYLOAD:
             error = (
                 f"job context of {len(data)} bytes cannot be sent to a worker (the limit "
-                f"of one message is {_comms.MAX_PAYLOAD - BATCH_HEADER.size} bytes)"
+                f"of one message is {_comms.MAX_PAYLOAD} bytes)"
             )
             self.sink.done(jobs, Results.of([Outcome(FAILED_ATTEMPT, error=error)]))
             return
         if not worker.batches:
             worker.since = time.monotonic()
         worker.batches.append(jobs)
-        # Results go back every CHUNK_SECONDS of exec time, so a death loses little
-        # finished work; while the coordinator falls behind, a batch's come back whole:
-        # a message per job is what it cannot afford then.
-        scale = self.sink.batch_scale()
-        chunk = CHUNK_SECONDS if scale == 1 else self.batch_seconds * scale
-        worker.link.send(data, BATCH_HEADER.pack(chunk))
+        worker.link.send(data)
 
     def _message(self, worker: Worker, data: bytes) -> None:
         if not worker.ready:
@@ -251,6 +275,7 @@ class ProcessPool(Backend):
                 self.sink.fatal(RuntimeError(f"state {self.spec.state!r}: {startup.error}"))
                 return
             worker.ready = True
+            worker.since = time.monotonic()  # (idle from now: see `check_timeouts`)
             self.spawner.ready()
             self.slots.offer(worker)
             self.sink.freed()
@@ -263,6 +288,8 @@ class ProcessPool(Backend):
         if end >= len(batch):
             worker.batches.popleft()
             self.slots.returned(worker, len(worker.batches) + 1)
+            if not worker.batches and len(self.workers) > self.limit:
+                self.retire(worker)  # above a lowered limit, and idle now
             worker.reported = 0
             worker.completed += 1
             jobs = batch if start == 0 else batch[start:]
@@ -290,6 +317,12 @@ class ProcessPool(Backend):
             worker.exit_timer = self.loop.call_later(EXIT_WAIT, worker.kill)
 
     def _exited(self, worker: Worker) -> None:
+        if worker.retired:
+            self.leaving.pop(worker, None)
+            worker.detach(self.loop)
+            worker.reap(0.1)  # (it has exited: its sentinel said so)
+            worker.process.close()
+            return
         # Results the worker sent before it died may still sit in the socket: take
         # them first, so that only the job it died in is charged.
         worker.link.drain()
@@ -320,6 +353,11 @@ class ProcessPool(Backend):
         self.spawner.replace(worker.ready, charged, reason)
 
     def check_timeouts(self, now: float) -> None:
+        if self.adaptive:  # (a fixed state keeps its workers, as it always has)
+            idle_since = time.monotonic() - IDLE_RETIRE_SECONDS
+            for worker in self.slots.idle():
+                if worker.since < idle_since:
+                    self.retire(worker)
         if self.timeout is None:
             return
         for worker in self.workers:
@@ -336,13 +374,16 @@ class ProcessPool(Backend):
             else:
                 worker.slot[SLOT_CLOSING] = 1.0  # the EOF that follows is no death
             worker.detach(self.loop)
+        for worker in self.leaving:
+            worker.detach(self.loop)  # (reaped in `wait_closed`)
         if self.poller is not None:
             self.poller.close()
 
     def wait_closed(self) -> None:
         """Reap the workers `close` sent away; kill any still there after `EXIT_WAIT`."""
         deadline = self.closed_at + EXIT_WAIT
-        for worker in self.workers:
+        for worker in [*self.workers, *self.leaving]:
             worker.reap(max(0.0, deadline - time.monotonic()))
             worker.process.close()
         self.workers.clear()
+        self.leaving.clear()

@@ -40,18 +40,31 @@ class Slots:
         loads = " ".join(f"load{n}={len(b)}" for n, b in enumerate(self.by_load))
         return f"<Slots {loads} busy={self.busy}>"
 
-    def free(self, depth: int) -> int:
-        """Batches the listed workers can take, each holding at most ``depth``."""
+    def free(self, depth: int, limit: int) -> int:
+        """Batches the listed workers can take, each holding at most ``depth``, with at
+        most ``limit`` of them executing: an idle worker takes one only while fewer
+        than ``limit`` are busy, a busy one its second only while at most ``limit``."""
         idle, loaded = self.by_load  # (MAX_DEPTH == 2; per dispatch: no loop here)
-        return 2 * len(idle) + len(loaded) if depth == 2 else len(idle)
+        room = limit - self.busy
+        if room < 0:
+            return 0
+        starting = min(len(idle), room)
+        return 2 * starting + len(loaded) if depth == 2 else starting
 
-    def take(self, depth: int) -> Worker | None:
-        """The least loaded worker that can take a batch (an idle one if there is
-        one), unlisted: the caller sends it a batch and then calls `put_back`."""
-        for bucket in self.by_load[:depth]:
-            if bucket:
-                return bucket.popitem()[0]
+    def take(self, depth: int, limit: int) -> Worker | None:
+        """The least loaded worker that can take a batch within ``limit`` (an idle one
+        if there is one and room for it), unlisted: the caller sends it a batch and
+        then calls `put_back`."""
+        idle, loaded = self.by_load
+        if idle and self.busy < limit:
+            return idle.popitem()[0]
+        if loaded and depth == 2 and self.busy <= limit:
+            return loaded.popitem()[0]
         return None
+
+    def idle(self) -> list[Worker]:
+        """The workers that take work and hold none."""
+        return list(self.by_load[0])
 
     def offer(self, worker: Worker) -> None:
         """``worker`` takes work (it just became ready): list it under its load."""

@@ -45,6 +45,7 @@ class Worker:
         "process",
         "ready",
         "reported",
+        "retired",
         "since",
         "slot",
     )
@@ -58,6 +59,7 @@ class Worker:
         self.reported = 0  # jobs of the first batch whose results are back
         self.completed = 0  # batches whose results are all back (the next one's number)
         self.ready = False
+        self.retired = False  # let go while idle (`ProcessPool.retire`): its exit is no death
         self.kill_reason: str | None = None
         self.kill_mark: KillMark | None = None  # set when the pool kills it on purpose
         self.exit_timer: asyncio.TimerHandle | None = None

@@ -44,7 +44,6 @@ async states and failures a backend reports itself wrap whole outcomes (`Results
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -76,10 +75,6 @@ SENDING = 3.0  # encoding and sending the results of the jobs up to ``index``
 # seconds of exec time), so that a worker death loses at most this much finished
 # work; a job that takes longer goes back on its own as soon as it ends.
 CHUNK_SECONDS = 0.005
-# Each batch message starts with this: the seconds of exec time after which its results
-# go back, CHUNK_SECONDS unless the coordinator, falling behind, wants whole batches
-# back in one message (see `jorbmp._load`); the encoded contexts follow.
-BATCH_HEADER = struct.Struct("!f")
 # Aim for messages of at most about this many bytes, both ways: bigger ones cost
 # memory on both sides for no gain (the cost per message is long amortised).
 CHUNK_BYTES = 8 << 20

@@ -32,8 +32,8 @@ from . import _comms
 from ._comms import WorkerEnd
 from ._execute import ContextCodec, bad_context, describe, run_batch
 from ._protocol import (
-    BATCH_HEADER,
     CHUNK_BYTES,
+    CHUNK_SECONDS,
     DECODING,
     FAILED_ATTEMPT,
     IDLE,
@@ -143,14 +143,13 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
         slot[SLOT_BATCH] = batch
         slot[SLOT_PHASE] = DECODING
         batch += 1
-        (chunk_seconds,) = BATCH_HEADER.unpack_from(data)
-        jcs, bad = decoder.decode(memoryview(data)[BATCH_HEADER.size :])
+        jcs, bad = decoder.decode(data)
         in_per_job = len(data) / max(1, len(jcs))
         first = 0
         while first < len(jcs):
             chunk_jobs = max(1, int(CHUNK_BYTES / max(in_per_job, out_per_job, 1.0)))
             results = run_batch(
-                state, fn, ac, oc, jcs, codec, slot, spec.timed, first, chunk_seconds,
+                state, fn, ac, oc, jcs, codec, slot, spec.timed, first, CHUNK_SECONDS,
                 chunk_jobs, bad,
             )  # fmt: skip
             n = len(results.plain)
@@ -173,7 +172,7 @@ class _BatchDecoder:
         self.one = msgspec.msgpack.Decoder(job_type).decode
         self.name = getattr(job_type, "__name__", "the job type")
 
-    def decode(self, data: memoryview) -> tuple[list[Any], dict[int, str] | None]:
+    def decode(self, data: bytes) -> tuple[list[Any], dict[int, str] | None]:
         try:
             return self.many(data), None
         except msgspec.ValidationError:

@@ -8,42 +8,58 @@ reads time only from the clock it is given (tests step a fake one).
 
 The algorithm: hill climbing on measured throughput, as the .NET thread pool and
 Netflix's concurrency-limits do it, with the latency signal of Vegas and Envoy's
-gradient folded in by Little's law (saturated, throughput = limit / latency):
+gradient folded in by Little's law (saturated, throughput = limit / latency), and
+every comparison a statistical one, against the measured noise:
 
-- **Windows, not samples.** A measurement is a window of consecutive saturated updates
-  holding at least ``max(WINDOW_EXECS, WINDOW_PER_SLOT * limit)`` finished execs and at
-  least `WINDOW_LATENCIES` mean exec times. It starts `SETTLE_LATENCIES` mean exec times
-  after a limit change (execs started under the old limit finish first). An update
-  with ``saturated=False`` (an empty queue, a rate limit) ends the window unused and
-  never changes the limit: without demand, low throughput says nothing of capacity.
-- **Probes decided by the worth of the extra slots.** The limit holds at a level (its
-  last `BASE_WINDOWS` windows are its measurement), then tries a neighbour,
-  ``level +- step``. Which of the two stays is decided by the *worth* of the slots
-  between them: the throughput they add, as a share of what they would add if latency
-  held, ``(x_hi/x_lo - 1) / (hi/lo - 1)``: 1 where latency holds, 0 on a plateau,
-  below 0 under contention. The higher level wins at `WORTH` (0.5) and above: slots
-  that bring less than half their keep cost more latency than they give. Once settled
-  (below), the level held keeps its place unless the other wins by `MARGIN`.
-- **Noise-aware length.** A probe of the base step is measured for `PROBE_WINDOWS`
-  windows; sooner when its result is `DECISIVE` standard deviations from the bar (the
-  noise is a running estimate from the held windows), longer, up to `PROBE_MAX`, when
-  within one. A probe of a bigger step is decided by its first window.
+- **Windows, not samples.** A measurement is a window of consecutive saturated updates,
+  at least `WINDOW_UPDATES` of them, lasting at least `WINDOW_LATENCIES` mean exec
+  times and long enough for `WINDOW_EXECS` execs at the limit. Its length comes from
+  the previous window's exec time, never from its own count (a window that ended once
+  it held enough execs would end early when they came fast: a rate biased upwards).
+  The first window only measures the exec time. A window starts `SETTLE_LATENCIES`
+  mean exec times after a limit change (execs started under the old limit finish
+  first). An update with ``saturated=False`` (an empty queue, a rate limit) ends the
+  window unused and never changes the limit: without demand, low throughput says
+  nothing of capacity.
+- **Measured noise.** The noise is the relative variance of throughput over one
+  second (a t-second measurement has noise / t): Poisson counts have 1 / rate, a
+  wobbling service more. It is estimated from the spread of the updates within each
+  window (or, with one-exec updates, of windows against their level's others) and
+  its running mean is the yardstick of every decision. A level's measurement is the
+  sum of its windows (`BASE_WINDOWS` windows' worth at most, older ones fading).
+- **Probes decided by the worth of the extra slots.** The limit holds at a level, then
+  tries a neighbour, ``level +- step``. Which of the two stays is decided by the
+  *worth* of the slots between them: the throughput they add, as a share of what they
+  would add if latency held, ``(x_hi/x_lo - 1) / (hi/lo - 1)``: 1 where latency
+  holds, 0 on a plateau, below 0 under contention. The higher level wins at `WORTH`
+  (0.5) and above. Once settled (below), the level held keeps its place unless the
+  other wins by `MARGIN`.
+- **As long as the noise needs.** A probe starts once the base is measured well
+  enough for it (`BASE_RESOLUTION`), and is measured until its worth lies `CONFIDENT`
+  standard deviations from the bar (`DECISIVE` in its first `PROBE_WINDOWS`
+  windows), or until the wrong choice could cost no more than `RESOLUTION` of the
+  throughput. Where the base is the less certain of the two, the limit goes back to
+  it to measure it more (a probe measured on cannot make up for a short base). After
+  `PROBE_CAP` windows, an unclear base step keeps the base; an unclear big step goes
+  by the measurement, and fine steps follow.
 - **Fast growth, then fine steps.** The first probe doubles the limit, and each probe
-  that wins doubles the step in the same direction (slow start: 2, 4, 8, 16). A lost
-  probe returns to its level and retries that side with the base step (`STEP_SHARE`
-  of the limit, at least 1), then the other side. Going down while execs take
-  `QUEUEING` longer than the least mean exec time seen, the probe goes straight to
-  ``level * least / now`` (Envoy's gradient: the queueing share of the slots goes).
+  that wins clearly doubles the step in the same direction (slow start: 2, 4, 8, 16).
+  A lost probe returns to its level and retries that side with the base step
+  (`STEP_SHARE` of the limit, at least 1), then the other side. Going down while a
+  level's execs take clearly (`QUEUEING`, and beyond their noise) longer than the
+  least mean exec time measured, the probe goes straight to ``level * least / now``
+  (Envoy's gradient: the queueing share of the slots goes).
 - **Settled.** Once both neighbours have lost, the limit holds for `HOLD_FIRST`
-  seconds, doubling per round up to `HOLD_MAX`, then probes one base step either side:
-  a settled limit moves by one step, and back. A neighbour that wins by less than
-  `DECISIVE` is verified by probing back at once, the benefit of the doubt going to
-  the settled level; one that wins decisively, or beats the settled level twice, means
-  the world changed, and climbing starts again.
+  seconds, doubling per round up to `HOLD_MAX`, and at least `HOLD_PER_PROBE` times
+  the last probe (noisy probes are long; probing stays a small share of the time),
+  then probes one base step either side: a settled limit moves by one step, and back.
+  A neighbour that wins is verified by probing back at once, the benefit of the doubt
+  going to the settled level; one that beats the settled level twice means the world
+  changed, and climbing starts again.
 - **Following change.** A settled level whose throughput moves by more than `DRIFT`
-  from what it was when it settled (a remote service lost capacity) ends the holding:
-  probing starts at once, first in the direction the throughput moved. A rise in
-  capacity shows at the next probe up, within about `HOLD_MAX` seconds.
+  (or `DECISIVE` times a window's noise) from what it was when it settled (a remote
+  service lost capacity) ends the holding: probing starts at once, first in the
+  direction the throughput moved. A rise in capacity shows at the next probe up.
 
 Every update is O(1): a few sums and comparisons (the history of changes is bounded).
 """
@@ -52,63 +68,86 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["AdaptiveConcurrency", "ConcurrencyController", "LimitHistory"]
 
-# The fewest finished execs in a window, and per slot of the limit: each slot turns
-# over about twice, so a window's count is not one exec's luck. More: slower decisions.
+# Execs at the limit a window lasts for, and its least length in mean exec times
+# (execs overlapping its ends count for a small share of it): a window's count is not
+# one exec's luck. More: slower decisions. And the fewest updates in a window: with
+# three, a window brings its own estimate of the noise (with two degrees of freedom).
 WINDOW_EXECS = 20
-WINDOW_PER_SLOT = 2
-# The least length of a window in mean exec times (execs overlapping its ends count
-# for a small share of it), and how long after a change of the limit a window starts.
 WINDOW_LATENCIES = 2.0
+WINDOW_UPDATES = 3
+# Updates holding fewer execs than this on average mostly show their rounding: such a
+# window brings no estimate of the noise (and until one does, counts are assumed as
+# noisy as Poisson ones, 1 / rate).
+UPDATE_EXECS = 3
+# Execs the first window, which only measures the exec time, waits for (its count
+# decides its end, so its rate would be biased).
+FIRST_EXECS = 5
+# Mean exec times after a limit change before a window starts.
 SETTLE_LATENCIES = 1.0
-# Windows of held throughput kept as a level's measurement (more: less noise, staler).
-BASE_WINDOWS = 6
-# Windows a probe at the base step is measured for (a probe of a bigger step changes
-# throughput by far more than the noise: its first window decides it), and the most: a
-# result within one standard deviation of the bar is measured on, up to PROBE_MAX.
+# A level's measurement keeps BASE_WINDOWS windows' worth of seconds at most (older
+# ones fade in proportion): more, less noise; fewer, fresher after a change.
+BASE_WINDOWS = 30
+# A probe is decided once its worth lies CONFIDENT standard deviations beyond the bar
+# (DECISIVE in its first PROBE_WINDOWS windows: early looks need more), or once the
+# wrong choice could cost at most RESOLUTION of the throughput (at CONFIDENT
+# deviations), or after PROBE_CAP windows. It starts once the base's own share of the
+# deviation of worth is at most BASE_RESOLUTION (or the base has PROBE_CAP windows):
+# a probe compared against one noisy window of the base would decide on its luck.
+# The limit measures where the variance is SWITCH times the other side's.
 PROBE_WINDOWS = 3
-PROBE_MAX = 5
-# A probe is decided before PROBE_WINDOWS when its result lies this many standard
-# deviations beyond the bar: a probe that clearly loses costs one window.
-DECISIVE = 3.0
-# The noise of a window's throughput (relative standard deviation): assumed at first,
-# the least assumed ever (counts are never that exact), and the weight of each held
-# window in its running estimate.
-NOISE_FIRST = 0.05
-MIN_NOISE = 0.02
-NOISE_WEIGHT = 0.2
+PROBE_CAP = 25
+DECISIVE = 2.5
+CONFIDENT = 2.0
+RESOLUTION = 0.05
+BASE_RESOLUTION = 0.14
+SWITCH = 2.0
+# The noise of throughput (relative variance over one second) assumed at first (5%
+# per 0.1 s) and weighted as NOISE_PRIOR_DF degrees of freedom; the least ever assumed
+# (2% per 0.1 s: counts are never that exact); that of a mean exec time per exec at
+# first (a CV of 0.3). The running estimates are means of what the windows bring until
+# NOISE_WEIGHT is the weight of each (more: follows change sooner, wobbles more).
+NOISE_FIRST = 0.05**2 * 0.1
+NOISE_PRIOR_DF = 1
+MIN_NOISE = 0.02**2 * 0.1
+LAT_NOISE_FIRST = 0.3**2
+NOISE_WEIGHT = 0.05
 # The worth of the extra slots (throughput gained over what they would add at
 # constant latency) at which the higher level wins: below it, slots cost more latency
 # than they bring; above it, they are worth their keep. MARGIN is the incumbent's edge.
 WORTH = 0.5
 MARGIN = 0.2
-# Exec time above the least seen by this share means execs queue for something: a
-# climbing limit then probes down by the queueing share at once. LAT_MIN_FORGET: the
-# share of the gap to a window's mean exec time the least closes per window, so a
-# least measured long ago (a faster service then) does not stay forever.
+# A level's exec time above the least seen by this share (and by DECISIVE times its
+# noise) means execs queue for something: a climbing limit then probes down by the
+# queueing share at once. LAT_MIN_FORGET: the share of the gap to a measurement's
+# mean exec time the least closes per measurement, so a least measured long ago (a
+# faster service then) does not stay forever.
 QUEUEING = 0.2
-LAT_MIN_FORGET = 0.01
+LAT_MIN_FORGET = 0.02
 # The base step as a share of the limit: probes change the limit by ~10%, enough to see
 # over the noise, small enough that a settled limit stays within a step of its level.
 STEP_SHARE = 0.1
 # Seconds a settled limit holds before probing again: the first hold, and the most it
-# doubles to. Longer holds cost less throughput in probes, and see a rise later.
+# doubles to; and at least HOLD_PER_PROBE times the last probe's length (noisy counts
+# make probes long: probing then still takes at most a third of the time). Longer
+# holds cost less throughput in probes, and see a rise later.
 HOLD_FIRST = 0.5
 HOLD_MAX = 2.0
-# A settled level's throughput moving by more than this share (or DECISIVE times the
-# noise, if more) means the world changed.
+HOLD_PER_PROBE = 2.0
+# A settled level's throughput moving by more than this share (or DECISIVE times a
+# window's noise, if more) means the world changed.
 DRIFT = 0.3
 # Limit changes kept in `LimitHistory.changes`; older ones are thinned, every other one
 # dropped, when there are more.
 HISTORY_MAX = 200
 
-# Modes: measuring the base level, or a probe of a neighbour.
-_HOLD, _PROBE = "hold", "probe"
+# Modes: measuring the base level, a probe of a neighbour, or the base again during a
+# probe (its measurement was the less certain one).
+_HOLD, _PROBE, _REVISIT = "hold", "probe", "revisit"
 # Phases: climbing (steps double as probes win), settled (both neighbours lost; holds
 # between probes), verifying (a settled level's neighbour won; probing back decides).
 _CLIMB, _SETTLED, _VERIFY = "climb", "settled", "verify"
@@ -165,13 +204,64 @@ class LimitHistory:
     changes: tuple[tuple[float, int], ...]
 
 
-class _Windows:
-    """Cuts a state's cumulative counters into measurement windows (see the module doc)."""
+class _Sums:
+    """Execs, wall seconds and exec seconds over some windows: a level's measurement.
 
-    __slots__ = ("_settle_until", "_start", "latency")
+    ``cap`` seconds at most: beyond, all three shrink in proportion (older windows
+    fade), so a level long held stays current and every update stays O(1)."""
+
+    __slots__ = ("exec_seconds", "execs", "seconds", "windows")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.execs = 0.0
+        self.seconds = 0.0
+        self.exec_seconds = 0.0
+        self.windows = 0
+
+    def add(self, execs: int, seconds: float, exec_seconds: float, cap: float) -> None:
+        self.execs += execs
+        self.seconds += seconds
+        self.exec_seconds += exec_seconds
+        self.windows += 1
+        if self.seconds > cap > 0:
+            f = cap / self.seconds
+            self.execs, self.seconds, self.exec_seconds = (
+                self.execs * f,
+                cap,
+                self.exec_seconds * f,
+            )
+
+    def take(self, other: _Sums) -> None:
+        self.execs, self.seconds = other.execs, other.seconds
+        self.exec_seconds, self.windows = other.exec_seconds, other.windows
+
+    @property
+    def rate(self) -> float:
+        return self.execs / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def latency(self) -> float:
+        return self.exec_seconds / self.execs if self.execs > 0 else 0.0
+
+
+class _Windows:
+    """Cuts a state's cumulative counters into measurement windows (see the module doc).
+
+    Within a window it also sums each update's share of the execs, so a closing
+    window brings an estimate of the noise from its own updates: an update of ``dt``
+    seconds whose count varies by ``noise * rate**2 * dt`` (Poisson counts: noise
+    = 1 / rate; a wobbling rate: its variance times the update's length)."""
+
+    __slots__ = ("_k", "_last", "_settle_until", "_spread", "_start", "latency")
 
     def __init__(self) -> None:
         self._start: tuple[float, int, float] | None = None  # time, processed, exec seconds
+        self._last = (0.0, 0)  # the window's last update: time, processed
+        self._k = 0  # updates in the window
+        self._spread = 0.0  # the sum over them of execs**2 / seconds
         self._settle_until = -math.inf
         self.latency = 0.0  # mean exec seconds of the last window (0: none yet)
 
@@ -180,31 +270,52 @@ class _Windows:
         self._start = None
         self._settle_until = now + SETTLE_LATENCIES * self.latency
 
+    def _begin(self, now: float, processed: int, exec_seconds: float) -> None:
+        self._start, self._last = (now, processed, exec_seconds), (now, processed)
+        self._k, self._spread = 0, 0.0
+
     def feed(
         self, now: float, processed: int, exec_seconds: float, saturated: bool, limit: int
-    ) -> tuple[int, float] | None:
-        """``(execs, seconds)`` of the window that closes at this update, if one does."""
+    ) -> tuple[int, float, float, float, int] | None:
+        """``(execs, seconds, exec seconds, noise, its degrees of freedom)`` of the window
+        closing at this update, if one does (noise 0 with none: a one-update window)."""
         start = self._start
         if not saturated or now < self._settle_until:
             self._start = None
             return None
         if start is None:
-            self._start = (now, processed, exec_seconds)
+            self._begin(now, processed, exec_seconds)
             return None
         t0, n0, e0 = start
         n, t = processed - n0, now - t0
-        if n < 0 or t < 0:  # counters or clock went back: measure afresh
-            self._start = (now, processed, exec_seconds)
+        t1, n1 = self._last
+        if n < 0 or t < 0 or processed < n1 or now <= t1:  # counters or clock went back
+            self._begin(now, processed, exec_seconds)
             return None
-        if (
-            n < max(WINDOW_EXECS, WINDOW_PER_SLOT * limit)
-            or t <= 0
-            or t < WINDOW_LATENCIES * self.latency
-        ):
+        self._k += 1
+        self._spread += (processed - n1) ** 2 / (now - t1)
+        self._last = (now, processed)
+        # A window's length comes from the last window's exec time, not from its own
+        # count: one that closed once it held enough execs would close early when its
+        # execs came fast, and measure a rate biased upwards (most at low limits).
+        if self.latency > 0:
+            short = n == 0 or t < self.latency * max(WINDOW_LATENCIES, WINDOW_EXECS / limit)
+        else:  # no exec time known yet: a first, short window measures it, and only it
+            if n < FIRST_EXECS:
+                return None
+            self.latency = max(0.0, exec_seconds - e0) / n
+            self._begin(now, processed, exec_seconds)
             return None
-        self.latency = max(0.0, exec_seconds - e0) / n
-        self._start = (now, processed, exec_seconds)  # windows follow each other
-        return n, t
+        if short or self._k < WINDOW_UPDATES:
+            return None
+        e = max(0.0, exec_seconds - e0)
+        self.latency = e / n
+        # sum((dn - r dt)**2 / dt) = spread - 2 r n + r**2 t, about noise * r**2 * (k - 1)
+        # Updates of a few execs each mostly show their rounding: none then.
+        r, df = n / t, self._k - 1 if n >= UPDATE_EXECS * self._k else 0
+        noise = max(0.0, self._spread - 2 * r * n + r * r * t) / (r * r * df) if df else 0.0
+        self._begin(now, processed, exec_seconds)  # windows follow each other
+        return n, t, e, noise, df
 
 
 class ConcurrencyController:
@@ -219,8 +330,7 @@ class ConcurrencyController:
     __slots__ = (
         "_backoff",
         "_base",
-        "_base_lat",
-        "_base_sums",
+        "_base_m",
         "_changes",
         "_clock",
         "_dir",
@@ -229,15 +339,21 @@ class ConcurrencyController:
         "_hold_until",
         "_jump",
         "_lat_min",
+        "_lat_noise",
         "_limit",
         "_lo",
+        "_looks",
         "_mode",
         "_noise",
         "_phase",
-        "_probe_windows",
+        "_probe_m",
+        "_probe_since",
+        "_probe_time",
         "_ref",
+        "_samples",
         "_seen",
         "_step",
+        "_target",
         "_windows",
     )
 
@@ -253,17 +369,20 @@ class ConcurrencyController:
         self._limit = self._base = min(self._hi, max(self._lo, start))
         self._mode = _HOLD
         self._windows = _Windows()
-        # The base level's last windows, [(execs, seconds)], and the probe's windows.
-        self._base_sums: deque[tuple[int, float]] = deque(maxlen=BASE_WINDOWS)
-        self._probe_windows: list[tuple[int, float]] = []
-        # The relative standard deviation of a held window's throughput (a running
-        # estimate, from each held window against the level's others).
-        self._noise = NOISE_FIRST
-        # Mean exec seconds at the base level (recent windows), and the least of any
-        # window (forgotten slowly): exec time without queueing.
-        self._base_lat = 0.0
-        self._jump = False  # the probe under way is a gradient jump (below)
+        # The base level's measurement (its held windows, older ones fading) and the
+        # probe's (all its windows).
+        self._base_m, self._probe_m = _Sums(), _Sums()
+        self._probe_since = self._probe_time = 0.0  # when the probe began; the last's length
+        self._target, self._looks = self._limit, 0  # the probe's level; windows judged
+        # Noise: the relative variance of throughput measured over one second (a window
+        # of t seconds has noise / t), and of mean exec time over one exec; running
+        # estimates from each window (its own updates, or against its level's others).
+        self._noise, self._lat_noise = NOISE_FIRST, LAT_NOISE_FIRST
+        self._samples = 0  # degrees of freedom the throughput noise has learnt from
+        # The least mean exec time of a level's measurement (forgotten slowly): exec
+        # time without queueing.
         self._lat_min = math.inf
+        self._jump = False  # the probe under way is a gradient jump (below)
         self._step, self._dir = max(1, self._limit), 1  # the first probe doubles
         self._fails = 0  # base-step probes lost in a row (2: both sides lost)
         self._phase = _CLIMB
@@ -289,120 +408,186 @@ class ConcurrencyController:
         now = self._clock()
         window = self._windows.feed(now, processed, exec_seconds, saturated, self._limit)
         if window is not None:
-            lat, low = self._windows.latency, self._lat_min
-            self._lat_min = lat if lat < low else low + LAT_MIN_FORGET * (lat - low)
             if self._mode == _HOLD:
                 self._held(now, *window)
-            else:
+            elif self._mode == _PROBE:
                 self._probed(now, *window)
+            else:
+                self._revisited(now, *window)
         return self._limit
 
     def __repr__(self) -> str:
         return (
             f"<ConcurrencyController limit={self._limit} in [{self._lo}, {self._hi}] "
-            f"{self._mode} {self._phase} step={self._step}>"
+            f"{self._mode} {self._phase} step={self._step} noise={math.sqrt(self._noise):.3f}>"
         )
 
     # -- decisions (each at the close of a window) --
 
-    def _held(self, now: float, n: int, t: float) -> None:
-        x = n / t
-        drift = max(DRIFT, DECISIVE * self._noise)
+    def _held(self, now: float, n: int, t: float, e: float, noise: float, df: int) -> None:
+        x, base = n / t, self._base_m
+        if self._samples == 0 and df == 0:
+            # Nothing learnt yet, nor from this window (updates of one exec or none):
+            # until windows tell, counts are as noisy as Poisson ones.
+            self._noise = max(self._noise, 1 / x)
+        drift = max(DRIFT, DECISIVE * math.sqrt(self._noise / t))
         if self._phase != _CLIMB and self._ref > 0 and abs(x / self._ref - 1) > drift:
             # The level's throughput moved: what was measured here is stale.
             self._phase, self._fails, self._backoff = _CLIMB, 0, HOLD_FIRST
             self._dir = 1 if x > self._ref else -1  # less throughput: less capacity
             self._step, self._hold_until = self._base_step(self._base), now
-            self._base_sums.clear()
-        elif len(self._base_sums) >= 2:
-            sums = self._base_sums
-            xb = sum(w[0] for w in sums) / sum(w[1] for w in sums)
-            var = (x / xb - 1) ** 2 * len(sums) / (len(sums) + 1)
-            noise = math.sqrt((1 - NOISE_WEIGHT) * self._noise**2 + NOISE_WEIGHT * var)
-            self._noise = max(MIN_NOISE, noise)
-        lat = self._windows.latency
-        self._base_lat = lat if len(self._base_sums) == 0 else (self._base_lat + lat) / 2
-        self._base_sums.append((n, t))
+            base.clear()
+        else:
+            self._learn_noise(base, n, t, e, noise, df)
+        base.add(n, t, e, BASE_WINDOWS * t)
         if now >= self._hold_until:
             self._start_probe(now)
 
+    def _learn_noise(self, m: _Sums, n: int, t: float, e: float, noise: float, df: int) -> None:
+        """Update the noise estimates from a window: from its own updates (``noise``
+        with ``df`` degrees of freedom), else against the other windows of its level
+        ``m`` (their squared relative difference has the variance of both, noise / t +
+        noise / m.seconds; for exec times, per exec). The first estimates are plain
+        means with the prior as one sample; later ones a running average."""
+        if df == 0 and m.windows >= 2:
+            noise, df = (n / t / m.rate - 1) ** 2 / (1 / t + 1 / m.seconds), 1
+        if df:
+            self._samples += df
+            w = max(NOISE_WEIGHT, df / (self._samples + NOISE_PRIOR_DF))
+            self._noise = max(MIN_NOISE, (1 - w) * self._noise + w * noise)
+        if m.windows >= 2:
+            lat_var = (e / n / m.latency - 1) ** 2 / (1 / n + 1 / m.execs)
+            w = max(NOISE_WEIGHT, 1 / (m.windows + 1))
+            self._lat_noise = (1 - w) * self._lat_noise + w * lat_var
+
     def _start_probe(self, now: float) -> None:
         self._jump = False
-        if (
-            self._phase == _CLIMB
-            and self._dir < 0
-            and self._base_lat > (1 + QUEUEING) * self._lat_min > 0
-        ):
+        base = self._base_m
+        if self._phase == _CLIMB and self._dir < 0 and base.execs > 0 and self._queueing():
             # Execs queue for something: go down by the share of their time spent
-            # queueing (Envoy's gradient), as one big step that one window decides.
-            lean = math.ceil(self._base * self._lat_min / self._base_lat)
+            # queueing (Envoy's gradient), as one big step.
+            lean = math.ceil(self._base * self._lat_min / base.latency)
             if self._base - lean > self._step:
                 self._step, self._jump = self._base - lean, True
         target = min(self._hi, max(self._lo, self._base + self._dir * self._step))
+        self._mode = _HOLD
         if target == self._base:  # at a bound: that side has lost
-            self._mode = _HOLD
             if self._lo == self._hi:
                 self._hold_until = math.inf
             else:
                 self._lost(now)
             return
-        self._mode = _PROBE
-        self._probe_windows = []
+        # The base must be measured well enough for this comparison first (or for
+        # PROBE_CAP windows, where the noise allows no better): hold on meanwhile.
+        lo, hi = min(self._base, target), max(self._base, target)
+        sigma = math.sqrt(self._noise / max(base.seconds, 1e-12)) * lo / (hi - lo)
+        if sigma > BASE_RESOLUTION and base.windows < PROBE_CAP:
+            self._hold_until = now
+            return
+        self._note_latency(base)
+        self._mode, self._target, self._looks = _PROBE, target, 0
+        self._probe_m.clear()
+        self._probe_since = now
         self._set(now, target)
 
-    def _probed(self, now: float, n: int, t: float) -> None:
-        windows = self._probe_windows
-        windows.append((n, t))
-        sums = self._base_sums
-        xb = sum(w[0] for w in sums) / sum(w[1] for w in sums)
-        xp = sum(w[0] for w in windows) / sum(w[1] for w in windows)
-        lo, hi = min(self._base, self._limit), max(self._base, self._limit)
-        x_lo, x_hi = (xb, xp) if self._base < self._limit else (xp, xb)
+    def _queueing(self) -> bool:
+        """Whether the base level's execs take clearly longer than the least seen."""
+        base, low = self._base_m, self._lat_min
+        if not low < math.inf:
+            return False
+        excess = base.latency / low - 1
+        spread = DECISIVE * math.sqrt(2 * self._lat_noise / base.execs)
+        return excess > max(QUEUEING, spread)
+
+    def _note_latency(self, m: _Sums) -> None:
+        lat, low = m.latency, self._lat_min
+        if lat > 0:
+            self._lat_min = lat if lat < low else low + LAT_MIN_FORGET * (lat - low)
+
+    def _probed(self, now: float, n: int, t: float, e: float, noise: float, df: int) -> None:
+        self._learn_noise(self._probe_m, n, t, e, noise, df)
+        self._probe_m.add(n, t, e, math.inf)
+        self._judge(now)
+
+    def _revisited(self, now: float, n: int, t: float, e: float, noise: float, df: int) -> None:
+        """A window back at the base during a probe: the base's measurement was the
+        less certain of the two (a probe measured on cannot make up for a short base)."""
+        self._learn_noise(self._base_m, n, t, e, noise, df)
+        self._base_m.add(n, t, e, BASE_WINDOWS * t)
+        self._judge(now)
+
+    def _judge(self, now: float) -> None:
+        """Compare the probe's level with the base, and decide, or measure on: at the
+        probe's level, or at the base's when the base is the less certain."""
+        probe, base, target = self._probe_m, self._base_m, self._target
+        self._looks += 1
+        xb, xp = base.rate, probe.rate
+        lo, hi = min(self._base, target), max(self._base, target)
+        x_lo, x_hi = (xb, xp) if self._base < target else (xp, xb)
         worth = (x_hi / x_lo - 1) / (hi / lo - 1)
         # Climbing, the two levels are equals; settled, the level the limit holds at
         # keeps its place unless the other wins by MARGIN; verifying, the benefit of
         # the doubt is the settled level's, which the probe returns to.
         edge = {_CLIMB: 0.0, _SETTLED: MARGIN, _VERIFY: -MARGIN}[self._phase]
         bar = WORTH + edge if self._dir > 0 else WORTH - edge
-        # The standard deviation of ``worth`` from the windows' noise: decide once the
-        # result is clear of the bar, early when it is far beyond it, or at the most.
-        k = len(windows)
-        sigma = self._noise * math.sqrt(1 / k + 1 / len(sums)) * lo / (hi - lo)
-        clear = abs(worth - bar)
-        if self._step > self._base_step(self._base):
-            pass  # a big step: its first window decides (the truth is rarely near the bar)
-        elif clear < DECISIVE * sigma and (k < PROBE_WINDOWS or (clear < sigma and k < PROBE_MAX)):
+        # The standard deviation of ``worth``, from the noise and both measurements'
+        # lengths. Measure on until the result is clear of the bar (by DECISIVE before
+        # PROBE_WINDOWS, CONFIDENT after), or precise enough that it matters little
+        # which way it goes, or PROBE_CAP windows long.
+        var_p = self._noise / probe.seconds
+        var_b = self._noise / base.seconds
+        spread = math.sqrt(var_p + var_b)  # of the throughput ratio
+        sigma, clear = spread * lo / (hi - lo), abs(worth - bar)
+        # The most the wrong choice could cost, in throughput, at CONFIDENT sigmas.
+        fine = (clear + CONFIDENT * sigma) * (hi - lo) / lo <= RESOLUTION
+        z = DECISIVE if probe.windows < PROBE_WINDOWS else CONFIDENT
+        if clear < z * sigma and not fine and self._looks < PROBE_CAP:
+            # Measure where the uncertainty is: the probe's level, or back at the base
+            # (moving only once one side holds SWITCH times the other's: every move
+            # costs a settling time).
+            if var_b > SWITCH * var_p:
+                self._mode = _REVISIT
+            elif var_p > SWITCH * var_b:
+                self._mode = _PROBE
+            self._set(now, self._base if self._mode == _REVISIT else target)
             return
-        if worth >= bar if self._dir > 0 else worth <= bar:
-            self._moved(now, clear >= DECISIVE * sigma)
+        self._note_latency(probe)
+        self._probe_time = now - self._probe_since
+        wins = worth >= bar if self._dir > 0 else worth <= bar
+        shown = clear >= CONFIDENT * sigma
+        # Unclear after PROBE_CAP windows, a big step goes by the measurement (the
+        # levels are far apart, and fine steps follow); a base step keeps the base.
+        big = self._step > self._base_step(self._base) and self._phase == _CLIMB
+        if wins and (shown or fine or big):
+            self._set(now, target)
+            self._moved(now, shown)
+            return
+        # Lost, or not shown to win within PROBE_CAP: the base keeps its place.
+        self._mode = _HOLD
+        self._set(now, self._base)
+        base_step = self._base_step(self._base)
+        if self._step > base_step:  # overshot: retry this side with the base step
+            self._step, self._hold_until = base_step, now
         else:
-            self._mode = _HOLD
-            self._set(now, self._base)
-            base_step = self._base_step(self._base)
-            if self._step > base_step:  # overshot: retry this side with the base step
-                self._step, self._hold_until = base_step, now
-            else:
-                self._lost(now, xb)
+            self._lost(now, xb)
 
     def _moved(self, now: float, decisive: bool) -> None:
-        """The probe's level won (``decisive``: far beyond the noise): it becomes the
-        base, and probing goes on from it."""
+        """The probe's level won (``decisive``: beyond the noise, not merely close to
+        the bar): it becomes the base, and probing goes on from it."""
         self._base = self._limit
-        self._base_sums.clear()
-        self._base_sums.extend(self._probe_windows)
-        self._base_lat = self._windows.latency
+        self._base_m.take(self._probe_m)
         self._fails = 0
         if self._phase == _VERIFY:  # back where it settled: the move was noise
             self._phase, self._mode = _SETTLED, _HOLD
             self._dir, self._step = -self._dir, self._base_step(self._base)
-            self._hold_until = now + self._backoff
+            self._hold_until = now + self._hold()
             return
         if self._phase == _SETTLED and decisive:  # the world changed: climb
             self._phase = _CLIMB
         if self._phase == _SETTLED:  # most likely noise: probe back at once
             self._phase = _VERIFY
             self._dir, self._step = -self._dir, self._base_step(self._base)
-        elif self._jump:  # it landed where the queueing said: fine steps from here
+        elif self._jump or not decisive:  # fine steps from here
             self._step = self._base_step(self._base)
         else:  # momentum: double the step, at most doubling or halving the limit
             cap = self._base if self._dir > 0 else max(1, self._base // 2)
@@ -422,8 +607,13 @@ class ConcurrencyController:
             self._fails, self._phase = 0, _SETTLED
             if xb > 0:
                 self._ref = xb
-            self._hold_until = now + self._backoff
+            self._hold_until = now + self._hold()
             self._backoff = min(HOLD_MAX, 2 * self._backoff)
+
+    def _hold(self) -> float:
+        """Seconds a settled level holds before its next probe: the backoff, and at
+        least HOLD_PER_PROBE times the last probe, so probing takes a bounded share."""
+        return max(self._backoff, HOLD_PER_PROBE * self._probe_time)
 
     def _base_step(self, level: int) -> int:
         return max(1, int(level * STEP_SHARE))

@@ -34,6 +34,7 @@ from ._coordinator import Coordinator
 from ._lane import Lane
 from ._pool import ProcessPool
 from ._protocol import WorkerSpec
+from .adaptive import AdaptiveConcurrency
 from .checkpoint.base import NilSerializer, Serializer
 from .errors import Stopped
 from .ratelimit import make_gate
@@ -289,6 +290,7 @@ class Processor(Generic[AC]):
         kind = state.resolved_kind()
         job_type: Any = run.job_type if run.job_type is not None else Any
         name, fn, oc = state.trigger_state, state.exec, run.overall
+        maximum = lane.limit.maximum  # (an adaptive state's limit moves below it)
         if kind == "process" and not self.inline:
             ac = None if self.ac_factory is not None else self.ac
             spec = WorkerSpec(
@@ -296,8 +298,8 @@ class Processor(Generic[AC]):
             )
             factory = state.backend if state.backend is not None else self.backend
             if factory is not None:
-                return factory.create(spec, state.concurrency, lane, state.timeout)
-            return ProcessPool(spec, state.concurrency, self.mp_context, lane, state.timeout)
+                return factory.create(spec, maximum, lane, state.timeout)
+            return ProcessPool(spec, maximum, self.mp_context, lane, state.timeout)
         if kind == "process":
             # Built by ac_factory on the run's inline thread, where it is used, as a
             # worker builds its own.
@@ -305,10 +307,8 @@ class Processor(Generic[AC]):
             return InlineBackend(name, fn, ac, oc, job_type, 1, lane, runner=runner)
         ac = self._coordinator_ac()
         if kind == "async":
-            return AsyncBackend(
-                name, fn, ac, oc, job_type, state.concurrency, lane, timeout=state.timeout
-            )
-        return ThreadBackend(name, fn, ac, oc, job_type, state.concurrency, lane)
+            return AsyncBackend(name, fn, ac, oc, job_type, maximum, lane, timeout=state.timeout)
+        return ThreadBackend(name, fn, ac, oc, job_type, maximum, lane)
 
 
 def _check_retry_delay(state: State) -> None:
@@ -369,18 +369,25 @@ def validate_states(states: Sequence[State]) -> list[State]:
         if state.kind not in KINDS:
             raise ValueError(f"state {name!r}: kind must be one of {KINDS}, got {state.kind!r}")
         if state.terminal:
+            if isinstance(state.concurrency, AdaptiveConcurrency):
+                raise ValueError(
+                    f"state {name!r} is terminal: it runs nothing, so AdaptiveConcurrency "
+                    "has nothing to adapt"
+                )
             continue
         if state.exec is None:
             raise ValueError(f"state {name!r} is not terminal and has no exec")
         if not callable(state.exec):
             raise ValueError(f"state {name!r}: exec must be callable")
         concurrency = state.concurrency
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+        if isinstance(concurrency, AdaptiveConcurrency):
+            concurrency.check(name)
+        elif isinstance(concurrency, bool) or not isinstance(concurrency, int):
             raise ValueError(
-                f"state {name!r}: concurrency must be an int, got {concurrency!r} "
-                f"({type(concurrency).__name__})"
+                f"state {name!r}: concurrency must be an int or AdaptiveConcurrency, got "
+                f"{concurrency!r} ({type(concurrency).__name__})"
             )
-        if concurrency < 1:
+        elif concurrency < 1:
             raise ValueError(f"state {name!r}: concurrency must be >= 1, got {concurrency}")
         _check_retry_delay(state)
         if state.max_retries is not None and state.max_retries < 0:

@@ -167,7 +167,8 @@ def _plain_line(elapsed: float, counts: list[StatusCount]) -> str:
             parts.append(f"{c.state} {c.completed}/{total}")
         else:
             parts.append(
-                f"{c.state} {c.processed} done {c.executing} exec {c.waiting} wait "
+                f"{c.state} {c.processed} done {c.executing}/{c.concurrency} exec "
+                f"{c.waiting} wait "
                 f"{c.jobs_per_second:.1f}/s mean {_fmt_seconds(c.mean_seconds)} "
                 f"cpu {c.cpu_percent:.0f}% err {c.errors}{_limit([c])}"
             )
@@ -193,7 +194,8 @@ class TqdmStatusListener(StatusListener):
     """A progress bar per state, in the order the states were given.
 
     A working state's bar counts the execs it finished and shows how many jobs wait
-    and execute, its mean exec time and CPU; a terminal state's bar counts the jobs
+    and execute (of its concurrency: an adaptive state's current limit), its mean
+    exec time and CPU; a terminal state's bar counts the jobs
     that arrived in it out of all jobs in the run. ``plain`` forces (True) or
     forbids (False) plain lines instead of bars; by default they are used when the
     output is not a terminal. Extra keyword arguments go to every ``tqdm``.
@@ -258,7 +260,8 @@ class TqdmStatusListener(StatusListener):
                 bar.recent_rate = sum(c.jobs_per_second for c in group)
                 bar.set_postfix_str(
                     f"wait={sum(c.waiting for c in group)} "
-                    f"exec={sum(c.executing for c in group)} mean={_fmt_seconds(mean)} "
+                    f"exec={sum(c.executing for c in group)}/{sum(c.concurrency for c in group)} "
+                    f"mean={_fmt_seconds(mean)} "
                     # (folded async and thread states would each count the coordinator)
                     f"cpu={max(c.cpu_percent for c in group):.0f}% "
                     f"err={sum(c.errors for c in group)}{_limit(group)}",

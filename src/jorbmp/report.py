@@ -10,6 +10,7 @@ import os
 
 import msgspec
 
+from .adaptive import LimitHistory
 from .status import StatusCount
 
 __all__ = ["RunReport", "StateReport"]
@@ -37,6 +38,17 @@ class StateReport(msgspec.Struct, frozen=True):
     cpu_percent: float  # mean over the run, of the state's processes
     rate_wait_seconds: float
     rate_limit: float = 0.0  # the rate limit's rate per second at the end (0: no limit)
+    # An adaptive state (`AdaptiveConcurrency`): its limit's least and greatest values
+    # over the run (``concurrency`` is its last); for a fixed one, both its concurrency.
+    adaptive: bool = False
+    concurrency_min: int = 0
+    concurrency_max: int = 0
+
+    def concurrency_text(self) -> str:
+        """The concurrency as the table shows it: ``8`` or, adaptive, ``8 (2-16)``."""
+        if not self.adaptive:
+            return str(self.concurrency)
+        return f"{self.concurrency} ({self.concurrency_min}-{self.concurrency_max})"
 
 
 class RunReport(msgspec.Struct, frozen=True):
@@ -62,7 +74,7 @@ class RunReport(msgspec.Struct, frozen=True):
                 "" if s.terminal else str(s.errors),
                 "" if s.terminal else _seconds(s.mean_seconds),
                 "" if s.terminal else _seconds(s.p95_seconds),
-                "" if s.terminal else f"{s.utilisation:.0%} of {s.concurrency}",
+                "" if s.terminal else f"{s.utilisation:.0%} of {s.concurrency_text()}",
                 "" if s.terminal else f"{s.cpu_percent:.0f}%",
                 "" if s.terminal or not s.rate_wait_seconds else _seconds(s.rate_wait_seconds),
             )
@@ -97,10 +109,11 @@ def build_report(
     run: str,
     outcome: str,
     wall: float,
-    rows: list[tuple[StatusCount, int, str]],
+    rows: list[tuple[StatusCount, int, str, LimitHistory | None]],
     cpu_seconds: list[float],
 ) -> RunReport:
-    """Turn the final status (one ``(count, concurrency, kind)`` per state) into a report."""
+    """Turn the final status (one ``(count, concurrency, kind, limits)`` per state: an
+    adaptive state's ``limits`` over the run, else None) into a report."""
     states = [
         StateReport(
             state=c.state,
@@ -111,13 +124,16 @@ def build_report(
             errors=c.errors,
             mean_seconds=c.mean_seconds,
             p95_seconds=c.p95_seconds,
-            concurrency=concurrency,
+            concurrency=concurrency if limits is None else limits.final,
             utilisation=c.utilisation,
             cpu_percent=100 * cpu / wall if wall > 0 else 0.0,
             rate_wait_seconds=c.rate_wait_seconds,
             rate_limit=c.rate_limit,
+            adaptive=limits is not None,
+            concurrency_min=concurrency if limits is None else limits.min,
+            concurrency_max=concurrency if limits is None else limits.max,
         )
-        for (c, concurrency, kind), cpu in zip(rows, cpu_seconds, strict=True)
+        for (c, concurrency, kind, limits), cpu in zip(rows, cpu_seconds, strict=True)
     ]
     working = [s for s in states if not s.terminal and s.execs]
     if not working:
@@ -139,7 +155,7 @@ def _hint(s: StateReport, wall: float) -> str:
             f"no state was saturated (busiest: {name}, {busy} busy): jobs were waiting "
             "on something else (start-up, the coordinator, or too few jobs to overlap)"
         )
-    where = f"state {name} was busy {busy} of the run at concurrency {s.concurrency}"
+    where = f"state {name} was busy {busy} of the run at concurrency {s.concurrency_text()}"
     cores = os.cpu_count() or 1
     if s.kind == "process" and s.concurrency >= cores:
         return f"{where}, as many workers as cores: add cores or make its exec cheaper"

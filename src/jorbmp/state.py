@@ -9,6 +9,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
+from .adaptive import AdaptiveConcurrency
 from .backoff import Backoff
 from .run import FAILED
 
@@ -43,7 +44,9 @@ class State:
     exec: Callable[..., Any] | None = None
     _: KW_ONLY
     terminal: bool = False
-    concurrency: int = 1
+    #: Execs at once: an int, or `jorbmp.AdaptiveConcurrency(min, max)` for a limit
+    #: chosen at run time for throughput.
+    concurrency: int | AdaptiveConcurrency = 1
     rate_limit: Any = None
     kind: Kind = "auto"
     max_retries: int | None = 3

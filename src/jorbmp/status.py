@@ -43,6 +43,9 @@ class StatusCount(msgspec.Struct, frozen=True):
     rate_wait_seconds: float = 0.0  # time spent waiting on the state's rate limiter
     utilisation: float = 0.0  # busy slot-seconds / (concurrency x elapsed), 0..1
     rate_limit: float = 0.0  # the rate limit's current rate per second (0: no limit)
+    # Execs at once the state allows now: its concurrency, or an adaptive state's
+    # current limit (0 for terminal states).
+    concurrency: int = 0
 
 
 class StatusListener:
@@ -171,8 +174,10 @@ class StateMetrics:
         executing: int,
         now: float,
         capacity_seconds: float,
+        concurrency: int = 0,
     ) -> StatusCount:
-        """``capacity_seconds``: concurrency x time since the run started."""
+        """``capacity_seconds``: the slot-seconds the state's limit allowed since the run
+        started; ``concurrency``: its limit now."""
         return StatusCount(
             state=state,
             completed=count if terminal else 0,
@@ -191,4 +196,5 @@ class StateMetrics:
             utilisation=min(1.0, self.total_seconds / capacity_seconds)
             if capacity_seconds
             else 0.0,
+            concurrency=0 if terminal else concurrency,
         )

@@ -553,6 +553,12 @@ def scenario_manycore(quick: bool, rounds: int) -> list[Row]:
     return manycore.scenario(quick, rounds)
 
 
+def scenario_adaptive(quick: bool, rounds: int) -> list[Row]:
+    from . import adaptive  # imports this module
+
+    return adaptive.scenario(quick, rounds)
+
+
 SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "pipeline": scenario_pipeline,
     "linear": scenario_linear,
@@ -564,6 +570,12 @@ SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "aimd": scenario_aimd,
     "dask": scenario_dask,
     "manycore": scenario_manycore,
+}
+# Run only when asked for (--only NAME; --scaling): they would take the full bench past
+# its ~6 minutes.
+EXTRA: dict[str, Callable[[bool, int], list[Row]]] = {
+    "adaptive": scenario_adaptive,
+    "scaling": scenario_scaling,
 }
 
 
@@ -626,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, one round (< 60 s)")
     parser.add_argument("--scaling", action="store_true", help="CPU scaling up to all cores")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--only", metavar="NAME", action="append", choices=[*SCENARIOS, "scaling"])
+    parser.add_argument("--only", metavar="NAME", action="append", choices=[*SCENARIOS, *EXTRA])
     parser.add_argument("--rounds", type=int, default=None, help="rounds per scenario (default 3)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -638,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     skipped: list[str] = []
     for name in names:
-        fn = scenario_scaling if name == "scaling" else SCENARIOS[name]
+        fn = SCENARIOS[name] if name in SCENARIOS else EXTRA[name]
         start = time.perf_counter()
         ticks = cpu_ticks()
         try:
