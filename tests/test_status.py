@@ -165,7 +165,7 @@ def test_tqdm_listener_writes_plain_lines_when_not_a_terminal() -> None:
     assert "\r" not in out.getvalue()
     assert 2 <= len(lines) <= 4  # the first update, then the last one (a short run)
     assert lines[-1].startswith("[jorbmp")
-    assert "new 20 done 0 exec 0 wait" in lines[-1]
+    assert "new 20 done 0/2 exec 0 wait" in lines[-1]  # (executing / the limit)
     assert "done 10/20 | failed 10/20" in lines[-1]
 
 
