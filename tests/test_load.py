@@ -102,6 +102,7 @@ class Seen:
     def __init__(self) -> None:
         self.largest = 0
         self.scales: set[int] = set()
+        self.report: Any = None
 
 
 def sleep_job(ac: Any, oc: Any, jc: Task) -> tuple[Task, str]:
@@ -151,14 +152,16 @@ def run_with(
 
     ProcessPool._send = counted  # type: ignore[method-assign]
     try:
-        Processor(
+        processor = Processor(
             seen,
             [
                 State("hog", hog, kind="async"),
                 State("work", work, concurrency=8),
                 State("done", terminal=True),
             ],
-        ).exec(run)
+        )
+        processor.exec(run)
+        seen.report = processor.last_report
     finally:
         ProcessPool._send = original  # type: ignore[method-assign]
     assert all(job.state == "done" for job in run.jobs.values())
@@ -173,6 +176,9 @@ def test_a_coordinator_behind_sends_bigger_batches() -> None:
         assert calm_sent >= jobs  # one message per 20 ms job
     busy, busy_sent, jobs = run_with(hogging=True)
     assert max(busy.scales) > 1, busy.scales
+    report = busy.report
+    assert report is not None and report.batch_scale == max(busy.scales)
+    assert f"batches held up to {report.batch_scale}x" in str(report)
     assert busy.largest > 1
     assert busy_sent < 0.8 * jobs, (busy_sent, jobs)
 

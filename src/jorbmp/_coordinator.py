@@ -312,7 +312,7 @@ class Coordinator(Transitions):
             for count, lane in zip(self.snapshot(final=True), self.lanes.values(), strict=True)
         ]
         cpu = [lane.metrics.cpu_seconds for lane in self.lanes.values()]
-        return build_report(self.run.name, outcome, wall, rows, cpu)
+        return build_report(self.run.name, outcome, wall, rows, cpu, self.load.peak)
 
     def settle(self, lane: Lane) -> None:
         """After any event: schedule a pump of the lanes that gained jobs or slots, then

@@ -54,7 +54,7 @@ class LoadMeter:
     ) -> None:
         self.clock, self.cpu = clock, cpu
         self.scale = 1  # batches hold this many times the backend's batch time of work
-        self.peak = 1  # the largest scale so far (for the report)
+        self.peak = 1  # the largest scale so far (`RunReport.batch_scale`)
         self.pressure = 0.0  # of the last window
         self._last, self._last_cpu = clock(), cpu()
         self._w_wall = self._w_cpu = self._w_late = 0.0

@@ -60,6 +60,9 @@ class RunReport(msgspec.Struct, frozen=True):
     states: list[StateReport]
     bottleneck: str | None  # the working state with the highest utilisation
     hint: str
+    # The most work per batch the coordinator asked of process states, as a multiple of
+    # the usual (`jorbmp._load`): above 1 when it fell behind the workers it fed.
+    batch_scale: int = 1
 
     def __str__(self) -> str:
         head: tuple[str, tuple[str, ...]] = (
@@ -89,6 +92,11 @@ class RunReport(msgspec.Struct, frozen=True):
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                   for r in table]  # fmt: skip
         lines.append(self.hint)
+        if self.batch_scale > 1:
+            lines.append(
+                f"the coordinator fell behind: batches held up to {self.batch_scale}x their "
+                "usual work"
+            )
         return "\n".join(lines)
 
 
@@ -111,6 +119,7 @@ def build_report(
     wall: float,
     rows: list[tuple[StatusCount, int, str, LimitHistory | None]],
     cpu_seconds: list[float],
+    batch_scale: int = 1,
 ) -> RunReport:
     """Turn the final status (one ``(count, concurrency, kind, limits)`` per state: an
     adaptive state's ``limits`` over the run, else None) into a report."""
@@ -137,9 +146,9 @@ def build_report(
     ]
     working = [s for s in states if not s.terminal and s.execs]
     if not working:
-        return RunReport(run, outcome, wall, states, None, "nothing was executed")
+        return RunReport(run, outcome, wall, states, None, "nothing was executed", batch_scale)
     busiest = max(working, key=lambda s: s.utilisation)
-    return RunReport(run, outcome, wall, states, busiest.state, _hint(busiest, wall))
+    return RunReport(run, outcome, wall, states, busiest.state, _hint(busiest, wall), batch_scale)
 
 
 def _hint(s: StateReport, wall: float) -> str:
