@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
 import time
 from pathlib import Path
@@ -325,11 +326,16 @@ def test_a_process_state_finds_a_contended_devices_capacity_and_keeps_to_its_lim
     assert over == [], over[:5]
 
 
-def _state_workers(name: str) -> list[Any]:
+def _live_children() -> int:
+    """This process's live children, but multiprocessing's resource tracker (the
+    shared counters' locks start it): under fork, the pool's workers."""
     import psutil
 
-    me = psutil.Process()
-    return [p for p in me.children() if p.name().startswith(f"jorbmp-{name}")]
+    return sum(
+        1
+        for p in psutil.Process().children()
+        if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
+    )
 
 
 class Later:
@@ -343,8 +349,9 @@ async def wait_then_count(ac: Later, oc: Any, jc: Job) -> tuple[Job, str]:
     # Until the adaptive state's queue has run out, then its idle time and a margin.
     while (lane := _lane("device")) is None or lane.count:
         await asyncio.sleep(0.01)
+    ac.alive.append(_live_children())  # (the state's workers, idle now)
     await asyncio.sleep(3.0)
-    ac.alive.append(len(_state_workers("device")))
+    ac.alive.append(_live_children())
     return jc, "done"
 
 
@@ -369,4 +376,68 @@ def test_a_process_state_whose_jobs_ran_out_leaves_no_idle_worker() -> None:
         mp_context="fork",
     ).exec(run)
     assert all(job.state == "done" for job in run.jobs.values())
-    assert ac.alive == [0]
+    assert ac.alive[0] > 0 and ac.alive[1] == 0, ac.alive
+
+
+def slow_call(ac: Any, oc: Any, jc: Job) -> tuple[Job, str]:
+    time.sleep(0.1)
+    return jc, "done"
+
+
+def test_a_rate_limit_does_not_hide_that_the_limit_holds_the_state_back() -> None:
+    """At 30/s with 100 ms execs the state needs 3 slots: it waits on tokens now and
+    then, but while every slot is busy it is the limit that holds it back (each token
+    wait read as "not saturated" kept the limit at 2: 20/s)."""
+    run = _run(300)
+    t0 = time.perf_counter()
+    Processor(
+        None,
+        [
+            State(
+                "call",
+                slow_call,
+                kind="thread",
+                concurrency=AdaptiveConcurrency(1, 64),
+                rate_limit=30,
+            ),
+            State("done", terminal=True),
+        ],
+    ).exec(run)
+    rate = 300 / (time.perf_counter() - t0)
+    assert rate >= 0.8 * 30, rate
+
+
+def slow_factory() -> str:
+    """An app context that takes a second to build in each worker (a model to load)."""
+    with open(os.environ["JORBMP_TEST_STARTS"], "a") as f:
+        f.write("start\n")
+    time.sleep(1.0)
+    return "model"
+
+
+def quick_job(ac: str, oc: Any, jc: Job) -> tuple[Job, str]:
+    time.sleep(0.05)
+    return jc, "done"
+
+
+def test_workers_slow_to_start_are_not_forked_again_and_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe judged while its new workers still loaded their app context lost, its
+    workers were let go at once, and the next probe forked them again: 14 workers
+    started for a limit of at most 8."""
+    starts = tmp_path / "starts"
+    monkeypatch.setenv("JORBMP_TEST_STARTS", str(starts))
+    run = _run(600)
+    Processor(
+        None,
+        [
+            State("call", quick_job, concurrency=AdaptiveConcurrency(1, 8)),
+            State("done", terminal=True),
+        ],
+        ac_factory=slow_factory,
+        mp_context="fork",
+    ).exec(run)
+    assert all(job.state == "done" for job in run.jobs.values())
+    started = len(starts.read_text().split())
+    assert started <= 10, started

@@ -86,12 +86,20 @@ class Backend(ABC):
     #: Execs at once the backend allows now (see `set_limit`): its concurrency, unless
     #: an adaptive state's controller set it lower.
     limit: int
+    #: Whether the state's limit may move (`jorbmp.adaptive`): not for a backend that
+    #: runs one exec at a time whatever its concurrency (inline).
+    adapts = True
     #: True when `pids` are processes started for this run (their CPU time counts from
     #: zero): the coordinator then needs no baseline sample of them at the start.
     started_pids = False
 
     def start(self) -> None:  # noqa: B027 - optional hook
         """Acquire resources (processes, threads); called inside the running loop."""
+
+    def starting(self) -> int:
+        """Slots being brought up (worker processes starting): capacity the state has
+        asked for and cannot use yet."""
+        return 0
 
     def set_limit(self, limit: int) -> None:
         """From now on, at most ``limit`` execs at once (1 <= limit <= the backend's
@@ -414,6 +422,8 @@ class _InlineThread:
 class InlineBackend(_InProcess):
     """A process state under ``inline=True``: its exec runs in the coordinator process,
     on the inline runner's thread."""
+
+    adapts = False  # one exec at a time, in FIFO order
 
     def __init__(self, *args: Any, runner: InlineRunner, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -158,10 +158,10 @@ class Coordinator(Transitions):
             try:
                 for lane in lanes.values():
                     if not lane.terminal:
-                        lane.backend = self.make_backend(lane.state, lane)
+                        lane.backend = backend = self.make_backend(lane.state, lane)
                         if lane.limit.controller is not None:
-                            lane.backend.set_limit(lane.limit.current)
-                        lane.backend.start()
+                            lane.adopt_backend_limit()
+                        backend.start()
                 self.mailbox.put(self.snapshot(), pinned=True)  # the first update, exact
                 self.changed = False
                 self.sample_processes(baseline=True)

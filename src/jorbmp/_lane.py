@@ -106,17 +106,30 @@ class Lane:
             # starts more (up to its concurrency).
             backend.demand(len(queue))
 
+    def adopt_backend_limit(self) -> None:
+        """An adaptive state's new backend starts at the controller's limit; one that
+        cannot adapt (inline: one exec at a time) makes the limit its own, fixed."""
+        backend = self.backend
+        assert backend is not None
+        if backend.adapts:
+            backend.set_limit(self.limit.current)
+        else:
+            self.limit = StateLimit(backend.limit, asyncio.get_running_loop().time())
+
     def adapt(self, now: float) -> None:
         """Let an adaptive state's controller see its metrics and move its limit (each
         housekeeping tick)."""
         backend = self.backend
         if backend is None or self.limit.controller is None:
             return
-        # Saturated: jobs wait for a slot, not for a rate limit's token or a stop.
+        # Saturated: jobs wait and every slot the limit allows is up and taken. Not
+        # while slots are still starting (a probe would be judged before its workers
+        # could run), nor while a rate limit holds jobs back (slots are free then: a
+        # wait for the next token with every slot busy is the limit's doing).
         saturated = (
             bool(self.queue)
             and backend.free() == 0
-            and self.gate_task is None
+            and not backend.starting()
             and not self.coord.stopping
         )
         metrics = self.metrics

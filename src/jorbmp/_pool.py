@@ -154,15 +154,16 @@ class ProcessPool(Backend):
         self.spawner.demand(waiting)
 
     def set_limit(self, limit: int) -> None:
-        # Workers start only up to the limit; idle ones above it go now, busy ones as
-        # soon as they are idle (`_message`), and any idle for IDLE_RETIRE_SECONDS.
+        # Workers start only up to the limit. Those above a lowered one take no more
+        # work (`Slots`) and go once idle for IDLE_RETIRE_SECONDS, as any idle worker of
+        # an adaptive pool: not at once, so that a probe back up soon after, or a
+        # state whose workers take long to start, does not fork them all again.
         self.limit = limit
         self.adaptive = True
         self.spawner.concurrency = limit
-        for worker in self.slots.idle():
-            if len(self.workers) <= limit:
-                break
-            self.retire(worker)
+
+    def starting(self) -> int:
+        return self.spawner.unready + self.spawner.to_spawn
 
     def retire(self, worker: Worker) -> None:
         """Let an idle worker go: its socket closes (it exits on the EOF) and its exit
@@ -288,8 +289,6 @@ class ProcessPool(Backend):
         if end >= len(batch):
             worker.batches.popleft()
             self.slots.returned(worker, len(worker.batches) + 1)
-            if not worker.batches and len(self.workers) > self.limit:
-                self.retire(worker)  # above a lowered limit, and idle now
             worker.reported = 0
             worker.completed += 1
             jobs = batch if start == 0 else batch[start:]

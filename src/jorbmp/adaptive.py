@@ -42,8 +42,18 @@ every comparison a statistical one, against the measured noise:
   it to measure it more (a probe measured on cannot make up for a short base). After
   `PROBE_CAP` windows, an unclear base step keeps the base; an unclear big step goes
   by the measurement, and fine steps follow.
-- **Fast growth, then fine steps.** The first probe doubles the limit, and each probe
-  that wins clearly doubles the step in the same direction (slow start: 2, 4, 8, 16).
+- **Slow start.** The first climb doubles the limit after a short window at each
+  level (TCP's slow start, with HyStart's exit on a rise in delay): once `START_EXECS`
+  execs, and as many as the limit, have finished since the change, and one mean exec
+  time has passed, saturated throughout. It ends at the first sign of queueing: execs
+  taking clearly (`QUEUEING`, and beyond their noise, learnt from the updates) longer
+  than at the levels before, over two windows at the level (twice that clearly: at
+  any update), or throughput not growing with the limit. The limit then goes back to
+  the last level that passed, and careful probing starts there, its first probe the
+  level that failed (the windows were short: their verdict may be their noise's).
+  With 1 s execs, windows of `WINDOW_EXECS` execs at a limit of 2 take 10 s each.
+- **Fast growth, then fine steps.** The first careful probe doubles the limit, and
+  each probe that wins clearly doubles the step in the same direction (2, 4, 8, 16).
   A lost probe returns to its level and retries that side with the base step
   (`STEP_SHARE` of the limit, at least 1), then the other side. Going down while a
   level's execs take clearly (`QUEUEING`, and beyond their noise) longer than the
@@ -89,6 +99,12 @@ UPDATE_EXECS = 3
 FIRST_EXECS = 5
 # Mean exec times after a limit change before a window starts.
 SETTLE_LATENCIES = 1.0
+# Slow start (the first climb): a level passes once START_EXECS execs, and as many as
+# the limit, have finished since the change, over START_UPDATES updates at least (two:
+# a window then brings an estimate of the noise) and one mean exec time. Fewer: faster
+# growth, more overshoot when queueing shows late.
+START_EXECS = 4
+START_UPDATES = 2
 # A level's measurement keeps BASE_WINDOWS windows' worth of seconds at most (older
 # ones fade in proportion): more, less noise; fewer, fresher after a change.
 BASE_WINDOWS = 30
@@ -148,9 +164,10 @@ HISTORY_MAX = 200
 # Modes: measuring the base level, a probe of a neighbour, or the base again during a
 # probe (its measurement was the less certain one).
 _HOLD, _PROBE, _REVISIT = "hold", "probe", "revisit"
-# Phases: climbing (steps double as probes win), settled (both neighbours lost; holds
-# between probes), verifying (a settled level's neighbour won; probing back decides).
-_CLIMB, _SETTLED, _VERIFY = "climb", "settled", "verify"
+# Phases: the slow start (the first climb, see the module doc), climbing (steps double
+# as probes win), settled (both neighbours lost; holds between probes), verifying (a
+# settled level's neighbour won; probing back decides).
+_START, _CLIMB, _SETTLED, _VERIFY = "start", "climb", "settled", "verify"
 
 
 def _check_int(state_name: str, what: str, value: object) -> int:
@@ -255,15 +272,32 @@ class _Windows:
     seconds whose count varies by ``noise * rate**2 * dt`` (Poisson counts: noise
     = 1 / rate; a wobbling rate: its variance times the update's length)."""
 
-    __slots__ = ("_k", "_last", "_settle_until", "_spread", "_start", "latency")
+    __slots__ = (
+        "_k",
+        "_last",
+        "_lat_k",
+        "_lat_spread",
+        "_settle_until",
+        "_spread",
+        "_start",
+        "lat_df",
+        "lat_noise",
+        "latency",
+    )
 
     def __init__(self) -> None:
         self._start: tuple[float, int, float] | None = None  # time, processed, exec seconds
-        self._last = (0.0, 0)  # the window's last update: time, processed
+        self._last = (0.0, 0, 0.0)  # the window's last update: time, processed, exec s
         self._k = 0  # updates in the window
         self._spread = 0.0  # the sum over them of execs**2 / seconds
+        # Updates with execs, and the sum over them of exec seconds**2 / execs: each
+        # update's mean exec time varies by (per exec variance) / its execs.
+        self._lat_k, self._lat_spread = 0, 0.0
         self._settle_until = -math.inf
         self.latency = 0.0  # mean exec seconds of the last window (0: none yet)
+        # The last window's estimate of the relative variance of one exec's time, and
+        # its degrees of freedom (0: none, fewer than two updates with execs).
+        self.lat_noise, self.lat_df = 0.0, 0
 
     def restart(self, now: float) -> None:
         """The limit changed at ``now``: the next window starts once it has settled."""
@@ -271,14 +305,28 @@ class _Windows:
         self._settle_until = now + SETTLE_LATENCIES * self.latency
 
     def _begin(self, now: float, processed: int, exec_seconds: float) -> None:
-        self._start, self._last = (now, processed, exec_seconds), (now, processed)
+        self._start = self._last = (now, processed, exec_seconds)
         self._k, self._spread = 0, 0.0
+        self._lat_k, self._lat_spread = 0, 0.0
+
+    def open(self, processed: int, exec_seconds: float) -> tuple[int, float]:
+        """Execs finished in the window under way and their exec seconds (0 without one)."""
+        if self._start is None:
+            return 0, 0.0
+        return processed - self._start[1], max(0.0, exec_seconds - self._start[2])
 
     def feed(
-        self, now: float, processed: int, exec_seconds: float, saturated: bool, limit: int
+        self,
+        now: float,
+        processed: int,
+        exec_seconds: float,
+        saturated: bool,
+        limit: int,
+        quick: bool = False,
     ) -> tuple[int, float, float, float, int] | None:
         """``(execs, seconds, exec seconds, noise, its degrees of freedom)`` of the window
-        closing at this update, if one does (noise 0 with none: a one-update window)."""
+        closing at this update, if one does (noise 0 with none: a one-update window).
+        ``quick``: slow-start windows (see `START_EXECS`), the first one returned too."""
         start = self._start
         if not saturated or now < self._settle_until:
             self._start = None
@@ -288,27 +336,36 @@ class _Windows:
             return None
         t0, n0, e0 = start
         n, t = processed - n0, now - t0
-        t1, n1 = self._last
+        t1, n1, e1 = self._last
         if n < 0 or t < 0 or processed < n1 or now <= t1:  # counters or clock went back
             self._begin(now, processed, exec_seconds)
             return None
         self._k += 1
         self._spread += (processed - n1) ** 2 / (now - t1)
-        self._last = (now, processed)
+        if processed > n1:
+            self._lat_k += 1
+            self._lat_spread += max(0.0, exec_seconds - e1) ** 2 / (processed - n1)
+        self._last = (now, processed, exec_seconds)
         # A window's length comes from the last window's exec time, not from its own
         # count: one that closed once it held enough execs would close early when its
         # execs came fast, and measure a rate biased upwards (most at low limits).
-        if self.latency > 0:
-            short = n == 0 or t < self.latency * max(WINDOW_LATENCIES, WINDOW_EXECS / limit)
-        else:  # no exec time known yet: a first, short window measures it, and only it
-            if n < FIRST_EXECS:
-                return None
-            self.latency = max(0.0, exec_seconds - e0) / n
-            self._begin(now, processed, exec_seconds)
-            return None
-        if short or self._k < WINDOW_UPDATES:
-            return None
         e = max(0.0, exec_seconds - e0)
+        self._exec_noise(n, e)
+        if self.latency <= 0:  # no exec time known yet: a first, short window measures it
+            if n < FIRST_EXECS or (quick and self._k < START_UPDATES):
+                return None
+            self.latency = e / n
+            self._begin(now, processed, exec_seconds)
+            # Its count decided its end: only the slow start, which asks no unbiased
+            # rate of it, takes it as a window.
+            return (n, t, e, 0.0, 0) if quick else None
+        if quick:
+            short = n < max(START_EXECS, limit) or t < self.latency or self._k < START_UPDATES
+        else:
+            short = n == 0 or t < self.latency * max(WINDOW_LATENCIES, WINDOW_EXECS / limit)
+            short = short or self._k < WINDOW_UPDATES
+        if short:
+            return None
         self.latency = e / n
         # sum((dn - r dt)**2 / dt) = spread - 2 r n + r**2 t, about noise * r**2 * (k - 1)
         # Updates of a few execs each mostly show their rounding: none then.
@@ -316,6 +373,16 @@ class _Windows:
         noise = max(0.0, self._spread - 2 * r * n + r * r * t) / (r * r * df) if df else 0.0
         self._begin(now, processed, exec_seconds)  # windows follow each other
         return n, t, e, noise, df
+
+    def _exec_noise(self, n: int, e: float) -> None:
+        """The exec-time noise of the window so far, from its updates' mean exec times:
+        sum(n_i (l_i - l)**2) = spread - e**2 / n, about (variance) * l**2 * (k - 1)."""
+        k = self._lat_k
+        if k < 2 or n <= 0 or e <= 0:
+            self.lat_noise, self.lat_df = 0.0, 0
+            return
+        self.lat_noise = max(0.0, self._lat_spread - e * e / n) / ((k - 1) * (e / n) ** 2)
+        self.lat_df = k - 1
 
 
 class ConcurrencyController:
@@ -335,11 +402,14 @@ class ConcurrencyController:
         "_clock",
         "_dir",
         "_fails",
+        "_good",
         "_hi",
         "_hold_until",
         "_jump",
         "_lat_min",
         "_lat_noise",
+        "_lat_samples",
+        "_level_m",
         "_limit",
         "_lo",
         "_looks",
@@ -352,6 +422,8 @@ class ConcurrencyController:
         "_ref",
         "_samples",
         "_seen",
+        "_start_m",
+        "_start_x",
         "_step",
         "_target",
         "_windows",
@@ -379,13 +451,19 @@ class ConcurrencyController:
         # estimates from each window (its own updates, or against its level's others).
         self._noise, self._lat_noise = NOISE_FIRST, LAT_NOISE_FIRST
         self._samples = 0  # degrees of freedom the throughput noise has learnt from
+        self._lat_samples = 0  # those the exec-time noise has learnt from updates
         # The least mean exec time of a level's measurement (forgotten slowly): exec
         # time without queueing.
         self._lat_min = math.inf
         self._jump = False  # the probe under way is a gradient jump (below)
         self._step, self._dir = max(1, self._limit), 1  # the first probe doubles
         self._fails = 0  # base-step probes lost in a row (2: both sides lost)
-        self._phase = _CLIMB
+        self._phase = _START
+        # The slow start: its passed windows pooled (their exec time: the reference for
+        # queueing), the last one's (jobs/s, seconds), and the level it passed at.
+        self._start_m, self._level_m = _Sums(), _Sums()  # and the windows at this level
+        self._start_x = (0.0, 0.0)
+        self._good = self._limit
         self._backoff = HOLD_FIRST
         self._hold_until = -math.inf
         self._ref = 0.0  # the throughput of the level when it settled
@@ -406,6 +484,9 @@ class ConcurrencyController:
     def update(self, processed: int, exec_seconds: float, saturated: bool) -> int:
         """Take the state's cumulative counters (see the class doc); return the limit."""
         now = self._clock()
+        if self._phase == _START:
+            self._slow_start(now, processed, exec_seconds, saturated)
+            return self._limit
         window = self._windows.feed(now, processed, exec_seconds, saturated, self._limit)
         if window is not None:
             if self._mode == _HOLD:
@@ -421,6 +502,79 @@ class ConcurrencyController:
             f"<ConcurrencyController limit={self._limit} in [{self._lo}, {self._hi}] "
             f"{self._mode} {self._phase} step={self._step} noise={math.sqrt(self._noise):.3f}>"
         )
+
+    # -- the slow start --
+
+    def _slow_start(self, now: float, processed: int, exec_seconds: float, sat: bool) -> None:
+        """Double the limit at each window that passes; end at the first sign of
+        queueing, seen at the window's close or, clear already, at any update."""
+        windows, ref, level = self._windows, self._start_m, self._level_m
+        window = windows.feed(now, processed, exec_seconds, sat, self._limit, quick=True)
+        if window is None:
+            n, e = windows.open(processed, exec_seconds)
+            n, e = n + round(level.execs), e + level.exec_seconds
+            if sat and ref.execs > 0 and n >= START_EXECS and self._queued(e / n, n, ref, 2):
+                self._end_start(now, failed=True)
+            return
+        n, t, e, noise, df = window
+        if windows.lat_df:  # from its updates' spread: fair whether or not execs queue
+            self._lat_samples += windows.lat_df
+            w = max(NOISE_WEIGHT, windows.lat_df / (self._lat_samples + NOISE_PRIOR_DF))
+            self._lat_noise = (1 - w) * self._lat_noise + w * windows.lat_noise
+        self._learn_count_noise(noise, df)
+        level.add(n, t, e, math.inf)
+        if ref.execs > 0:
+            n, t, e = round(level.execs), level.seconds, level.exec_seconds
+            if self._queued(e / n, n, ref) or self._flat(n / t, t):
+                # One window's luck, or queueing: a second window at the level decides.
+                if level.windows >= 2:
+                    self._end_start(now, failed=True)
+                return
+            self._learn_lat_noise(ref, n, e)
+        ref.add(n, t, e, math.inf)
+        self._start_x, self._good = (n / t, t), self._limit
+        level.clear()
+        target = min(self._hi, 2 * self._limit)
+        if target == self._limit:
+            self._end_start(now, failed=False)
+            return
+        # The window that closed began the next at this update: at the new level, with
+        # no settling (its length waits for execs started at the new level).
+        self._base = target
+        self._set(now, target, settle=False)
+
+    def _queued(self, latency: float, n: float, ref: _Sums, z: float = 1.0) -> bool:
+        """Whether a mean exec time over ``n`` execs is clearly (`QUEUEING`, and beyond
+        ``z`` times `DECISIVE` times the noise of both) above the reference's."""
+        return self._excess(latency, n, ref.latency, ref.execs, z)
+
+    def _excess(self, latency: float, n: float, low: float, low_n: float, z: float) -> bool:
+        excess = latency / low - 1 if low > 0 else 0.0
+        spread = z * DECISIVE * math.sqrt(self._lat_noise * (1 / n + 1 / low_n))
+        return excess > max(QUEUEING, spread)
+
+    def _flat(self, x: float, t: float) -> bool:
+        """Whether throughput grew clearly less with the limit than the `WORTH` of the
+        slots added since the last level that passed (counts at least Poisson-noisy)."""
+        (x0, t0), ratio = self._start_x, self._limit / self._good
+        noise = max(self._noise, 1 / x if x > 0 else math.inf)
+        sigma = math.sqrt(noise * (1 / t + 1 / t0))
+        return x / x0 - 1 < WORTH * (ratio - 1) - DECISIVE * sigma
+
+    def _end_start(self, now: float, failed: bool) -> None:
+        """End the slow start: back at the last level that passed (``failed``) or at the
+        bound, careful probing starts; its first probe is the level that failed."""
+        self._phase, self._mode, self._dir = _CLIMB, _HOLD, 1
+        self._base_m.clear()
+        self._hold_until = now
+        if self._start_m.execs > 0:  # exec time without queueing, for the gradient
+            self._lat_min = min(self._lat_min, self._start_m.latency)
+        if failed:
+            self._base, failed_at = self._good, self._limit
+            self._step = max(self._base_step(self._base), failed_at - self._base)
+            self._set(now, self._base)
+        else:
+            self._base, self._step = self._limit, self._base_step(self._limit)
 
     # -- decisions (each at the close of a window) --
 
@@ -451,10 +605,16 @@ class ConcurrencyController:
         means with the prior as one sample; later ones a running average."""
         if df == 0 and m.windows >= 2:
             noise, df = (n / t / m.rate - 1) ** 2 / (1 / t + 1 / m.seconds), 1
+        self._learn_count_noise(noise, df)
+        self._learn_lat_noise(m, n, e)
+
+    def _learn_count_noise(self, noise: float, df: int) -> None:
         if df:
             self._samples += df
             w = max(NOISE_WEIGHT, df / (self._samples + NOISE_PRIOR_DF))
             self._noise = max(MIN_NOISE, (1 - w) * self._noise + w * noise)
+
+    def _learn_lat_noise(self, m: _Sums, n: int, e: float) -> None:
         if m.windows >= 2:
             lat_var = (e / n / m.latency - 1) ** 2 / (1 / n + 1 / m.execs)
             w = max(NOISE_WEIGHT, 1 / (m.windows + 1))
@@ -495,9 +655,7 @@ class ConcurrencyController:
         base, low = self._base_m, self._lat_min
         if not low < math.inf:
             return False
-        excess = base.latency / low - 1
-        spread = DECISIVE * math.sqrt(2 * self._lat_noise / base.execs)
-        return excess > max(QUEUEING, spread)
+        return self._excess(base.latency, base.execs, low, base.execs, 1.0)
 
     def _note_latency(self, m: _Sums) -> None:
         lat, low = m.latency, self._lat_min
@@ -618,11 +776,12 @@ class ConcurrencyController:
     def _base_step(self, level: int) -> int:
         return max(1, int(level * STEP_SHARE))
 
-    def _set(self, now: float, limit: int) -> None:
+    def _set(self, now: float, limit: int, settle: bool = True) -> None:
         if limit == self._limit:
             return
         self._limit = limit
-        self._windows.restart(now)
+        if settle:
+            self._windows.restart(now)
         seen = self._seen
         seen[0], seen[1] = min(seen[0], limit), max(seen[1], limit)
         changes = self._changes

@@ -148,10 +148,13 @@ def build_report(
     if not working:
         return RunReport(run, outcome, wall, states, None, "nothing was executed", batch_scale)
     busiest = max(working, key=lambda s: s.utilisation)
-    return RunReport(run, outcome, wall, states, busiest.state, _hint(busiest, wall), batch_scale)
+    maximum = next(m for (c, m, _, _) in rows if c.state == busiest.state)
+    hint = _hint(busiest, wall, maximum)
+    return RunReport(run, outcome, wall, states, busiest.state, hint, batch_scale)
 
 
-def _hint(s: StateReport, wall: float) -> str:
+def _hint(s: StateReport, wall: float, maximum: int) -> str:
+    """``maximum``: the state's concurrency, or its `AdaptiveConcurrency` max."""
     name, busy = repr(s.state), f"{s.utilisation:.0%}"
     if wall > 0 and s.rate_wait_seconds >= RATE_BOUND * wall:
         return (
@@ -168,6 +171,12 @@ def _hint(s: StateReport, wall: float) -> str:
     cores = os.cpu_count() or 1
     if s.kind == "process" and s.concurrency >= cores:
         return f"{where}, as many workers as cores: add cores or make its exec cheaper"
+    what = "AdaptiveConcurrency max" if s.adaptive else "concurrency"
+    if s.adaptive and s.concurrency < maximum:
+        return (
+            f"{where}: its limit settled below its max ({maximum}), where more execs at "
+            "once no longer paid"
+        )
     if s.kind == "dask":
-        return f"{where}: raise its concurrency, with workers to match on the cluster"
-    return f"{where}: raise its concurrency"
+        return f"{where}: raise its {what}, with workers to match on the cluster"
+    return f"{where}: raise its {what}"
