@@ -509,3 +509,18 @@ def test_admits_says_no_exactly_when_acquire_would() -> None:
             held[name] -= 1
         clock.now += rng.choice((0.0, 0.01, 0.2))
         assert b.held == sum(held.values()) <= 3
+
+
+def test_a_state_above_its_share_yields_while_another_waits() -> None:
+    """A state of short execs whose workers hold both cores must stop pipelining when
+    another state gets work, or it keeps its slots for as long as its queue lasts."""
+    b = budget(2, ("a", None, 16, 1), ("b", None, 16, 1))
+    b.demand("a", 100, 0.002)
+    assert b.acquire("a") and b.acquire("a")
+    assert not b.yields("a")  # nobody else has work
+    b.demand("b", 100, 0.002)
+    assert (b.share("a"), b.share("b")) == (1, 1)
+    assert b.yields("a") and not b.yields("b")
+    b.release("a")
+    assert not b.yields("a")  # at its share now
+    assert b.acquire("b") and not b.yields("b")

@@ -411,6 +411,18 @@ class CpuBudget:
         beyond = max(0, free - below - self._owed(e))  # past it: what no one else is owed
         return min(room, below + beyond)
 
+    def yields(self, name: str) -> bool:
+        """Whether ``name`` holds more slots than its share while another state with
+        work waits below its own. Its workers then take no second (pipelined) batch,
+        which needs no slot: otherwise a state of short execs would keep its workers
+        fed, and its slots, for as long as its queue lasts, and the states after it
+        would get a core only by starving."""
+        e = self._entries[name]
+        if not e.inside:
+            return False
+        self._refresh()
+        return e.running > e.share and self._owed(e) > 0
+
     def release(self, name: str) -> None:
         """Give back a slot `acquire` gave ``name``."""
         e = self._entries[name]

@@ -47,6 +47,10 @@ class PoolBudget:
         """Slots the state may hold now."""
         return self.budget.share(self.name)
 
+    def yields(self) -> bool:
+        """Whether the state's busy workers should take no second batch now."""
+        return self.budget.yields(self.name)
+
     def acquire(self) -> bool:
         """A slot for one worker to start executing, if the budget allows it now."""
         return self.budget.acquire(self.name)

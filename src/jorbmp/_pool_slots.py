@@ -29,7 +29,9 @@ class Slots:
 
     With a CPU budget (``budget``), a worker that is busy holds one of its slots: `take`
     acquires it for an idle worker, and the change of ``busy`` back releases it, so the
-    state's slots held are always ``busy``.
+    state's slots held are always ``busy``. A second batch needs no slot, but a state
+    holding more than its share while another waits for one gets none
+    (`CpuBudget.yields`): its slots come back as its workers finish what they run.
     """
 
     __slots__ = ("budget", "busy", "by_load")
@@ -54,10 +56,13 @@ class Slots:
         room = limit - self.busy
         if room < 0:
             return 0
-        starting = min(len(idle), room)
-        if starting and self.budget is not None:
-            starting = min(starting, self.budget.admits())
-        return 2 * starting + len(loaded) if depth == 2 else starting
+        starting, second = min(len(idle), room), len(loaded)
+        if self.budget is not None:
+            if starting:
+                starting = min(starting, self.budget.admits())
+            if second and self.budget.yields():
+                second = 0
+        return 2 * starting + second if depth == 2 else starting
 
     def take(self, depth: int, limit: int) -> Worker | None:
         """The least loaded worker that can take a batch within ``limit`` (an idle one
@@ -66,7 +71,12 @@ class Slots:
         idle, loaded = self.by_load
         if idle and self.busy < limit and (self.budget is None or self.budget.acquire()):
             return idle.popitem()[0]
-        if loaded and depth == 2 and self.busy <= limit:
+        if (
+            loaded
+            and depth == 2
+            and self.busy <= limit
+            and (self.budget is None or not self.budget.yields())
+        ):
             return loaded.popitem()[0]
         return None
 
