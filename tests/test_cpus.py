@@ -524,3 +524,9 @@ def test_a_state_above_its_share_yields_while_another_waits() -> None:
     b.release("a")
     assert not b.yields("a")  # at its share now
     assert b.acquire("b") and not b.yields("b")
+    c = budget(4, ("a", None, 16, 1), ("b", None, 16, 1))
+    c.demand("a", 100, 0.002)
+    assert c.acquire("a") and c.acquire("a") and c.acquire("a")
+    c.demand("b", 100, 0.004)
+    assert c.acquire("b") and c.share("a") < 3 and c.share("b") > 1
+    assert not c.yields("a")  # b is below its share, but runs: a keeps pipelining
