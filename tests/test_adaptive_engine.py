@@ -298,7 +298,9 @@ def _device_run(
         run.add_job(Job(-1), state="grab")
         states.insert(0, State("grab", grab))
     t0 = time.perf_counter()
-    Processor(ac, states, mp_context="fork").exec(run)
+    # (cpus: the device's execs wait, they do not compute; by default an adaptive
+    # process state shares only the cores this process may use)
+    Processor(ac, states, mp_context="fork", cpus=64).exec(run)
     wall = time.perf_counter() - t0
     assert all(job.state == "done" for job in run.jobs.values())
     return jobs / wall, ac
@@ -374,6 +376,7 @@ def test_a_process_state_whose_jobs_ran_out_leaves_no_idle_worker() -> None:
             State("done", terminal=True),
         ],
         mp_context="fork",
+        cpus=16,
     ).exec(run)
     assert all(job.state == "done" for job in run.jobs.values())
     assert ac.alive[0] > 0 and ac.alive[1] == 0, ac.alive
@@ -437,6 +440,7 @@ def test_workers_slow_to_start_are_not_forked_again_and_again(
         ],
         ac_factory=slow_factory,
         mp_context="fork",
+        cpus=8,
     ).exec(run)
     assert all(job.state == "done" for job in run.jobs.values())
     started = len(starts.read_text().split())

@@ -473,3 +473,60 @@ def test_a_cpu_pipeline_keeps_both_cores_busy_and_the_middle_state_gets_most() -
     assert peak["b"] == 2
     assert busy["b"] > busy["c"] > busy["a"]
     assert longest_starved <= STARVE_SECONDS + max(seconds.values()) + 1e-9
+
+
+def test_admits_says_no_exactly_when_acquire_would() -> None:
+    """A pool's `free` counts idle workers by `admits`: a slot it offers that `acquire`
+    then refused would send the jobs back and pump again, for ever. Random demand,
+    caps, acquires and releases: admits() == 0 exactly when acquire fails, and at
+    least the first of the acquires it counts succeeds."""
+    rng = random.Random(5)
+    clock = Clock()
+    names = ("a", "b", "c", "fixed")
+    b = budget(
+        3,
+        ("a", None, 8, 1),
+        ("b", None, 4, 2),
+        ("c", None, 16, 1),
+        ("fixed", 2, 2, 2),
+        clock=clock,
+    )
+    held = dict.fromkeys(names, 0)
+    for _ in range(5000):
+        name = rng.choice(names)
+        move = rng.random()
+        if move < 0.3:
+            b.demand(name, rng.choice((0, 1, 5, 50)), rng.choice((None, 0.002, 0.01)))
+        elif move < 0.35 and name != "fixed":
+            b.cap(name, rng.randint(1, 8))
+        elif move < 0.7:
+            n = b.admits(name)
+            got = b.acquire(name)
+            assert got == (n > 0), (name, n, b)
+            held[name] += got
+        elif held[name]:
+            b.release(name)
+            held[name] -= 1
+        clock.now += rng.choice((0.0, 0.01, 0.2))
+        assert b.held == sum(held.values()) <= 3
+
+
+def test_a_state_above_its_share_yields_while_another_waits() -> None:
+    """A state of short execs whose workers hold both cores must stop pipelining when
+    another state gets work, or it keeps its slots for as long as its queue lasts."""
+    b = budget(2, ("a", None, 16, 1), ("b", None, 16, 1))
+    b.demand("a", 100, 0.002)
+    assert b.acquire("a") and b.acquire("a")
+    assert not b.yields("a")  # nobody else has work
+    b.demand("b", 100, 0.002)
+    assert (b.share("a"), b.share("b")) == (1, 1)
+    assert b.yields("a") and not b.yields("b")
+    b.release("a")
+    assert not b.yields("a")  # at its share now
+    assert b.acquire("b") and not b.yields("b")
+    c = budget(4, ("a", None, 16, 1), ("b", None, 16, 1))
+    c.demand("a", 100, 0.002)
+    assert c.acquire("a") and c.acquire("a") and c.acquire("a")
+    c.demand("b", 100, 0.004)
+    assert c.acquire("b") and c.share("a") < 3 and c.share("b") > 1
+    assert not c.yields("a")  # b is below its share, but runs: a keeps pipelining

@@ -119,6 +119,12 @@ class Backend(ABC):
     def submit(self, jobs: list[Job[Any]]) -> None:
         """Start executing ``jobs`` (at most `max_batch`) in one free slot."""
 
+    def held_back(self) -> bool:
+        """Whether a CPU budget shared with other states, not this state's own limit,
+        keeps it from starting another exec now (its controller must not read that as
+        a lack of capacity)."""
+        return False
+
     def demand(self, waiting: int) -> None:  # noqa: B027 - optional hook
         """``waiting`` jobs are still queued once `free` ran out: a backend that starts
         its capacity as the queue needs it (worker processes) starts more for them."""

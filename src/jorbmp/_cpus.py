@@ -331,6 +331,9 @@ class CpuBudget:
         shares = {e.name: f"{e.running}/{e.share}" for e in self._entries.values()}
         return f"CpuBudget(total={self.total}, held={self._held}, running/share={shares})"
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
     @property
     def held(self) -> int:
         """Slots held now by the states inside the budget."""
@@ -391,6 +394,38 @@ class CpuBudget:
             self._moved(e, e.running + 1)
         e.running += 1
         return True
+
+    def admits(self, name: str) -> int:
+        """How many more `acquire`s of ``name`` would succeed now if nothing else moved:
+        0 exactly when the next one would fail (the pool's `free` counts by it, so a
+        slot it offers is one `acquire` gives)."""
+        e = self._entries[name]
+        room = e.ceiling - e.running
+        if room <= 0 or not e.inside:
+            return max(0, room)
+        self._refresh()
+        free = self.total - self._held
+        if free <= 0:
+            return 0
+        below = max(0, min(e.share - e.running, free))  # up to its share: no questions
+        beyond = max(0, free - below - self._owed(e))  # past it: what no one else is owed
+        return min(room, below + beyond)
+
+    def yields(self, name: str) -> bool:
+        """Whether ``name`` holds more slots than its share while another state with
+        work and a share runs nothing. Its workers then take no second (pipelined)
+        batch, which needs no slot: otherwise a state of short execs keeps its workers
+        fed, and its slots, for as long as its queue lasts (a pipeline then ran stage
+        by stage: no job of 1,000 done at 75% of the run). Only for a state that runs
+        nothing: yielding to every state below its share stopped pipelining most of the
+        time, with 3 states on 2 cores, and cost a third of the throughput."""
+        e = self._entries[name]
+        if not e.inside:
+            return False
+        self._refresh()
+        return e.running > e.share and any(
+            o.waiting and not o.running and o.share for o in self._inside if o is not e
+        )
 
     def release(self, name: str) -> None:
         """Give back a slot `acquire` gave ``name``."""

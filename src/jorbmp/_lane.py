@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._backends import Backend
 from ._limit import StateLimit
+from ._pool_budget import PoolBudget
 from ._protocol import Results
 from .ratelimit import RateGate, make_gate
 from .run import Job, utcnow
@@ -38,6 +39,7 @@ class Lane:
         "backend",
         "coord",
         "count",
+        "cpu",
         "gate",
         "gate_task",
         "gate_tokens",
@@ -58,6 +60,9 @@ class Lane:
         self.queue: deque[Job[Any]] = deque()
         self.count = 0  # jobs in this state: queued, executing or waiting on retry_after
         self.backend: Backend | None = None
+        # The state's part of the run's CPU budget, when its pool has one: told how
+        # many jobs wait (`pump`, `adapt`) so that cores go where the work is.
+        self.cpu: PoolBudget | None = None
         self.gate: RateGate | None = (
             None if self.terminal else make_gate(self.name, state.rate_limit)
         )
@@ -85,6 +90,8 @@ class Lane:
     def pump(self) -> None:
         """Hand queued jobs to free slots, oldest first."""
         queue, backend = self.queue, self.backend
+        if self.cpu is not None:
+            self._tell_budget(self.cpu)
         if not queue or backend is None or self.coord.stopping:
             return
         if self.gate is not None:
@@ -101,6 +108,8 @@ class Lane:
                 # the queue: `free` still falls, so this loop ends.)
                 backend.submit([queue.popleft() for _ in range(n)])
                 free -= 1
+        if self.cpu is not None:
+            self._tell_budget(self.cpu)
         if queue:
             # Jobs left waiting: a pool that starts workers as the queue needs them
             # starts more (up to its concurrency).
@@ -116,21 +125,32 @@ class Lane:
         else:
             self.limit = StateLimit(backend.limit, asyncio.get_running_loop().time())
 
+    def _tell_budget(self, cpu: PoolBudget) -> None:
+        """The CPU budget's view of this state's demand: its queue (none while
+        stopping) and mean exec time."""
+        metrics = self.metrics
+        mean = metrics.total_seconds / metrics.processed if metrics.processed else None
+        cpu.demand(0 if self.coord.stopping else len(self.queue), mean)
+
     def adapt(self, now: float) -> None:
         """Let an adaptive state's controller see its metrics and move its limit (each
         housekeeping tick)."""
         backend = self.backend
+        if self.cpu is not None:
+            self._tell_budget(self.cpu)
         if backend is None or self.limit.controller is None:
             return
         # Saturated: jobs wait and every slot the limit allows is up and taken. Not
         # while slots are still starting (a probe would be judged before its workers
         # could run), nor while a rate limit holds jobs back (slots are free then: a
-        # wait for the next token with every slot busy is the limit's doing).
+        # wait for the next token with every slot busy is the limit's doing), nor while
+        # a CPU budget's cores, held by other states, hold it below its limit.
         saturated = (
             bool(self.queue)
             and backend.free() == 0
             and not backend.starting()
             and not self.coord.stopping
+            and not backend.held_back()
         )
         metrics = self.metrics
         if self.limit.update(now, metrics.processed, metrics.total_seconds, saturated):

@@ -40,6 +40,7 @@ import msgspec
 from . import _comms
 from ._backends import Backend, Sink
 from ._comms import CoordinatorEnd
+from ._pool_budget import PoolBudget
 from ._pool_deaths import kill_blaming_nobody, kill_if_overdue, killed_by_stop, settle
 from ._pool_slots import MAX_DEPTH, Slots
 from ._pool_spawner import Spawner
@@ -107,6 +108,7 @@ class ProcessPool(Backend):
         ctx: BaseContext,
         sink: Sink,
         timeout: float | None,
+        cpu: PoolBudget | None = None,
     ) -> None:
         # Forked and spawned workers are children of this process: they can tell when
         # it is gone. Under forkserver their parent is the server.
@@ -124,7 +126,10 @@ class ProcessPool(Backend):
         self.workers: dict[Worker, None] = {}
         # Workers let go while idle (`retire`), until their exit is reaped.
         self.leaving: dict[Worker, None] = {}
-        self.slots = Slots()
+        # The state's part of the run's CPU budget (None: outside any): an idle worker
+        # starts an exec only with a slot of it (`Slots`).
+        self.cpu = cpu
+        self.slots = Slots(cpu)
         self.spawner = Spawner(
             spec.state, concurrency, sink, self.workers, self._launch, self._guard
         )
@@ -151,7 +156,19 @@ class ProcessPool(Backend):
         self.spawner.start(self.loop)
 
     def demand(self, waiting: int) -> None:
+        cpu = self.cpu
+        if cpu is not None:
+            # Inside a budget, a worker starts only for a slot the budget would give,
+            # and only when none of the state's own waits idle for one: so at most
+            # about `cpus` + one per state are alive, whatever each state's limit.
+            if self.slots.by_load[0]:
+                return
+            waiting = min(waiting, cpu.admits())
         self.spawner.demand(waiting)
+
+    def held_back(self) -> bool:
+        # Below its own limit, yet the budget gives the state no slot.
+        return self.cpu is not None and self.slots.busy < self.limit and not self.cpu.admits()
 
     def set_limit(self, limit: int) -> None:
         # Workers start only up to the limit. Those above a lowered one take no more
@@ -161,6 +178,8 @@ class ProcessPool(Backend):
         self.limit = limit
         self.adaptive = True
         self.spawner.concurrency = limit
+        if self.cpu is not None:
+            self.cpu.cap(limit)
 
     def starting(self) -> int:
         return self.spawner.unready + self.spawner.to_spawn
@@ -289,6 +308,9 @@ class ProcessPool(Backend):
         if end >= len(batch):
             worker.batches.popleft()
             self.slots.returned(worker, len(worker.batches) + 1)
+            if not worker.batches and self.cpu is not None and len(self.workers) > self._keep():
+                # Inside a CPU budget: beyond its share and one spare, and idle now.
+                self.retire(worker)
             worker.reported = 0
             worker.completed += 1
             jobs = batch if start == 0 else batch[start:]
@@ -351,7 +373,20 @@ class ProcessPool(Backend):
         charged = settle(self.sink, worker, batches, reason, code) if batches else False
         self.spawner.replace(worker.ready, charged, reason)
 
+    def _keep(self) -> int:
+        """Workers the state keeps: its limit, and in a budget at most its share of it
+        plus one idle worker ready for the next slot it gets."""
+        if self.cpu is None:
+            return self.limit
+        return min(self.limit, self.cpu.share() + 1)
+
     def check_timeouts(self, now: float) -> None:
+        if self.cpu is not None:
+            keep = self._keep()
+            for worker in self.slots.idle():
+                if len(self.workers) <= keep:
+                    break
+                self.retire(worker)
         if self.adaptive:  # (a fixed state keeps its workers, as it always has)
             idle_since = time.monotonic() - IDLE_RETIRE_SECONDS
             for worker in self.slots.idle():
@@ -367,6 +402,7 @@ class ProcessPool(Backend):
         self.closing = True
         self.closed_at = time.monotonic()
         self.spawner.close()
+        self.slots.close(list(self.workers))
         for worker in self.workers:
             if abandon:
                 worker.kill()

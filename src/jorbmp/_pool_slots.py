@@ -4,6 +4,7 @@ dispatch or a result costs the same however many workers the pool has."""
 
 from __future__ import annotations
 
+from ._pool_budget import PoolBudget
 from ._pool_worker import Worker
 
 __all__ = ["MAX_DEPTH", "Slots"]
@@ -25,11 +26,18 @@ class Slots:
     starts taking work, `withdraw` when it stops, `take` and then `put_back` to send
     one a batch, `returned` when a batch's results are all back, and `gone` when it
     loses a worker.
+
+    With a CPU budget (``budget``), a worker that is busy holds one of its slots: `take`
+    acquires it for an idle worker, and the change of ``busy`` back releases it, so the
+    state's slots held are always ``busy``. A second batch needs no slot, but a state
+    holding more than its share while another waits for one gets none
+    (`CpuBudget.yields`): its slots come back as its workers finish what they run.
     """
 
-    __slots__ = ("busy", "by_load")
+    __slots__ = ("budget", "busy", "by_load")
 
-    def __init__(self) -> None:
+    def __init__(self, budget: PoolBudget | None = None) -> None:
+        self.budget = budget
         # Per load, the workers at it: dicts used as ordered sets (O(1) add, discard
         # and pop). The most recently listed worker is taken first: which one does
         # not matter, and popping the last entry is the cheap end.
@@ -48,17 +56,27 @@ class Slots:
         room = limit - self.busy
         if room < 0:
             return 0
-        starting = min(len(idle), room)
-        return 2 * starting + len(loaded) if depth == 2 else starting
+        starting, second = min(len(idle), room), len(loaded)
+        if self.budget is not None:
+            if starting:
+                starting = min(starting, self.budget.admits())
+            if second and self.budget.yields():
+                second = 0
+        return 2 * starting + second if depth == 2 else starting
 
     def take(self, depth: int, limit: int) -> Worker | None:
         """The least loaded worker that can take a batch within ``limit`` (an idle one
         if there is one and room for it), unlisted: the caller sends it a batch and
         then calls `put_back`."""
         idle, loaded = self.by_load
-        if idle and self.busy < limit:
+        if idle and self.busy < limit and (self.budget is None or self.budget.acquire()):
             return idle.popitem()[0]
-        if loaded and depth == 2 and self.busy <= limit:
+        if (
+            loaded
+            and depth == 2
+            and self.busy <= limit
+            and (self.budget is None or not self.budget.yields())
+        ):
             return loaded.popitem()[0]
         return None
 
@@ -81,8 +99,11 @@ class Slots:
     def put_back(self, worker: Worker, before: int) -> None:
         """``worker``, taken when it held ``before`` batches, was sent one more (or, if
         its jobs could not be sent, none): list it again under its load."""
-        if before == 0 and worker.batches:
-            self.busy += 1
+        if before == 0:
+            if worker.batches:
+                self.busy += 1
+            elif self.budget is not None:  # nothing was sent: its slot goes back
+                self.budget.release()
         self.offer(worker)
 
     def returned(self, worker: Worker, before: int) -> None:
@@ -91,6 +112,8 @@ class Slots:
             self.by_load[before].pop(worker, None)
         if before == 1:
             self.busy -= 1
+            if self.budget is not None:
+                self.budget.release()
         self.offer(worker)
 
     def gone(self, worker: Worker) -> None:
@@ -98,3 +121,14 @@ class Slots:
         self.withdraw(worker)
         if worker.batches:
             self.busy -= 1
+            if self.budget is not None:
+                self.budget.release()
+
+    def close(self, workers: list[Worker]) -> None:
+        """The pool closes: the budget slots its busy ``workers`` hold go back (quietly:
+        nothing is dispatched any more)."""
+        if self.budget is not None:
+            for worker in workers:
+                if worker.batches:
+                    self.budget.release(wake=False)
+        self.budget = None  # (whatever comes back after this releases nothing twice)

@@ -31,8 +31,10 @@ from ._backends import (
     ThreadBackend,
 )
 from ._coordinator import Coordinator
+from ._cpus import CpuBudget
 from ._lane import Lane
 from ._pool import ProcessPool
+from ._pool_budget import PoolBudget
 from ._protocol import WorkerSpec
 from .adaptive import AdaptiveConcurrency
 from .checkpoint.base import NilSerializer, Serializer
@@ -65,6 +67,9 @@ class Processor(Generic[AC]):
     (or ``JORBMP_INLINE=1``) runs process states in this process, one job at a time, so
     that ``breakpoint()`` works. ``backend`` (e.g. ``jorbmp.dask.DaskBackend``) runs every
     process state without a backend of its own there instead of in local processes.
+    ``cpus``: at most that many execs of local process states at once, all of them
+    together (by default the adaptive ones share the cores this process may use, and
+    fixed ones are outside any budget).
     """
 
     def __init__(
@@ -79,7 +84,11 @@ class Processor(Generic[AC]):
         inline: bool = False,
         grace_period: float = DEFAULT_GRACE_PERIOD,
         backend: BackendFactory | None = None,
+        cpus: int | None = None,
     ) -> None:
+        if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
+            raise ValueError(f"Processor: cpus must be None or an int >= 1, got {cpus!r}")
+        self.cpus = cpus
         self.ac = ac
         self.states = validate_states(states)
         if backend is not None:
@@ -232,10 +241,11 @@ class Processor(Generic[AC]):
             self._loop = asyncio.get_running_loop()
             self._interrupts = 0
             runner = InlineRunner()
+            budget = self._cpu_budget()
             coordinator = Coordinator(
                 run,
                 self.states,
-                lambda state, lane: self._make_backend(state, lane, run, runner),
+                lambda state, lane: self._make_backend(state, lane, run, runner, budget),
                 self.serializer,
                 self.status_listener,
                 self.grace_period,
@@ -283,8 +293,40 @@ class Processor(Generic[AC]):
             self._local_ac_built = True
         return self._local_ac
 
+    def _local_pool(self, state: State) -> bool:
+        """Whether ``state``'s execs run in this machine's worker processes."""
+        return (
+            not state.terminal
+            and state.resolved_kind() == "process"
+            and not self.inline
+            and state.backend is None
+            and self.backend is None
+        )
+
+    def _cpu_budget(self) -> CpuBudget | None:
+        """The run's CPU budget: ``cpus`` shared by every local process state, or by
+        default the available cores shared by the adaptive ones; None (no cost at all)
+        without ``cpus`` and without an adaptive local process state."""
+        local = [s for s in self.states if self._local_pool(s)]
+        adaptive = [s for s in local if isinstance(s.concurrency, AdaptiveConcurrency)]
+        if self.cpus is None and not adaptive:
+            return None
+        budget = CpuBudget.for_cpus(self.cpus)
+        for state in local:
+            c = state.concurrency
+            if isinstance(c, AdaptiveConcurrency):
+                budget.add(state.trigger_state, None, c.max, c.min)
+            elif self.cpus is not None:
+                budget.add(state.trigger_state, c)
+        return budget
+
     def _make_backend(
-        self, state: State, lane: Lane, run: Run[Any, Any], runner: InlineRunner
+        self,
+        state: State,
+        lane: Lane,
+        run: Run[Any, Any],
+        runner: InlineRunner,
+        budget: CpuBudget | None = None,
     ) -> Backend:
         assert state.exec is not None
         kind = state.resolved_kind()
@@ -299,7 +341,12 @@ class Processor(Generic[AC]):
             factory = state.backend if state.backend is not None else self.backend
             if factory is not None:
                 return factory.create(spec, maximum, lane, state.timeout)
-            return ProcessPool(spec, maximum, self.mp_context, lane, state.timeout)
+            cpu = None
+            if budget is not None and name in budget:
+                coord = lane.coord
+                cpu = PoolBudget(budget, name, lambda other: coord.settle(coord.lanes[other]))
+                lane.cpu = cpu
+            return ProcessPool(spec, maximum, self.mp_context, lane, state.timeout, cpu)
         if kind == "process":
             # Built by ac_factory on the run's inline thread, where it is used, as a
             # worker builds its own.
