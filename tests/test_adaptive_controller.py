@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from jorbmp.adaptive import HISTORY_MAX, HOLD_MAX, AdaptiveConcurrency, ConcurrencyController
+from jorbmp._adaptive_tunables import HISTORY_MAX, HOLD_MAX
+from jorbmp.adaptive import AdaptiveConcurrency, ConcurrencyController
 
 pytestmark = pytest.mark.timeout(60)
 
