@@ -212,3 +212,82 @@ def test_a_run_with_a_budget_stops_checkpoints_and_resumes(tmp_path: Path) -> No
 def test_bad_cpus_is_a_value_error_naming_it(cpus: Any) -> None:
     with pytest.raises(ValueError, match="cpus"):
         Processor(None, _pipeline(2), cpus=cpus)
+
+
+class Timed(msgspec.Struct):
+    ends: str  # a file each exec appends its end time to, with its state
+
+
+def _note_end(oc: Timed, state: str) -> None:
+    with open(oc.ends, "a") as f:
+        f.write(f"{state} {time.monotonic()}\n")
+
+
+def slow_limited(ac: Any, oc: Timed, jc: Job) -> tuple[Job, str]:
+    time.sleep(0.05)
+    _note_end(oc, "a")
+    return jc, "done"
+
+
+def quick_free(ac: Any, oc: Timed, jc: Job) -> tuple[Job, str]:
+    time.sleep(0.05)
+    _note_end(oc, "b")
+    return jc, "done"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("cpus", [None, 2])
+def test_an_adaptive_state_waiting_on_a_slow_rate_limit_is_never_left_without_a_worker(
+    tmp_path: Path, cpus: int | None
+) -> None:
+    """At 0.5 tokens a second its worker is idle for 2 s between jobs: it was let go
+    after 1 s idle, and nothing started one again for the jobs still queued (a hang)."""
+    run: Run[Timed, Job] = Run("rate", Timed(str(tmp_path / "ends")), Job)
+    for n in range(4):
+        run.add_job(Job(n), state="a")
+    t0 = time.monotonic()
+    Processor(
+        None,
+        [
+            State("a", slow_limited, concurrency=AdaptiveConcurrency(1, 4), rate_limit=0.5),
+            State("done", terminal=True),
+        ],
+        mp_context="fork",
+        cpus=cpus,
+    ).exec(run)
+    assert all(job.state == "done" for job in run.jobs.values())
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("a_concurrency", [2, AdaptiveConcurrency(1, 2)])
+def test_a_rate_limited_state_does_not_keep_the_cores_from_another(
+    tmp_path: Path, a_concurrency: Any
+) -> None:
+    """With cpus=2, state a (12 jobs, rate limited to 1/s) waits for tokens most of
+    the time; state b's 100 jobs of 50 ms must have both cores meanwhile (~2.5 s). The
+    budget kept them for a, which runs nothing while it waits: b ran one job per token
+    of a (fixed a), or on one core (adaptive a)."""
+    ends = tmp_path / "ends"
+    run: Run[Timed, Job] = Run("share", Timed(str(ends)), Job)
+    for n in range(12):
+        run.add_job(Job(n), state="a")
+    for n in range(100):
+        run.add_job(Job(n), state="b")
+    t0 = time.monotonic()
+    Processor(
+        None,
+        [
+            State("a", slow_limited, concurrency=a_concurrency, rate_limit=1),
+            State("b", quick_free, concurrency=AdaptiveConcurrency(1, 4)),
+            State("done", terminal=True),
+        ],
+        mp_context="fork",
+        cpus=2,
+    ).exec(run)
+    assert all(job.state == "done" for job in run.jobs.values())
+    b_done = max(
+        float(t) for s, t in (line.split() for line in ends.read_text().splitlines()) if s == "b"
+    )
+    # 2.7-3.0 s; 5 s on one core, 13 s at one job per token of a.
+    assert b_done - t0 < 4.5, b_done - t0  # (5 ms of work x 100 on 2 cores: 2.5 s ideal)

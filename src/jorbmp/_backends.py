@@ -55,6 +55,10 @@ class Sink(Protocol):
     def halting(self) -> bool:
         """The run is stopping (or a stop signal just arrived): start no new workers."""
 
+    def queued(self) -> int:
+        """Jobs of this state waiting to be handed out (held by a rate limit included)."""
+        return 0
+
     def fatal(self, exc: BaseException) -> None:
         """The backend cannot go on (e.g. workers fail to start): end the run with ``exc``."""
 

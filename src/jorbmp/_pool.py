@@ -195,6 +195,10 @@ class ProcessPool(Backend):
         worker.link.close()
         worker.exit_timer = self.loop.call_later(EXIT_WAIT, worker.kill)
         self.spawner.lost(True)
+        if self.sink.queued():
+            # Jobs wait (for a core of the budget, or a token): the lane pumps again,
+            # and starts a worker for them if it has none left.
+            self.sink.freed()
 
     def _launch(self, number: int) -> None:
         """Start worker ``number`` and watch its socket and its exit."""
@@ -387,7 +391,10 @@ class ProcessPool(Backend):
                 if len(self.workers) <= keep:
                     break
                 self.retire(worker)
-        if self.adaptive:  # (a fixed state keeps its workers, as it always has)
+        if self.adaptive and not self.sink.queued():
+            # Jobs ran out (a fixed state keeps its workers, as it always has). Not
+            # while jobs wait, for a rate limit's token say: the last worker let go
+            # then left the queue with nothing to start one again (a hang).
             idle_since = time.monotonic() - IDLE_RETIRE_SECONDS
             for worker in self.slots.idle():
                 if worker.since < idle_since:

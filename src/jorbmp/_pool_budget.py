@@ -57,8 +57,14 @@ class PoolBudget:
 
     def release(self, wake: bool = True) -> None:
         """Give back a worker's slot; with ``wake``, pump the lanes that can use it."""
-        budget = self.budget
-        budget.release(self.name)
+        self.budget.release(self.name)
         if wake:
-            for name in budget.hungry():
-                self.wake(name)
+            self.wake_hungry()
+
+    def wake_hungry(self) -> None:
+        """Pump the lanes that could use a free core now. Also called each tick: shares
+        move without a release too (a state's demand drops, a starving one falls due),
+        and a state kept from free cores that way waited for the next release, which a
+        rate-limited state sharing the budget made one per token."""
+        for name in self.budget.hungry():
+            self.wake(name)
