@@ -153,6 +153,16 @@ def _within(points: list[tuple[float, int, Any]], t0: float, best: float) -> flo
     return None
 
 
+def _within_row(title: str, within: float | None, extra: dict[str, Any]) -> Row:
+    """The row of the time it took to come within 10% of the best fixed (-1: never)."""
+    return Row(
+        f"{title}: seconds to within 10% of best fixed",
+        -1.0 if within is None else within,
+        "s",
+        extra=extra,
+    )
+
+
 def _scenario(
     kind: str, k: int, maximum: int, sweep: tuple[int, ...], jobs: int, quick: bool
 ) -> list[Row]:
@@ -211,12 +221,7 @@ def _scenario(
             "execs at once",
             extra=extra,
         ),
-        Row(
-            f"{title}: seconds to within 10% of best fixed",
-            -1.0 if within is None else within,
-            "s",
-            extra=extra,
-        ),
+        _within_row(title, within, extra),
     ]
 
 
@@ -366,12 +371,7 @@ def _cpu_scenario(quick: bool) -> list[Row]:
             ok=most <= bound + 1,
             extra=extra,
         ),
-        Row(
-            f"{title}: seconds to within 10% of best fixed",
-            -1.0 if within is None else within,
-            "s",
-            extra=extra,
-        ),
+        _within_row(title, within, extra),
     ]
 
 
