@@ -59,6 +59,10 @@ class Sink(Protocol):
         """Jobs of this state waiting to be handed out (held by a rate limit included)."""
         return 0
 
+    def recycled(self) -> None:
+        """A worker was replaced by recycling (``max_jobs_per_worker``,
+        ``max_worker_memory``): counted in the status and the run report."""
+
     def fatal(self, exc: BaseException) -> None:
         """The backend cannot go on (e.g. workers fail to start): end the run with ``exc``."""
 

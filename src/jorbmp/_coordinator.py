@@ -41,6 +41,7 @@ from ._delays import DelayQueue
 from ._lane import Lane
 from ._load import LoadMeter
 from ._mailbox import ListenerMailbox
+from ._memory import MemoryGovernor
 from ._transitions import Transitions
 from .adaptive import LimitHistory
 from .checkpoint.base import Serializer
@@ -67,6 +68,7 @@ class Coordinator(Transitions):
         serializer: Serializer,
         listener: StatusListener,
         grace: float,
+        memory: MemoryGovernor | None = None,
     ) -> None:
         self.run = run
         self.serializer = serializer
@@ -75,6 +77,8 @@ class Coordinator(Transitions):
         # never holds up the loop (see `jorbmp._mailbox`).
         self.mailbox = ListenerMailbox(listener)
         self.grace = grace
+        # ``Processor(memory_limit=...)``: sampled each tick (None: no limit, no cost).
+        self.memory = memory
         self.make_backend = make_backend
         self.lanes: dict[str, Lane] = {s.trigger_state: Lane(self, s) for s in states}
         job_type = run.job_type if run.job_type is not None else Any
@@ -256,6 +260,8 @@ class Coordinator(Transitions):
                 if lane.backend is not None:
                     lane.backend.check_timeouts(now)
                     lane.adapt(now)
+            if self.memory is not None:
+                self.memory.sample()
             if now - self.sample_time >= SAMPLE_SECONDS:
                 self.sample_processes()
                 self.changed = True  # CPU and rates moved even if no job did

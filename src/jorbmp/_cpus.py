@@ -56,10 +56,11 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from ._cgroups import cgroup_dirs, read_text
 
 __all__ = ["STARVE_SECONDS", "CpuBudget", "available_cpus"]
 
@@ -75,8 +76,6 @@ DEFAULT_PERIOD_US = 100_000
 MIN_MEAN_SECONDS = 1e-6
 # The mean exec time assumed for states with work when none has been timed yet.
 UNTIMED_MEAN_SECONDS = 1.0
-
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 def available_cpus(proc: str | Path = "/proc", cgroup: str | Path = "/sys/fs/cgroup") -> int:
@@ -96,76 +95,14 @@ def available_cpus(proc: str | Path = "/proc", cgroup: str | Path = "/sys/fs/cgr
     return max(1, cpus)
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-
-
 def _quotas(proc: Path, cgroup: Path) -> list[int]:
     """The quota, in whole cores, of each cgroup level of this process that has one."""
-    memberships = _read(proc / "self" / "cgroup")
-    if memberships is None:
-        return []
-    paths: dict[int, str] = {}  # cgroup version -> this process's cgroup path
-    for line in memberships.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            paths[2] = parts[2]
-        elif "cpu" in parts[1].split(","):
-            paths[1] = parts[2]
-    mounts = _mounts(proc, cgroup)
     found: list[int] = []
-    for version, mount, root in mounts:
-        path = paths.get(version)
-        if path is None:
-            continue
-        # The mount shows the cgroup ``root`` at ``mount``. A path outside it (a
-        # container without a cgroup namespace sees the host's path) places this
-        # process at the mount's top, where a container's own limit is.
-        rel = path[len(root) :] if path == root or path.startswith(root.rstrip("/") + "/") else ""
-        parts_ = [p for p in rel.split("/") if p]
-        if ".." in parts_:
-            continue
-        level = mount.joinpath(*parts_)
-        while True:
-            quota = _v2_quota(level) if version == 2 else _v1_quota(level)
-            if quota is not None:
-                found.append(quota)
-            if level == mount or level.parent == level:
-                break
-            level = level.parent
+    for version, level in cgroup_dirs(proc, cgroup, "cpu"):
+        quota = _v2_quota(level) if version == 2 else _v1_quota(level)
+        if quota is not None:
+            found.append(quota)
     return found
-
-
-def _mounts(proc: Path, cgroup: Path) -> list[tuple[int, Path, str]]:
-    """(version, mount point, cgroup root shown there) of the cgroup v2 mounts and the
-    v1 mounts of the ``cpu`` controller; the usual places when mountinfo is unreadable."""
-    text = _read(proc / "self" / "mountinfo")
-    if text is None:
-        return [(2, cgroup, "/"), (1, cgroup / "cpu,cpuacct", "/"), (1, cgroup / "cpu", "/")]
-    mounts: list[tuple[int, Path, str]] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or not tail:
-            continue
-        if tail[0] == "cgroup2":
-            version = 2
-        elif tail[0] == "cgroup" and len(tail) >= 3 and "cpu" in tail[2].split(","):
-            version = 1
-        else:
-            continue
-        mounts.append((version, Path(_unescape(fields[4])), _unescape(fields[3])))
-    return mounts
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo field as the path it names (spaces and the like are octal escapes)."""
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _cores(quota: int, period: int) -> int | None:
@@ -176,7 +113,7 @@ def _cores(quota: int, period: int) -> int | None:
 
 def _v2_quota(level: Path) -> int | None:
     """``cpu.max`` ("max 100000": none; "200000 100000": 2 cores), in whole cores."""
-    text = _read(level / "cpu.max")
+    text = read_text(level / "cpu.max")
     try:
         fields = (text or "").split()
         if not fields or fields[0] == "max" or len(fields) > 2:
@@ -188,7 +125,8 @@ def _v2_quota(level: Path) -> int | None:
 
 def _v1_quota(level: Path) -> int | None:
     """``cpu.cfs_quota_us`` over ``cpu.cfs_period_us`` (a quota of -1: none), in cores."""
-    quota, period = _read(level / "cpu.cfs_quota_us"), _read(level / "cpu.cfs_period_us")
+    quota = read_text(level / "cpu.cfs_quota_us")
+    period = read_text(level / "cpu.cfs_period_us")
     try:
         return None if quota is None or period is None else _cores(int(quota), int(period))
     except ValueError:

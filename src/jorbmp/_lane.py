@@ -292,5 +292,8 @@ class Lane:
     def queued(self) -> int:
         return len(self.queue)
 
+    def recycled(self) -> None:
+        self.metrics.recycled += 1
+
     def batch_scale(self) -> int:
         return self.coord.load.scale

@@ -12,7 +12,10 @@ takes results; its parts, each in a module of its own:
   (`ProcessPool.demand`), a few milliseconds of forking at a time, so that 10 jobs
   never fork 256 workers and the first workers get work while the others start; and
   replacements for the dead, spaced out while deaths get no job anywhere;
-- `jorbmp._pool_deaths`: which job a dead worker is charged with, what goes back.
+- `jorbmp._pool_deaths`: which job a dead worker is charged with, what goes back;
+- `jorbmp._pool_recycle`: when a worker is replaced by a fresh one (after so many jobs,
+  or over so much memory), which the pool does by letting it go (`retire`) once what
+  it holds is back.
 
 The pool never blocks the coordinator on a busy worker and never hangs on a dead
 one: the socket and the process sentinel are both watched by the event loop, so a
@@ -40,8 +43,10 @@ import msgspec
 from . import _comms
 from ._backends import Backend, Sink
 from ._comms import CoordinatorEnd
+from ._memory import PoolMemory
 from ._pool_budget import PoolBudget
 from ._pool_deaths import kill_blaming_nobody, kill_if_overdue, killed_by_stop, settle
+from ._pool_recycle import Recycler
 from ._pool_slots import MAX_DEPTH, Slots
 from ._pool_spawner import Spawner
 from ._pool_worker import Worker
@@ -109,6 +114,8 @@ class ProcessPool(Backend):
         sink: Sink,
         timeout: float | None,
         cpu: PoolBudget | None = None,
+        recycler: Recycler | None = None,
+        memory: PoolMemory | None = None,
     ) -> None:
         # Forked and spawned workers are children of this process: they can tell when
         # it is gone. Under forkserver their parent is the server.
@@ -129,7 +136,12 @@ class ProcessPool(Backend):
         # The state's part of the run's CPU budget (None: outside any): an idle worker
         # starts an exec only with a slot of it (`Slots`).
         self.cpu = cpu
-        self.slots = Slots(cpu)
+        # The state's part of the run's memory limit (None: no limit): likewise.
+        self.memory = memory
+        self.slots = Slots(cpu, memory)
+        if memory is not None:
+            memory.attach(self)
+        self.recycler = recycler  # when workers are replaced (None: never)
         self.spawner = Spawner(
             spec.state, concurrency, sink, self.workers, self._launch, self._guard
         )
@@ -164,11 +176,22 @@ class ProcessPool(Backend):
             if self.slots.by_load[0]:
                 return
             waiting = min(waiting, cpu.admits())
+        memory = self.memory
+        if memory is not None and waiting:
+            # Likewise with a memory limit: no worker (and its RSS) for an exec that
+            # would not fit beside it.
+            if self.slots.by_load[0]:
+                return
+            waiting = min(waiting, memory.admits(new_worker=True))
         self.spawner.demand(waiting)
 
     def held_back(self) -> bool:
         # Below its own limit, yet the budget gives the state no slot.
-        return self.cpu is not None and self.slots.busy < self.limit and not self.cpu.admits()
+        if self.slots.busy >= self.limit:
+            return False
+        if self.memory is not None and not self.memory.admits():
+            return True  # (a memory limit holds it back likewise)
+        return self.cpu is not None and not self.cpu.admits()
 
     def set_limit(self, limit: int) -> None:
         # Workers start only up to the limit. Those above a lowered one take no more
@@ -261,7 +284,16 @@ class ProcessPool(Backend):
         if worker is None:  # a worker died since `free` said there was room
             self.sink.unrun(jobs)
             return
+        allowance = self.recycler.allowance(worker) if self.recycler is not None else None
+        if allowance is not None and len(jobs) > allowance:
+            self.sink.unrun(jobs[allowance:])  # a batch never straddles the job count
+            jobs = jobs[:allowance]
         before = len(worker.batches)
+        if before and self.recycler is not None and self.recycler.over_memory(worker):
+            self._recycle(worker)  # no second batch for it: it goes after its first
+            self.slots.put_back(worker, before)  # (as taken: nothing was sent)
+            self.sink.unrun(jobs)
+            return
         try:
             self._send(worker, jobs)
         finally:
@@ -290,6 +322,8 @@ class ProcessPool(Backend):
         if not worker.batches:
             worker.since = time.monotonic()
         worker.batches.append(jobs)
+        if self.recycler is not None and self.recycler.sent(worker, len(jobs)):
+            self._recycle(worker)
         worker.link.send(data)
 
     def _message(self, worker: Worker, data: bytes) -> None:
@@ -312,7 +346,9 @@ class ProcessPool(Backend):
         if end >= len(batch):
             worker.batches.popleft()
             self.slots.returned(worker, len(worker.batches) + 1)
-            if not worker.batches and self.cpu is not None and len(self.workers) > self._keep():
+            if self.recycler is not None and self._recycles(worker):
+                pass  # it goes once its last batch is back (and may just have)
+            elif not worker.batches and self.cpu is not None and self._staying() > self._keep():
                 # Inside a CPU budget: beyond its share and one spare, and idle now.
                 self.retire(worker)
             worker.reported = 0
@@ -326,6 +362,31 @@ class ProcessPool(Backend):
         mean = self.mean_seconds
         self.mean_seconds = batch_mean if mean is None else 0.8 * mean + 0.2 * batch_mean
         self.sink.done(jobs, results)
+
+    def _recycle(self, worker: Worker) -> None:
+        """``worker`` goes once what it holds is back (`jorbmp._pool_recycle`): it takes
+        no more work, and its replacement may start now."""
+        self.slots.withdraw(worker)
+        worker.recycling = True
+        self.spawner.outgoing += 1
+
+    def _recycles(self, worker: Worker) -> bool:
+        """A batch of ``worker``'s is all back: whether it is being recycled. One whose
+        last batch is back goes now, replacing nobody (its replacement started as jobs
+        waited for it)."""
+        recycler = self.recycler
+        assert recycler is not None
+        if not worker.recycling and recycler.over_memory(worker):
+            self._recycle(worker)
+        if worker.recycling and not worker.batches:
+            self.spawner.outgoing -= 1
+            self.sink.recycled()
+            self.retire(worker)
+        return worker.recycling
+
+    def _staying(self) -> int:
+        """Live workers that are not being recycled."""
+        return len(self.workers) - self.spawner.outgoing
 
     def _send_failed(self, worker: Worker, exc: OSError) -> None:
         # The worker may be alive but will never get its batch: replace it, blaming
@@ -358,6 +419,8 @@ class ProcessPool(Backend):
         if worker not in self.workers:
             return  # already handled
         del self.workers[worker]
+        if worker.recycling:
+            self.spawner.outgoing -= 1  # (it was replaced already, or is as jobs wait)
         self.slots.gone(worker)
         self.spawner.lost(worker.ready)
         worker.detach(self.loop)
@@ -375,6 +438,11 @@ class ProcessPool(Backend):
             return
         log.debug("state %r: %s (pid %s)", self.spec.state, reason, worker.pid)
         charged = settle(self.sink, worker, batches, reason, code) if batches else False
+        if worker.recycling:
+            # Died in its last batches: charged as any death, but its replacement
+            # starts as jobs wait for it (it may have already), not as a second one.
+            self.sink.freed()
+            return
         self.spawner.replace(worker.ready, charged, reason)
 
     def _keep(self) -> int:
@@ -388,7 +456,7 @@ class ProcessPool(Backend):
         if self.cpu is not None:
             keep = self._keep()
             for worker in self.slots.idle():
-                if len(self.workers) <= keep:
+                if self._staying() <= keep:
                     break
                 self.retire(worker)
         if self.adaptive and not self.sink.queued():

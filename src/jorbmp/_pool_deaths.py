@@ -47,6 +47,7 @@ __all__ = [
     "NO_BLAME",
     "charge",
     "kill_blaming_nobody",
+    "kill_for",
     "kill_if_overdue",
     "killed_by_stop",
     "settle",
@@ -124,12 +125,18 @@ def kill_if_overdue(worker: Worker, now: float, timeout: float) -> bool:
         and slot[SLOT_PHASE] == EXECUTING
     ):
         return False
-    # Marked with what was running: if that exec ends before the kill lands, the job
-    # that started next is not charged with its timeout.
-    worker.kill_mark = (slot[SLOT_BATCH], slot[SLOT_INDEX], started)
-    worker.kill_reason = f"timed out after {timeout:g}s (worker killed)"
-    worker.kill()
+    kill_for(worker, f"timed out after {timeout:g}s (worker killed)")
     return True
+
+
+def kill_for(worker: Worker, reason: str) -> None:
+    """Kill ``worker``, charging the exec it runs now with ``reason`` (a timeout, the
+    memory limit). Marked with what was running: if that exec ends before the kill
+    lands, the job that started next is not charged with it."""
+    slot = worker.slot
+    worker.kill_mark = (slot[SLOT_BATCH], slot[SLOT_INDEX], slot[SLOT_STARTED])
+    worker.kill_reason = reason
+    worker.kill()
 
 
 def kill_blaming_nobody(worker: Worker) -> None:

@@ -4,6 +4,7 @@ dispatch or a result costs the same however many workers the pool has."""
 
 from __future__ import annotations
 
+from ._memory import PoolMemory
 from ._pool_budget import PoolBudget
 from ._pool_worker import Worker
 
@@ -32,12 +33,17 @@ class Slots:
     state's slots held are always ``busy``. A second batch needs no slot, but a state
     holding more than its share while another waits for one gets none
     (`CpuBudget.yields`): its slots come back as its workers finish what they run.
+
+    With a memory limit (``memory``), likewise: an idle worker starts an exec only if
+    the state's learned size fits (`PoolMemory.admits`), and gives it back as ``busy``
+    falls.
     """
 
-    __slots__ = ("budget", "busy", "by_load")
+    __slots__ = ("budget", "busy", "by_load", "memory")
 
-    def __init__(self, budget: PoolBudget | None = None) -> None:
+    def __init__(self, budget: PoolBudget | None = None, memory: PoolMemory | None = None) -> None:
         self.budget = budget
+        self.memory = memory
         # Per load, the workers at it: dicts used as ordered sets (O(1) add, discard
         # and pop). The most recently listed worker is taken first: which one does
         # not matter, and popping the last entry is the cheap end.
@@ -62,6 +68,8 @@ class Slots:
                 starting = min(starting, self.budget.admits())
             if second and self.budget.yields():
                 second = 0
+        if starting and self.memory is not None:
+            starting = min(starting, self.memory.admits())
         return 2 * starting + second if depth == 2 else starting
 
     def take(self, depth: int, limit: int) -> Worker | None:
@@ -69,8 +77,17 @@ class Slots:
         if there is one and room for it), unlisted: the caller sends it a batch and
         then calls `put_back`."""
         idle, loaded = self.by_load
-        if idle and self.busy < limit and (self.budget is None or self.budget.acquire()):
-            return idle.popitem()[0]
+        memory = self.memory
+        if (
+            idle
+            and self.busy < limit
+            and (memory is None or memory.admits())
+            and (self.budget is None or self.budget.acquire())
+        ):
+            worker = idle.popitem()[0]
+            if memory is not None:
+                memory.acquire(worker)
+            return worker
         if (
             loaded
             and depth == 2
@@ -102,8 +119,8 @@ class Slots:
         if before == 0:
             if worker.batches:
                 self.busy += 1
-            elif self.budget is not None:  # nothing was sent: its slot goes back
-                self.budget.release()
+            else:  # nothing was sent: its slots go back
+                self._release(worker)
         self.offer(worker)
 
     def returned(self, worker: Worker, before: int) -> None:
@@ -112,8 +129,7 @@ class Slots:
             self.by_load[before].pop(worker, None)
         if before == 1:
             self.busy -= 1
-            if self.budget is not None:
-                self.budget.release()
+            self._release(worker)
         self.offer(worker)
 
     def gone(self, worker: Worker) -> None:
@@ -121,8 +137,14 @@ class Slots:
         self.withdraw(worker)
         if worker.batches:
             self.busy -= 1
-            if self.budget is not None:
-                self.budget.release()
+            self._release(worker)
+
+    def _release(self, worker: Worker) -> None:
+        """``worker`` stopped executing: the budget's slot and its memory go back."""
+        if self.budget is not None:
+            self.budget.release()
+        if self.memory is not None:
+            self.memory.release(worker)
 
     def close(self, workers: list[Worker]) -> None:
         """The pool closes: the budget slots its busy ``workers`` hold go back (quietly:
@@ -131,4 +153,4 @@ class Slots:
             for worker in workers:
                 if worker.batches:
                     self.budget.release(wake=False)
-        self.budget = None  # (whatever comes back after this releases nothing twice)
+        self.budget = self.memory = None  # (what comes back now releases nothing twice)

@@ -67,6 +67,7 @@ class Spawner:
         "handle",
         "launch",
         "loop",
+        "outgoing",
         "progress",
         "respawns",
         "sink",
@@ -104,6 +105,10 @@ class Spawner:
         # Replacements waiting out their delay (`replace`): counted as workers, so that
         # the queue's demand neither starts one in their place nor exceeds concurrency.
         self.respawns = 0
+        # Workers among ``workers`` being recycled (`jorbmp._pool_recycle`): they take
+        # no more work, so they do not count against concurrency, and their
+        # replacements start while they finish what they hold.
+        self.outgoing = 0
         self.startup_failures = 0
         self.barren_deaths = 0  # deaths in a row with no job getting anywhere
         self.progress = False  # a result arrived since the last death
@@ -122,7 +127,7 @@ class Spawner:
     def demand(self, waiting: int) -> None:
         """``waiting`` jobs are queued beyond the free slots: start a worker for each
         one that the workers starting will not take, up to ``concurrency``."""
-        have = len(self.workers) + self.to_spawn + self.respawns
+        have = len(self.workers) - self.outgoing + self.to_spawn + self.respawns
         if have >= self.concurrency or self.closed:
             return
         want = min(self.concurrency - have, waiting - self.unready - self.to_spawn)
@@ -211,6 +216,6 @@ class Spawner:
     def _spawn_later(self) -> None:
         self.respawns -= 1
         # (Never beyond concurrency, whatever started meanwhile.)
-        full = len(self.workers) + self.to_spawn >= self.concurrency
+        full = len(self.workers) - self.outgoing + self.to_spawn >= self.concurrency
         if not full and not self.closed and not self.sink.halting():
             self._spawn()

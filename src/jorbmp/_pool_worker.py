@@ -44,8 +44,11 @@ class Worker:
         "pid",
         "process",
         "ready",
+        "recycling",
         "reported",
         "retired",
+        "rss_probe",
+        "sent",
         "since",
         "slot",
     )
@@ -60,6 +63,12 @@ class Worker:
         self.completed = 0  # batches whose results are all back (the next one's number)
         self.ready = False
         self.retired = False  # let go while idle (`ProcessPool.retire`): its exit is no death
+        # Recycled (`jorbmp._pool_recycle`): it takes no more work and is let go once
+        # what it holds is back; ``sent`` counts the jobs it was sent; ``rss_probe`` is
+        # its psutil handle, once its RSS is read.
+        self.recycling = False
+        self.sent = 0
+        self.rss_probe: Any = None
         self.kill_reason: str | None = None
         self.kill_mark: KillMark | None = None  # set when the pool kills it on purpose
         self.exit_timer: asyncio.TimerHandle | None = None
@@ -105,9 +114,9 @@ class Worker:
         return cls(process, slot), parent
 
     def takes_work(self) -> bool:
-        """Ready, not being killed (a timeout's kill may not have landed yet) and not
-        gone."""
-        return self.ready and self.kill_mark is None and not self.link.closed
+        """Ready, not being killed (a timeout's kill may not have landed yet), not being
+        recycled and not gone."""
+        return self.ready and self.kill_mark is None and not self.recycling and not self.link.closed
 
     def kill(self) -> None:
         """SIGKILL the worker and its process group (what its exec started)."""

@@ -31,6 +31,7 @@ import msgspec
 from . import _comms
 from ._comms import WorkerEnd
 from ._execute import ContextCodec, bad_context, describe, run_batch
+from ._oom import raise_oom_score
 from ._protocol import (
     CHUNK_BYTES,
     CHUNK_SECONDS,
@@ -110,6 +111,7 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
     signal.signal(signal.SIGTTIN, signal.SIG_IGN)
     slot = memoryview(shared_slot).cast("B").cast("d")  # faster stores than ctypes
     _die_with_coordinator(spec.parent_pid, sock, slot)
+    raise_oom_score()  # the kernel's first victim, never the coordinator (`jorbmp._oom`)
     # What a forked worker inherits (the coordinator's heap: the run, the application's
     # objects) is never garbage here. Left to the cyclic collector, a full collection
     # would write to every page holding such an object and so copy them all: memory

@@ -33,8 +33,11 @@ from ._backends import (
 from ._coordinator import Coordinator
 from ._cpus import CpuBudget
 from ._lane import Lane
+from ._memory import MemoryGovernor
+from ._memory_limit import check_room, resolve_memory_limit
 from ._pool import ProcessPool
 from ._pool_budget import PoolBudget
+from ._pool_recycle import Recycler
 from ._protocol import WorkerSpec
 from .adaptive import AdaptiveConcurrency
 from .checkpoint.base import NilSerializer, Serializer
@@ -69,7 +72,9 @@ class Processor(Generic[AC]):
     process state without a backend of its own there instead of in local processes.
     ``cpus``: at most that many execs of local process states at once, all of them
     together (by default the adaptive ones share the cores this process may use, and
-    fixed ones are outside any budget).
+    fixed ones are outside any budget). ``memory_limit``: bytes (or a fraction in (0, 1]
+    of the memory available to this process) that this process and its local workers
+    may use together (RSS); see `jorbmp._memory`.
     """
 
     def __init__(
@@ -85,14 +90,18 @@ class Processor(Generic[AC]):
         grace_period: float = DEFAULT_GRACE_PERIOD,
         backend: BackendFactory | None = None,
         cpus: int | None = None,
+        memory_limit: int | float | None = None,
     ) -> None:
         if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
             raise ValueError(f"Processor: cpus must be None or an int >= 1, got {cpus!r}")
         self.cpus = cpus
+        self.memory_limit = resolve_memory_limit(memory_limit)  # bytes, or None
         self.ac = ac
         self.states = validate_states(states)
         if backend is not None:
             _check_backend(backend, "Processor: backend")
+            for state in self.states:
+                _check_recycling(state, state.backend or backend)
         self.backend = backend
         self.serializer = serializer if serializer is not None else NilSerializer()
         self.status_listener = (
@@ -249,6 +258,7 @@ class Processor(Generic[AC]):
                 self.serializer,
                 self.status_listener,
                 self.grace_period,
+                memory=self._memory_governor(),
             )
             self._coordinator = coordinator
             if self._stop_requested:
@@ -320,6 +330,16 @@ class Processor(Generic[AC]):
                 budget.add(state.trigger_state, c)
         return budget
 
+    def _memory_governor(self) -> MemoryGovernor | None:
+        """The run's memory governor: None (no cost at all) without ``memory_limit`` or
+        without a local process state, whose workers are all it governs."""
+        limit = self.memory_limit
+        if limit is None or not any(self._local_pool(s) for s in self.states):
+            return None
+        governor = MemoryGovernor(limit)
+        check_room(limit, governor.fixed)  # (the coordinator's RSS now)
+        return governor
+
     def _make_backend(
         self,
         state: State,
@@ -346,7 +366,15 @@ class Processor(Generic[AC]):
                 coord = lane.coord
                 cpu = PoolBudget(budget, name, lambda other: coord.settle(coord.lanes[other]))
                 lane.cpu = cpu
-            return ProcessPool(spec, maximum, self.mp_context, lane, state.timeout, cpu)
+            recycler = None
+            if state.max_jobs_per_worker is not None or state.max_worker_memory is not None:
+                recycler = Recycler(name, state.max_jobs_per_worker, state.max_worker_memory)
+            memory = None
+            if lane.coord.memory is not None:
+                memory = lane.coord.memory.pool(name, lambda: lane.coord.settle(lane))
+            return ProcessPool(
+                spec, maximum, self.mp_context, lane, state.timeout, cpu, recycler, memory
+            )
         if kind == "process":
             # Built by ac_factory on the run's inline thread, where it is used, as a
             # worker builds its own.
@@ -366,6 +394,42 @@ def _check_retry_delay(state: State) -> None:
             f"function of the attempt number, got {delay!r}"
         )
     state.retry_seconds(1)  # one that cannot give a delay fails now, not mid-run
+
+
+def _check_recycling(state: State, backend: object) -> None:
+    """``max_jobs_per_worker`` and ``max_worker_memory``: positive, and only where there
+    are local worker processes to replace (``backend``: where the state's execs run
+    instead, if anywhere)."""
+    name, jobs, memory = state.trigger_state, state.max_jobs_per_worker, state.max_worker_memory
+    if jobs is None and memory is None:
+        return
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise ValueError(
+            f"state {name!r}: max_jobs_per_worker must be None or an int >= 1, got {jobs!r}"
+        )
+    if memory is not None and (
+        isinstance(memory, bool)
+        or not isinstance(memory, (int, float))
+        or not 0 < memory < float("inf")
+    ):
+        raise ValueError(
+            f"state {name!r}: max_worker_memory must be None or a finite number of bytes "
+            f"> 0, got {memory!r}"
+        )
+    what = "max_jobs_per_worker" if jobs is not None else "max_worker_memory"
+    if state.terminal:
+        raise ValueError(f"state {name!r} is terminal: it has no workers for {what} to replace")
+    kind = state.resolved_kind()
+    if kind != "process":
+        raise ValueError(
+            f"state {name!r}: {what} is for process states (kind={kind!r} runs its execs in "
+            "the coordinator, which is never replaced)"
+        )
+    if backend is not None:
+        raise ValueError(
+            f"state {name!r}: {what} replaces local worker processes, but backend "
+            f"{type(backend).__name__} runs this state's execs elsewhere"
+        )
 
 
 def _check_not_bootstrapping() -> None:
@@ -415,6 +479,7 @@ def validate_states(states: Sequence[State]) -> list[State]:
         name = state.trigger_state
         if state.kind not in KINDS:
             raise ValueError(f"state {name!r}: kind must be one of {KINDS}, got {state.kind!r}")
+        _check_recycling(state, state.backend)
         if state.terminal:
             if isinstance(state.concurrency, AdaptiveConcurrency):
                 raise ValueError(

@@ -43,6 +43,8 @@ class StateReport(msgspec.Struct, frozen=True):
     adaptive: bool = False
     concurrency_min: int = 0
     concurrency_max: int = 0
+    # Workers replaced by recycling (``max_jobs_per_worker``, ``max_worker_memory``).
+    recycled: int = 0
 
     def concurrency_text(self) -> str:
         """The concurrency as the table shows it: ``8`` or, adaptive, ``8 (2-16)``."""
@@ -86,6 +88,9 @@ class RunReport(msgspec.Struct, frozen=True):
         if any(s.rate_limit for s in self.states):  # a column only for runs with a limit
             head = (head[0], (*head[1], "limit"))
             rows = [(*r, _rate(s.rate_limit)) for r, s in zip(rows, self.states, strict=True)]
+        if any(s.recycled for s in self.states):  # likewise for runs that recycled workers
+            head = (head[0], (*head[1], "recycled"))
+            rows = [(*r, str(s.recycled or "")) for r, s in zip(rows, self.states, strict=True)]
         table = [head[1], *rows]
         widths = [max(len(r[i]) for r in table) for i in range(len(head[1]))]
         lines = [head[0]]
@@ -141,6 +146,7 @@ def build_report(
             adaptive=limits is not None,
             concurrency_min=concurrency if limits is None else limits.min,
             concurrency_max=concurrency if limits is None else limits.max,
+            recycled=c.recycled,
         )
         for (c, concurrency, kind, limits), cpu in zip(rows, cpu_seconds, strict=True)
     ]

@@ -60,6 +60,12 @@ class State:
     #: Where a process state's execs run instead of a local worker pool, e.g.
     #: ``jorbmp.dask.DaskBackend(...)``; None: the processor's default (local processes).
     backend: Any = None
+    #: Process states: a worker that has run this many jobs is replaced by a fresh one
+    #: after its current batch (for libraries that leak); None: never.
+    max_jobs_per_worker: int | None = None
+    #: Process states: a worker whose RSS exceeds this many bytes once a batch's results
+    #: are all back is replaced after it; None: never.
+    max_worker_memory: float | None = None
 
     def resolved_kind(self) -> Literal["process", "async", "thread"]:
         """The kind this state runs as: ``"auto"`` picks async for coroutine functions."""

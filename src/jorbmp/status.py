@@ -46,6 +46,9 @@ class StatusCount(msgspec.Struct, frozen=True):
     # Execs at once the state allows now: its concurrency, or an adaptive state's
     # current limit (0 for terminal states).
     concurrency: int = 0
+    # Workers replaced so far by recycling (``State(max_jobs_per_worker=...,
+    # max_worker_memory=...)``): no deaths, nothing charged.
+    recycled: int = 0
 
 
 class StatusListener:
@@ -96,6 +99,7 @@ class StateMetrics:
         "rate_limit",
         "rate_wait",
         "recent",
+        "recycled",
         "total_seconds",
     )
 
@@ -108,6 +112,7 @@ class StateMetrics:
         # The state's rate limit's current rate per second (the lane sets it; None: no limit).
         self.rate_limit: Callable[[], float] | None = None
         self.cpu_seconds = 0.0  # CPU time of the state's processes, from the samples
+        self.recycled = 0  # workers replaced by recycling
         self._samples: deque[tuple[float, int]] = deque()
         self._procs: dict[int, tuple[psutil.Process, float]] = {}  # pid -> (it, CPU seconds)
         self._cpu = 0.0
@@ -197,4 +202,5 @@ class StateMetrics:
             if capacity_seconds
             else 0.0,
             concurrency=0 if terminal else concurrency,
+            recycled=self.recycled,
         )

@@ -559,6 +559,12 @@ def scenario_adaptive(quick: bool, rounds: int) -> list[Row]:
     return adaptive.scenario(quick, rounds)
 
 
+def scenario_memory(quick: bool, rounds: int) -> list[Row]:
+    from . import memory  # imports this module
+
+    return memory.scenario(quick, rounds)
+
+
 SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
     "pipeline": scenario_pipeline,
     "linear": scenario_linear,
@@ -575,6 +581,7 @@ SCENARIOS: dict[str, Callable[[bool, int], list[Row]]] = {
 # its ~6 minutes.
 EXTRA: dict[str, Callable[[bool, int], list[Row]]] = {
     "adaptive": scenario_adaptive,
+    "memory": scenario_memory,
     "scaling": scenario_scaling,
 }
 

@@ -1,0 +1,388 @@
+"""The memory governor of ``Processor(..., memory_limit=...)``: local worker processes
+start execs only while the expected RSS of the coordinator and all its workers stays
+under the limit, and one is taken back (killed) when the total crosses it anyway.
+
+::
+
+    Coordinator.housekeeping (every tick) ──> MemoryGovernor.sample()
+        RSS and peak RSS of the coordinator and every local worker (/proc, psutil)
+        ├─ learns each state's bytes per running exec: a worker's peak RSS above its
+        │  RSS when it first took work (`PoolMemory.per_exec`)
+        └─ over the limit: takes one worker back (`_take_back`)
+    Slots.free / Slots.take ─────> PoolMemory.admits(), acquire(worker)
+        before an idle worker starts an exec: does its state's learned size fit?
+    Slots.returned / gone ───────> PoolMemory.release(worker)
+    ProcessPool.demand ──────────> PoolMemory.admits(new_worker=True)
+        no worker is started for jobs that could not run anyway
+
+**Expected total.** What the last sample measured, with each busy worker counted at
+its RSS when idle plus the larger of what its exec uses now and its state's learned
+size (an exec just started has not grown yet), and each exec started since at its
+state's size. An exec that ends gives its share back at once: its memory is freed when
+the exec returns (the next sample corrects it if not). Nothing here calls psutil per
+job: a worker is measured once when it first takes work, then at each tick.
+
+**Unknown states.** Until one of its execs has finished and been sampled, a state runs
+one exec at a time; then as many as its size fits, but at most `RAMP` times as many
+as have finished (a state of small execs opens up within a few of them): execs that
+vary are seen at their larger sizes before many run at once (a state whose first exec
+used 30 MB and the next 300 MB crossed a 1 GB limit by 12% when it opened at once; with
+the ramp it peaked at 0.65-0.91 of the limit). A state's size is the largest peak seen,
+so it only grows: states whose execs vary a lot run as many as the largest fits.
+
+**Progress.** While no governed exec runs anywhere, one may always start, whatever it
+is expected to need: it runs alone, and if it crosses the limit alone it is charged.
+
+**Taking back.** Over the limit, the governor kills one worker: among the execs that
+grew past their state's learned size (the cause; all running ones if none did), the
+youngest whose use alone (RSS above its worker's idle RSS) brings the total back under
+the limit, or, when none is that big, the one using the most. The youngest loses the
+least work; needing only one kill loses no more. An exec killed while others ran is
+put back uncharged (`jorbmp._pool_deaths.kill_blaming_nobody`), and its state's size
+is raised to what it had used, so it is not started beside the same company again. An
+exec killed while it ran alone is charged ``"exceeded memory limit (N bytes, limit
+M)"``, a failed attempt like any other, so it cannot loop forever.
+
+**No starving.** A state of big execs could wait for as long as states of small ones
+keep the room filled (each that ends frees too little for it, and its own lane takes it
+back at once). One held back with nothing running for `STARVE_SECONDS` is served
+first: no other state starts an exec until it has started one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import psutil
+
+from ._pool_deaths import kill_blaming_nobody, kill_for
+from ._pool_worker import Worker
+from ._protocol import EXECUTING, SLOT_PHASE, SLOT_STARTED
+
+if TYPE_CHECKING:
+    from ._pool import ProcessPool
+
+__all__ = [
+    "MIN_EXEC_BYTES",
+    "NEW_WORKER_BYTES",
+    "RAMP",
+    "STARVE_SECONDS",
+    "MemoryGovernor",
+    "PoolMemory",
+]
+
+log = logging.getLogger("jorbmp")
+
+# The least an exec is counted at: a state of execs that use nothing measurable still
+# opens up by its room, not without bound (and no division by 0).
+MIN_EXEC_BYTES = 1 << 20
+# What a worker not yet measured is expected to add (a forked worker of a small
+# coordinator shows ~23 MB of RSS, shared pages included); once one of the state's
+# workers has been measured, the largest measured is used instead.
+NEW_WORKER_BYTES = 32 << 20
+# Execs of a state that may run at once, per exec of it finished (see "Unknown states"):
+# 2 opens up like TCP's slow start, a state of 4 slots in 2 finished execs; 1 would
+# take one finished exec per slot.
+RAMP = 2
+# How long a state held back by memory, with nothing running, waits before the others
+# start nothing until it has started (see "No starving"). Shorter drains the others'
+# room more often for it (their execs wait while it accumulates); longer lets it wait.
+STARVE_SECONDS = 1.0
+
+
+def _rss_and_peak(pid: int) -> tuple[int, int] | None:
+    """RSS and peak RSS (``VmHWM``) of ``pid`` in bytes; None when it is gone. Where
+    /proc has no peak (not Linux), the peak is the RSS now, from psutil."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            text = f.read()
+    except OSError:
+        try:
+            rss = int(psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            return None
+        return rss, rss
+    # ("VmHWM:\t  12345 kB\n"; found, not split line by line: a third of the cost)
+    at, hwm = text.find(b"\nVmRSS:"), text.find(b"\nVmHWM:")
+    if at < 0:
+        return None  # a zombie: its memory is gone
+    rss = int(text[at + 7 : text.index(b"k", at)]) * 1024
+    peak = int(text[hwm + 7 : text.index(b"k", hwm)]) * 1024 if hwm >= 0 else rss
+    return rss, max(rss, peak)
+
+
+class PoolMemory:
+    """One process state's part of the memory limit: `admits` and `acquire` before an
+    idle worker starts an exec, `release` when its work is back or it is gone."""
+
+    __slots__ = (
+        "bases",
+        "charges",
+        "finished",
+        "firsts",
+        "governor",
+        "held",
+        "known",
+        "name",
+        "per_exec",
+        "pool",
+        "refused_since",
+        "wake",
+    )
+
+    def __init__(self, governor: MemoryGovernor, name: str, wake: Callable[[], None]) -> None:
+        self.governor = governor
+        self.name = name
+        self.wake = wake  # pumps the state's lane
+        self.pool: ProcessPool | None = None
+        # Bytes per running exec: the largest peak seen above a worker's first RSS.
+        self.per_exec = 0
+        self.known = False  # an exec has finished and been sampled since
+        self.held = False  # `admits` said no while the lane wanted a slot
+        self.finished = 0  # execs of this state that ended (returned, or their worker died)
+        self.refused_since: float | None = None  # held back since (monotonic), jobs waiting
+        # Per worker: RSS when it first took work, RSS when last seen idle, and, while
+        # it runs work, the bytes counted for that above its idle RSS.
+        self.firsts: dict[Worker, int] = {}
+        self.bases: dict[Worker, int] = {}
+        self.charges: dict[Worker, int] = {}
+
+    def __repr__(self) -> str:
+        size = self.per_exec if self.known else "unknown"
+        return f"<PoolMemory {self.name!r} per_exec={size} running={len(self.charges)}>"
+
+    def attach(self, pool: ProcessPool) -> None:
+        """The state's pool, whose workers are sampled and taken back."""
+        self.pool = pool
+
+    def size(self) -> int:
+        """Bytes an exec of this state is expected to add."""
+        return max(MIN_EXEC_BYTES, self.per_exec)
+
+    def admits(self, new_worker: bool = False) -> int:
+        """How many more execs of this state may start now (on idle workers, or with
+        ``new_worker`` on workers yet to be started)."""
+        gov = self.governor
+        if not gov.running:
+            n = 1  # nothing runs: one may always start (see the module docstring)
+        elif gov.starving is not None and gov.starving is not self:
+            n = 0  # the room that frees up is the starving state's
+        elif not self.known:
+            n = 0 if self.charges or gov.expected() >= gov.limit else 1
+        else:
+            cost = self.size() + (self.new_worker_bytes() if new_worker else 0)
+            n = max(0, (gov.limit - gov.expected()) // cost)
+            n = min(n, RAMP * self.finished - len(self.charges))
+        if not n:
+            self.held = True
+            if self.refused_since is None:
+                self.refused_since = time.monotonic()
+        return n
+
+    def new_worker_bytes(self) -> int:
+        return max(self.firsts.values(), default=NEW_WORKER_BYTES)
+
+    def acquire(self, worker: Worker) -> None:
+        """``worker`` (idle) starts an exec, which `admits` allowed."""
+        gov = self.governor
+        if worker not in self.bases:
+            # Ready since the last sample (which did not count it): measured once, now
+            # that it is idle, its RSS before any job.
+            seen = _rss_and_peak(worker.pid)
+            rss = seen[0] if seen is not None else self.new_worker_bytes()
+            self.firsts[worker] = self.bases[worker] = rss
+            gov.fixed += rss
+        self.refused_since = None
+        if gov.starving is self:
+            gov.starving = None
+        charge = self.size() if self.known else 0
+        self.charges[worker] = charge
+        gov.charged += charge
+        gov.running += 1
+
+    def release(self, worker: Worker) -> None:
+        """``worker``'s work is back (or it is gone): its exec's share goes back."""
+        charge = self.charges.pop(worker, None)
+        if charge is None:
+            return
+        gov = self.governor
+        gov.charged -= charge
+        gov.running -= 1
+        self.finished += 1
+        gov.wake_held()
+
+
+class MemoryGovernor:
+    """The run's memory limit over the coordinator and every local worker (see the
+    module docstring); `sample` is called each housekeeping tick."""
+
+    __slots__ = (
+        "_me",
+        "charged",
+        "fixed",
+        "limit",
+        "measured",
+        "pools",
+        "running",
+        "starving",
+        "warned",
+    )
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pools: list[PoolMemory] = []
+        # The expected total is ``fixed + charged``: ``fixed`` the coordinator's RSS and
+        # each worker's idle RSS, ``charged`` what running execs are counted at above it.
+        self.fixed = 0
+        self.charged = 0
+        self.running = 0  # execs running on governed workers
+        self.measured = 0  # the total the last sample measured
+        self.warned = False
+        self.starving: PoolMemory | None = None  # served first (see "No starving")
+        self._me = psutil.Process(os.getpid())
+        self.fixed = int(self._me.memory_info().rss)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryGovernor limit={self.limit} expected={self.expected()} "
+            f"measured={self.measured} running={self.running}>"
+        )
+
+    def pool(self, name: str, wake: Callable[[], None]) -> PoolMemory:
+        """State ``name``'s part; ``wake`` pumps its lane when memory frees up."""
+        part = PoolMemory(self, name, wake)
+        self.pools.append(part)
+        return part
+
+    def expected(self) -> int:
+        return self.fixed + self.charged
+
+    def wake_held(self) -> None:
+        """Pump the lanes that memory held back: there may be room now."""
+        for part in self.pools:
+            if part.held:
+                part.held = False
+                part.wake()
+
+    def sample(self) -> None:
+        """Measure every process, learn, recount the expected total, and take a worker
+        back if the measured total is over the limit."""
+        measured = fixed = int(self._me.memory_info().rss)
+        busy: list[_Busy] = []
+        for part in self.pools:
+            pool = part.pool
+            if pool is None:
+                continue
+            learned = part.size() if part.known else 0  # (before this sample teaches it)
+            for worker in [w for w in part.firsts if w not in pool.workers]:
+                for d in (part.firsts, part.bases):
+                    d.pop(worker, None)
+            for worker in pool.workers:
+                seen = _rss_and_peak(worker.pid)
+                if seen is None:
+                    continue
+                rss, peak = seen
+                first = part.firsts.get(worker)
+                if first is not None and (worker.completed or worker in part.charges):
+                    # Peak RSS since it started, above its RSS before any job: the
+                    # largest exec it ran (or runs) so far.
+                    part.per_exec = max(part.per_exec, peak - first)
+                    if worker.completed:
+                        part.known = True
+                if worker.kill_mark is not None:
+                    continue  # being killed: its memory is about to go
+                measured += rss
+                if worker not in part.charges:
+                    fixed += rss
+                    if worker in part.bases:
+                        part.bases[worker] = rss
+                    elif worker.ready and not worker.completed:
+                        part.firsts[worker] = part.bases[worker] = rss  # before any job
+                    continue
+                base = part.bases.get(worker, rss)
+                used = max(0, rss - base)
+                fixed += base
+                part.charges[worker] = max(used, part.size() if part.known else 0)
+                busy.append((part, worker, used, used - learned))
+        # (Workers being killed, or gone and not yet reaped, keep their charges until
+        # `release`, which takes back exactly what is counted here.)
+        charged = sum(sum(part.charges.values()) for part in self.pools)
+        self.fixed, self.charged, self.measured = fixed, charged, measured
+        if measured > self.limit:
+            self._take_back(measured, busy)
+        self._find_starving()
+        self.wake_held()
+
+    def _find_starving(self) -> None:
+        """The state held back longest, with jobs waiting and nothing running, once
+        that is `STARVE_SECONDS`: until it starts an exec, no other state starts one."""
+        due = time.monotonic() - STARVE_SECONDS
+        starved: list[tuple[float, PoolMemory]] = []
+        for part in self.pools:
+            since = part.refused_since
+            if since is None:
+                continue
+            if part.pool is None or not part.pool.sink.queued():
+                part.refused_since = None  # nothing waits for room any more
+            elif since <= due and not part.charges:
+                starved.append((since, part))
+        self.starving = min(starved, key=lambda s: s[0])[1] if starved else None
+
+    def _take_back(self, measured: int, busy: list[_Busy]) -> None:
+        """Kill one busy worker to bring ``measured`` back under the limit: one whose
+        exec grew past what its state had shown if there is one (it is the cause: an
+        exec that uses what its state's others do is not), and among those the youngest
+        that alone brings the total back under (the least work lost, in one kill), or
+        failing that the one that uses the most."""
+        over = measured - self.limit
+        if sum(b[2] for b in busy) < over or not busy:
+            if not self.warned:
+                self.warned = True
+                log.warning(
+                    "memory: %d bytes in use, over the limit of %d, but what running execs "
+                    "use would not bring it back under (the coordinator, its thread and "
+                    "async execs, or idle workers hold it): no worker is taken back",
+                    measured,
+                    self.limit,
+                )
+            return
+        grown = [b for b in busy if b[3] > 0] or busy
+        big = [b for b in grown if b[2] >= over]
+        if big:
+            part, worker, used, _ = max(big, key=lambda b: _started(b[1]))  # the youngest
+        else:
+            part, worker, used, _ = max(grown, key=lambda b: b[2])
+        part.per_exec = max(part.per_exec, used)
+        part.known = True
+        alone = self.running == 1 and worker.slot[SLOT_PHASE] == EXECUTING
+        log.warning(
+            "state %r: %d bytes in use, over the memory limit of %d: taking back worker "
+            "pid %d, whose exec uses %d bytes (%s)",
+            part.name,
+            measured,
+            self.limit,
+            worker.pid,
+            used,
+            "alone: charged" if alone else "retried uncharged",
+        )
+        if alone:
+            kill_for(worker, f"exceeded memory limit ({measured} bytes, limit {self.limit})")
+        else:
+            kill_blaming_nobody(worker)
+            worker.kill_reason = "taken back for the memory limit"  # (logs only: no charge)
+        assert part.pool is not None
+        part.pool.slots.withdraw(worker)
+
+
+# A busy worker at a sample: its state's part, the worker, the bytes its exec uses (RSS
+# above its idle RSS), and how far that is past its state's size before the sample.
+_Busy = tuple[PoolMemory, Worker, int, int]
+
+
+def _started(worker: Worker) -> float:
+    """When ``worker``'s running exec (or the chunk of its batch) started."""
+    return worker.slot[SLOT_STARTED] or worker.since
