@@ -92,7 +92,7 @@ class Lane:
         queue, backend = self.queue, self.backend
         if self.cpu is not None:
             self._tell_budget(self.cpu)
-        if not queue or backend is None or self.coord.stopping:
+        if not queue or backend is None or self.coord.held():
             return
         if self.gate is not None:
             self._pump_gated(backend)
@@ -132,7 +132,7 @@ class Lane:
         metrics = self.metrics
         mean = metrics.total_seconds / metrics.processed if metrics.processed else None
         held = self.gate_task is not None and not self.gate_tokens
-        cpu.demand(0 if self.coord.stopping or held else len(self.queue), mean)
+        cpu.demand(0 if self.coord.held() or held else len(self.queue), mean)
 
     def adapt(self, now: float) -> None:
         """Let an adaptive state's controller see its metrics and move its limit (each
@@ -152,7 +152,7 @@ class Lane:
             bool(self.queue)
             and backend.free() == 0
             and not backend.starting()
-            and not self.coord.stopping
+            and not self.coord.held()
             and not backend.held_back()
         )
         metrics = self.metrics
@@ -225,7 +225,7 @@ class Lane:
         assert gate is not None and backend is not None
         try:
             loop = asyncio.get_running_loop()
-            while self.queue and not self.coord.stopping and backend.free():
+            while self.queue and not self.coord.held() and backend.free():
                 if not self.gate_tokens:
                     waited_from = loop.time()
                     await gate.acquire()
@@ -233,7 +233,7 @@ class Lane:
                     self.gate_tokens = 1
                 # While the gate waited, a worker may have died (no free slot now) and
                 # the queue may have changed: `_dispatch_gated` checks both again.
-                if self.coord.is_stopping():
+                if self.coord.held():
                     break
                 self._dispatch_gated(backend)
         except Exception as exc:  # a task's exception would only be logged, much later

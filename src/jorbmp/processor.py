@@ -30,6 +30,7 @@ from ._backends import (
     InlineRunner,
     ThreadBackend,
 )
+from ._checkpoint_guard import DEFAULT_PATIENCE, check_patience
 from ._coordinator import Coordinator
 from ._cpus import CpuBudget
 from ._lane import Lane
@@ -69,7 +70,9 @@ class Processor(Generic[AC]):
     process state without a backend of its own there instead of in local processes.
     ``cpus``: at most that many execs of local process states at once, all of them
     together (by default the adaptive ones share the cores this process may use, and
-    fixed ones are outside any budget).
+    fixed ones are outside any budget). ``checkpoint_patience``: seconds a run waits
+    for space when a checkpoint write fails for lack of it (dispatch paused meanwhile)
+    before it stops and ``exec`` raises `CheckpointError`.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class Processor(Generic[AC]):
         grace_period: float = DEFAULT_GRACE_PERIOD,
         backend: BackendFactory | None = None,
         cpus: int | None = None,
+        checkpoint_patience: float = DEFAULT_PATIENCE,
     ) -> None:
         if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
             raise ValueError(f"Processor: cpus must be None or an int >= 1, got {cpus!r}")
@@ -108,6 +112,7 @@ class Processor(Generic[AC]):
         if grace_period < 0:
             raise ValueError(f"grace_period must be >= 0, got {grace_period}")
         self.grace_period = grace_period
+        self.checkpoint_patience = check_patience(checkpoint_patience)
         self._local_ac: Any = None
         self._local_ac_built = False
         self._lock = threading.Lock()
@@ -249,6 +254,7 @@ class Processor(Generic[AC]):
                 self.serializer,
                 self.status_listener,
                 self.grace_period,
+                self.checkpoint_patience,
             )
             self._coordinator = coordinator
             if self._stop_requested:

@@ -46,6 +46,9 @@ class StatusCount(msgspec.Struct, frozen=True):
     # Execs at once the state allows now: its concurrency, or an adaptive state's
     # current limit (0 for terminal states).
     concurrency: int = 0
+    # Why dispatch is paused, naming the file and the cause: the checkpoint cannot be
+    # written for lack of space (see `jorbmp._checkpoint_guard`); "" while it runs.
+    paused: str = ""
 
 
 class StatusListener:

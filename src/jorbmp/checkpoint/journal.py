@@ -80,6 +80,7 @@ of each job only its id, state and errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -592,6 +593,7 @@ class JournalSerializer(IncrementalSerializer):
         self._size = self.snapshot_bytes = sum(len(chunk) for chunk in chunks)
         self.journal_bytes = 0
         self._open_fd()
+        self.writes += 1
 
     def _open_fd(self) -> None:
         fd = os.open(self.path, os.O_WRONLY)
@@ -612,15 +614,23 @@ class JournalSerializer(IncrementalSerializer):
         # first, so that nothing is ever appended after a torn record.
         if os.fstat(fd).st_size != offset:
             os.ftruncate(fd, offset)
-        for piece in record:
-            view = memoryview(piece)
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view = view[written:]
-                offset += written
-        _fdatasync(fd)
+        try:
+            for piece in record:
+                view = memoryview(piece)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view = view[written:]
+                    offset += written
+            _fdatasync(fd)
+        except OSError:
+            # (A full disk, typically.) Cut off what part of the record reached the
+            # file, now: a reload before the next write then finds no torn tail either.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._size)
+            raise
         self.journal_bytes += offset - self._size
         self._size = offset
+        self.writes += 1
 
     def _close_fd(self) -> None:
         if self._fd is not None:
