@@ -25,7 +25,7 @@ _SQLITE_FULL = 13  # SQLite's primary result code (the low byte of an extended o
 # What SQLite says when it cannot give its -shm file (memory-mapped) another page: it
 # writes a byte into each new page first, so that a full disk is an error rather
 # than a SIGBUS, and that write is what fails.
-_SQLITE_IOERR_SHMSIZE = 4874
+SQLITE_IOERR_SHMSIZE = 4874
 
 
 def is_space_error(exc: BaseException) -> bool:
@@ -39,7 +39,7 @@ def is_space_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         if isinstance(code, int):
-            return code & 0xFF == _SQLITE_FULL or code == _SQLITE_IOERR_SHMSIZE
+            return code & 0xFF == _SQLITE_FULL or code == SQLITE_IOERR_SHMSIZE
         return _FULL_TEXT in str(exc)
     return False
 
@@ -51,7 +51,7 @@ def describe(exc: BaseException) -> str:
         return f"{os.strerror(exc.errno)} ({name})"
     if isinstance(exc, sqlite3.Error):
         sqlite_name = getattr(exc, "sqlite_errorname", None)
-        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_IOERR_SHMSIZE:
+        if getattr(exc, "sqlite_errorcode", None) == SQLITE_IOERR_SHMSIZE:
             return f"SQLite cannot grow its -shm file ({sqlite_name}): the disk is full"
         return f"SQLite: {exc} ({sqlite_name})" if sqlite_name else f"SQLite: {exc}"
     return f"{type(exc).__name__}: {exc}"
