@@ -78,13 +78,14 @@ def check_patience(patience: object) -> float:
 class _Episode:
     """One stretch of failed writes, from the first failure to the next write that works."""
 
-    __slots__ = ("cause", "cost", "retry_at", "since", "writes")
+    __slots__ = ("cause", "cost", "loud", "retry_at", "since", "writes")
 
     def __init__(self, cause: CheckpointSpaceError, now: float, writes: int) -> None:
         self.cause = cause  # the latest failure
         self.since = now
         self.retry_at = now
         self.cost = 0.0  # the longest a try took on the loop thread
+        self.loud = True  # its start was a WARNING (so is its end)
         self.writes = writes  # the serializer's `writes` when it began
 
 
@@ -245,7 +246,7 @@ class CheckpointGuard:
             episode = self.episode = _Episode(exc, now, self.serializer.writes)
             # Episodes close together (a disk at the edge of full) make one WARNING
             # every `WARN_EVERY_SECONDS`; the others are INFO.
-            loud = now - self._warned >= WARN_EVERY_SECONDS
+            loud = episode.loud = now - self._warned >= WARN_EVERY_SECONDS
             if loud:
                 self._warned = now
             log.log(
@@ -282,7 +283,7 @@ class CheckpointGuard:
         episode, self.episode = self.episode, None
         assert episode is not None
         log.log(
-            logging.WARNING if episode.since == self._warned else logging.INFO,
+            logging.WARNING if episode.loud else logging.INFO,
             "%s: the checkpoint was written again after %.1fs without space; dispatch resumed",
             self.serializer.path, self._clock() - episode.since,
         )  # fmt: skip
