@@ -52,8 +52,9 @@ class JC(msgspec.Struct):
 FILL_JOB = 10
 
 
-def fill_disk(path: Path) -> None:
-    """Write ``path`` until the file system has no space left."""
+def fill_disk(path: Path, leave: int = 0) -> None:
+    """Write ``path`` until the file system has no space left, then give back ``leave``
+    bytes."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         chunk = b"\0" * 65536
@@ -66,6 +67,7 @@ def fill_disk(path: Path) -> None:
                 if len(chunk) == 1:
                     break
                 chunk = chunk[: len(chunk) // 2]
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
     finally:
         os.close(fd)
 
@@ -285,6 +287,47 @@ def test_first_write_does_not_fit(fmt: str, tmp_path: Path) -> None:
     if fmt == "json":
         # Its first write is at the start: nothing ran before it.
         assert seen == [0], seen
+
+
+@pytest.mark.timeout(60)
+def test_journal_compaction_that_does_not_fit_appends_instead(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Room for an append but not for a second snapshot beside the file: the compaction
+    that does not fit appends its jobs instead (before: every flush failed, so the run
+    paused), and no compaction is tried again until the journal has grown as much."""
+    with tmpfs(tmp_path / "disk") as disk:
+        path, filler = disk / "run.journal", disk / "filler"
+        run = new_run(tmp_path / "execs.log")
+        for n in range(JOBS, 4 * JOBS):
+            run.add_job(JC(n))
+        jobs = list(run.jobs.values())
+        ser = jorbmp.JournalSerializer(path, OC, JC, compact_min_bytes=1024)
+        ser.begin(run)
+        try:
+            ser.flush(run, final=True)  # the first snapshot
+            snapshot = ser.snapshot_bytes
+            # Room for 1.35 snapshots: an append of half the jobs, then (the journal
+            # would outgrow the snapshot) a compaction that needs a whole snapshot
+            # beside the file and does not fit: the other half appended instead; then
+            # a quarter, appended without trying to compact again.
+            fill_disk(filler, int(1.35 * snapshot))
+            with caplog.at_level(logging.INFO, logger="jorbmp"):
+                for step, some in enumerate((jobs[::2], jobs[1::2], jobs[::4])):
+                    for job in some:
+                        job.state = f"state {step}"
+                    ser.jobs_changed(some)
+                    ser.flush(run, final=True)
+            assert ser.compactions == 0
+            assert ser.journal_bytes > snapshot
+            tries = [r for r in caplog.records if "no room to compact" in r.getMessage()]
+            assert len(tries) == 1, [r.getMessage() for r in tries]
+            assert not [p.name for p in disk.iterdir() if ".tmp-" in p.name]
+        finally:
+            ser.end()
+        stored = jorbmp.JournalSerializer(path, OC, JC).deserialize()
+        states = Counter(job.state for job in stored.jobs.values())
+        assert states == {"state 0": JOBS, "state 1": 2 * JOBS, "state 2": JOBS}, states
 
 
 class OnPause(logging.Handler):
