@@ -38,9 +38,11 @@ class Disk(Serializer):
         self.full = True
         self.clock = clock
         self.tries: list[float] = []
+        self.cost = 0.0  # seconds a try takes (the clock moves by that much)
 
     def flush(self, run: Run[Any, Any], final: bool = False) -> None:
         self.tries.append(self.clock.now)
+        self.clock.now += self.cost
         if self.full:
             raise space_error(self.path, OSError(errno.ENOSPC, "No space left on device"))
         self.writes += 1
@@ -128,6 +130,18 @@ def test_interval_zero_retries_every_tick() -> None:
     g.guard.flush(g.run)
     g.tick_until(0.5)
     assert len(g.disk.tries) == 6
+
+
+@pytest.mark.timeout(30)
+def test_a_costly_try_is_spaced_out() -> None:
+    """A try that takes 0.5 s of the loop (a JSON snapshot of a big run) is retried
+    every 5 s, not every interval: at most ~10% of the loop goes to retrying."""
+    g = Guarded(patience=60.0, interval=0.2)
+    g.disk.cost = 0.5
+    g.guard.flush(g.run)
+    g.tick_until(20.0)
+    gaps = [b - a for a, b in zip(g.disk.tries, g.disk.tries[1:], strict=False)]
+    assert gaps and min(gaps) >= 5.0, gaps
 
 
 @pytest.mark.timeout(30)

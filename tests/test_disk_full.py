@@ -184,6 +184,15 @@ def all_done(run: Run[OC, JC]) -> None:
     assert states == {"done": JOBS}, states
 
 
+def copy_checkpoint(path: Path, to: Path) -> Path:
+    """Copy the checkpoint at ``path`` (and SQLite's -wal beside it) into ``to``."""
+    to.mkdir(exist_ok=True)
+    for name in os.listdir(path.parent):
+        if name.startswith(path.name) and not name.endswith((".lock", "-shm")):
+            shutil.copy(path.parent / name, to / name)
+    return to / path.name
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_space_comes_back(fmt: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -213,14 +222,39 @@ def test_space_comes_back(fmt: str, tmp_path: Path, caplog: pytest.LogCaptureFix
 
 
 @pytest.mark.timeout(120)
+def test_stop_while_paused(tmp_path: Path) -> None:
+    """`Processor.stop()` while the disk is full: nothing waits for the patience (60 s):
+    the final write is tried once and `exec` raises `CheckpointError`; the file holds
+    an earlier checkpoint, from which the run completes."""
+    log = tmp_path / "execs.log"
+    with tmpfs(tmp_path / "disk") as disk:
+        path, filler = disk / "run.journal", disk / "filler"
+        run = new_run(log, filler, tmp_path / "armed", path)
+        procs: list[Processor[None]] = []
+        watch = Watch(lambda: threading.Timer(0.3, procs[0].stop).start())
+        proc: Processor[None] = Processor(None, STATES, serializer("journal", path), watch)
+        procs.append(proc)
+        started = time.monotonic()
+        with pytest.raises(CheckpointError, match="final checkpoint") as caught:
+            proc.exec(run)
+        assert time.monotonic() - started < 30
+        assert str(path) in str(caught.value)
+        assert watch.paused
+        copy = serializer("journal", copy_checkpoint(path, tmp_path / "big"))
+    loaded = copy.deserialize()
+    Processor(None, STATES, copy).exec(loaded)
+    all_done(loaded)
+    assert set(runs(log)) == {f"{s} {n}" for s in ("new", "middle") for n in range(JOBS)}
+    assert max(runs(log).values()) <= 2
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize(("fmt", "patience"), [("json", 0.0), ("journal", 1.0), ("sqlite", 1.0)])
 def test_space_never_comes_back(fmt: str, patience: float, tmp_path: Path) -> None:
     """The disk stays full: after ``checkpoint_patience`` the run stops with a
     `CheckpointError` naming the file; a copy of the file on a bigger disk loads and
     completes the run, re-running only jobs whose transitions were not on disk."""
     log = tmp_path / "execs.log"
-    big = tmp_path / "big"
-    big.mkdir()
     with tmpfs(tmp_path / "disk") as disk:
         path, filler = disk / checkpoint_name(fmt), disk / "filler"
         run = new_run(log, filler, tmp_path / "armed", path)
@@ -235,12 +269,9 @@ def test_space_never_comes_back(fmt: str, patience: float, tmp_path: Path) -> No
         assert "No space left on device" in message or "disk is full" in message, message
         assert filler.exists()
         assert not [p.name for p in disk.iterdir() if ".tmp-" in p.name]
-        for name in os.listdir(disk):
-            if name.startswith(path.name) and not name.endswith((".lock", "-shm")):
-                shutil.copy(disk / name, big / name)
+        copy = serializer(fmt, copy_checkpoint(path, tmp_path / "big"))
     before = runs(log)
     assert before[f"new {FILL_JOB}"] == 1
-    copy = serializer(fmt, big / path.name)
     loaded = copy.deserialize()
     assert len(loaded.jobs) == JOBS
     stored = {job.id: job.state for job in loaded.jobs.values()}
@@ -390,12 +421,7 @@ def test_final_write_does_not_fit(fmt: str, how: str, tmp_path: Path) -> None:
         if how == "stop":  # read where it is, on the disk still full
             in_place = serializer(fmt, path).deserialize()
             assert Counter(job.state for job in in_place.jobs.values()) == {"new": JOBS}
-        copy = tmp_path / "copy"
-        copy.mkdir()
-        for name in os.listdir(disk):
-            if name.startswith(path.name) and not name.endswith((".lock", "-shm")):
-                shutil.copy(disk / name, copy / name)
-        stored = serializer(fmt, copy / path.name).deserialize()
+        stored = serializer(fmt, copy_checkpoint(path, tmp_path / "copy")).deserialize()
         if how == "space-back":
             all_done(stored)
         else:
