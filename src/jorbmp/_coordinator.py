@@ -17,6 +17,7 @@
                    ├──> back into a Lane's queue, or a terminal state
                    ▼
                  Serializer.jobs_changed ─(housekeeping tick)──> checkpoint flush
+                   (CheckpointGuard: a write without space pauses dispatch, see there)
                  status counters ─────────(housekeeping tick)──> StatusListener
 
 Everything here runs on one event loop thread, so transitions need no locks. Work
@@ -37,6 +38,7 @@ import msgspec
 
 from . import _floats
 from ._backends import Backend
+from ._checkpoint_guard import DEFAULT_PATIENCE, CheckpointGuard
 from ._delays import DelayQueue
 from ._lane import Lane
 from ._load import LoadMeter
@@ -45,6 +47,7 @@ from ._memory import MemoryGovernor
 from ._transitions import Transitions
 from .adaptive import LimitHistory
 from .checkpoint.base import Serializer
+from .errors import CheckpointSpaceError
 from .report import RunReport, build_report
 from .run import Job, Run, utcnow
 from .state import State
@@ -69,9 +72,17 @@ class Coordinator(Transitions):
         listener: StatusListener,
         grace: float,
         memory: MemoryGovernor | None = None,
+        checkpoint_patience: float = DEFAULT_PATIENCE,
     ) -> None:
         self.run = run
         self.serializer = serializer
+        # Writes go through the guard: a full disk pauses dispatch (`paused`) until a
+        # write succeeds again, or stops the run after ``checkpoint_patience`` seconds.
+        self.guard = CheckpointGuard(
+            serializer, checkpoint_patience, self.checkpoint_changed, self.checkpoint_given_up
+        )
+        self.paused = False
+        self.unwritten: CheckpointSpaceError | None = None  # a final write that must wait
         self.listener = listener
         # Updates reach the listener on its own thread: a slow or blocked listener
         # never holds up the loop (see `jorbmp._mailbox`).
@@ -151,10 +162,10 @@ class Coordinator(Transitions):
                 else:
                     lane.queue.append(job)
         self.active = sum(lane.count for lane in lanes.values() if not lane.terminal)
-        self.serializer.begin(self.run)
+        self.guard.begin(self.run)
         try:
             if self.active == 0:
-                self.serializer.flush(self.run, final=True)
+                self.guard.final_flush(self.run)
                 self.mailbox.put(self.snapshot(final=True), pinned=True)
                 self.close_listener(None)  # exactly one update: it is the first and last
                 self.final_report = self.report("complete")
@@ -177,6 +188,10 @@ class Coordinator(Transitions):
                 if self.tick is not None:
                     self.tick.cancel()
                 self.shutdown()
+                if self.unwritten is not None:  # a complete run's end did not fit
+                    await self.guard.wait_final(
+                        self.run, self.unwritten, lambda: self.stopping or self.signalled
+                    )
         finally:
             try:
                 self.serializer.end()
@@ -237,7 +252,7 @@ class Coordinator(Transitions):
         ones before did."""
         try:
             self.store_report(outcome)
-            self.serializer.flush(self.run, final=True)
+            self.unwritten = self.guard.final_flush(self.run, wait=outcome == "complete")
         finally:
             # Settled: whatever was executing finished, or was abandoned and stays
             # in its prior state, so the last update counts it as waiting there.
@@ -268,7 +283,7 @@ class Coordinator(Transitions):
             if self.changed:
                 self.changed = False
                 self.mailbox.put(self.snapshot())
-            self.serializer.flush(self.run)
+            self.guard.flush(self.run)
         except Exception as exc:
             self.fail(exc)
             return
@@ -288,7 +303,7 @@ class Coordinator(Transitions):
         """The status of every state; ``final``: the run is over and nothing executes
         (backends may still count abandoned execs as running)."""
         now = asyncio.get_running_loop().time()
-        return [
+        counts = [
             lane.metrics.snapshot(
                 lane.name,
                 lane.terminal,
@@ -300,6 +315,10 @@ class Coordinator(Transitions):
             )
             for lane in self.lanes.values()
         ]
+        if self.paused:  # (rare: no cost otherwise)
+            why = self.guard.status()
+            counts = [c if c.terminal else msgspec.structs.replace(c, paused=why) for c in counts]
+        return counts
 
     def store_report(self, outcome: str) -> None:
         """Keep the report for the processor and in the run (so in the checkpoint)."""
@@ -332,7 +351,7 @@ class Coordinator(Transitions):
             asyncio.get_running_loop().call_soon(self.pump_pending)
         if self.done.done():
             return
-        if self.active == 0:
+        if self.active == 0 and not self.paused:  # (paused: its end is not on disk yet)
             self.done.set_result("complete")
         elif self.stopping and self.executing() == 0:
             self.done.set_result("stopped")
@@ -353,12 +372,30 @@ class Coordinator(Transitions):
 
     # -- stopping -------------------------------------------------------------------
 
-    def is_stopping(self) -> bool:
-        return self.stopping
+    def held(self) -> bool:
+        """No new dispatches: stopping, or paused while the checkpoint cannot be written."""
+        return self.stopping or self.paused
+
+    def checkpoint_changed(self) -> None:
+        """The guard paused or resumed dispatch: show it, and on resuming pump every lane
+        (jobs queued meanwhile) and see whether the run is complete."""
+        self.paused = self.guard.paused
+        self.changed = True
+        if not self.paused and not self.done.done():
+            for lane in self.lanes.values():
+                self.settle(lane)
+
+    def checkpoint_given_up(self, error: CheckpointSpaceError) -> None:
+        """No space for the checkpoint within its patience: stop gracefully; the final
+        write (`final_writes`) then raises ``error``."""
+        self.request_stop()
 
     def request_stop(self) -> None:
         """Stop dispatching; let in-flight execs finish within the grace period."""
-        if self.stopping or self.done.done():
+        if self.done.done():
+            self.stopping = True  # (ends a wait for space for the final write)
+            return
+        if self.stopping:
             return
         self.stopping = True
         log.info("stopping: waiting up to %gs for %d executing jobs", self.grace, self.executing())

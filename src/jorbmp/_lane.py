@@ -92,7 +92,7 @@ class Lane:
         queue, backend = self.queue, self.backend
         if self.cpu is not None:
             self._tell_budget(self.cpu)
-        if not queue or backend is None or self.coord.stopping:
+        if not queue or backend is None or self.coord.held():
             return
         if self.gate is not None:
             self._pump_gated(backend)
@@ -131,7 +131,7 @@ class Lane:
         waiting for its next token kept a core from the others ~85% of the time)."""
         metrics = self.metrics
         mean = metrics.total_seconds / metrics.processed if metrics.processed else None
-        cpu.demand(0 if self.coord.stopping or self.rate_held() else len(self.queue), mean)
+        cpu.demand(0 if self.coord.held() or self.rate_held() else len(self.queue), mean)
 
     def rate_held(self) -> bool:
         """Whether jobs wait for the rate limit's next token while slots are free."""
@@ -159,7 +159,7 @@ class Lane:
             bool(self.queue)
             and (backend.free() == 0 or self.rate_held())
             and not backend.starting()
-            and not self.coord.stopping
+            and not self.coord.held()
             and not backend.held_back()
         )
         metrics, ceiling, held = self.metrics, None, 0
@@ -236,7 +236,7 @@ class Lane:
         assert gate is not None and backend is not None
         try:
             loop = asyncio.get_running_loop()
-            while self.queue and not self.coord.stopping and backend.free():
+            while self.queue and not self.coord.held() and backend.free():
                 if not self.gate_tokens:
                     waited_from = loop.time()
                     await gate.acquire()
@@ -244,7 +244,7 @@ class Lane:
                     self.gate_tokens = 1
                 # While the gate waited, a worker may have died (no free slot now) and
                 # the queue may have changed: `_dispatch_gated` checks both again.
-                if self.coord.is_stopping():
+                if self.coord.held():
                     break
                 self._dispatch_gated(backend)
         except Exception as exc:  # a task's exception would only be logged, much later

@@ -6,7 +6,7 @@ import decimal
 import math
 import numbers
 
-__all__ = ["CheckpointError", "RateLimitError", "Stopped"]
+__all__ = ["CheckpointError", "CheckpointSpaceError", "RateLimitError", "Stopped"]
 
 
 class CheckpointError(Exception):
@@ -15,6 +15,24 @@ class CheckpointError(Exception):
     The message names the file and the reason. A checkpoint that raised this is never
     overwritten by jorbmp.
     """
+
+
+class CheckpointSpaceError(CheckpointError):
+    """A checkpoint write failed for lack of space or quota (ENOSPC, EDQUOT, SQLite's
+    "database or disk is full"). ``path`` is the checkpoint, ``cause`` the error the
+    write met; the file still holds the last checkpoint written before it.
+
+    While a processor executes a run, such a failure pauses dispatch until the write
+    succeeds again, for at most ``checkpoint_patience`` seconds; then ``exec`` raises it.
+    """
+
+    def __init__(self, message: str, path: object, cause: BaseException) -> None:
+        super().__init__(message)
+        self.path = path
+        self.cause = cause
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.path, self.cause))
 
 
 class RateLimitError(Exception):

@@ -30,6 +30,7 @@ from ._backends import (
     InlineRunner,
     ThreadBackend,
 )
+from ._checkpoint_guard import DEFAULT_PATIENCE, check_patience
 from ._coordinator import Coordinator
 from ._cpus import CpuBudget
 from ._lane import Lane
@@ -75,6 +76,9 @@ class Processor(Generic[AC]):
     fixed ones are outside any budget). ``memory_limit``: bytes (or a fraction in (0, 1]
     of the memory available to this process) that this process and its local workers
     may use together (RSS); see `jorbmp._memory`.
+    ``checkpoint_patience``: seconds a run waits
+    for space when a checkpoint write fails for lack of it (dispatch paused meanwhile)
+    before it stops and ``exec`` raises `CheckpointError`.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class Processor(Generic[AC]):
         backend: BackendFactory | None = None,
         cpus: int | None = None,
         memory_limit: int | float | None = None,
+        checkpoint_patience: float = DEFAULT_PATIENCE,
     ) -> None:
         if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1):
             raise ValueError(f"Processor: cpus must be None or an int >= 1, got {cpus!r}")
@@ -117,6 +122,7 @@ class Processor(Generic[AC]):
         if grace_period < 0:
             raise ValueError(f"grace_period must be >= 0, got {grace_period}")
         self.grace_period = grace_period
+        self.checkpoint_patience = check_patience(checkpoint_patience)
         self._local_ac: Any = None
         self._local_ac_built = False
         self._lock = threading.Lock()
@@ -258,6 +264,7 @@ class Processor(Generic[AC]):
                 self.serializer,
                 self.status_listener,
                 self.grace_period,
+                checkpoint_patience=self.checkpoint_patience,
                 memory=self._memory_governor(),
             )
             self._coordinator = coordinator

@@ -172,7 +172,13 @@ def _plain_line(elapsed: float, counts: list[StatusCount]) -> str:
                 f"{c.jobs_per_second:.1f}/s mean {_fmt_seconds(c.mean_seconds)} "
                 f"cpu {c.cpu_percent:.0f}% err {c.errors}{_limit([c])}"
             )
-    return f"[jorbmp {elapsed:7.1f}s] " + " | ".join(parts)
+    return f"[jorbmp {elapsed:7.1f}s] " + " | ".join(parts) + _paused(counts)
+
+
+def _paused(counts: list[StatusCount]) -> str:
+    """Why dispatch is paused (the checkpoint cannot be written), or nothing."""
+    why = next((c.paused for c in counts if c.paused), "")
+    return f" | PAUSED: {why}" if why else ""
 
 
 def _limit(group: list[StatusCount]) -> str:
@@ -264,7 +270,7 @@ class TqdmStatusListener(StatusListener):
                     f"mean={_fmt_seconds(mean)} "
                     # (folded async and thread states would each count the coordinator)
                     f"cpu={max(c.cpu_percent for c in group):.0f}% "
-                    f"err={sum(c.errors for c in group)}{_limit(group)}",
+                    f"err={sum(c.errors for c in group)}{_limit(group)}{_paused(group)}",
                     refresh=False,
                 )
             bar.refresh()

@@ -49,6 +49,9 @@ class StatusCount(msgspec.Struct, frozen=True):
     # Workers replaced so far by recycling (``State(max_jobs_per_worker=...,
     # max_worker_memory=...)``): no deaths, nothing charged.
     recycled: int = 0
+    # Why dispatch is paused, naming the file and the cause: the checkpoint cannot be
+    # written for lack of space (see `jorbmp._checkpoint_guard`); "" while it runs.
+    paused: str = ""
 
 
 class StatusListener:

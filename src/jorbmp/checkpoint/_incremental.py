@@ -14,7 +14,8 @@ the writer only sees bytes (or rows) and does the I/O. At most one write is in
 flight: while the writer is busy, changed jobs stay in the dirty set, where repeated
 changes of a job coalesce, so a slow disk makes batches bigger, never a queue longer.
 A write that fails makes its jobs dirty again; the error fails the run (as a failed
-`JsonSerializer` write does), and the final flush tries once more.
+`JsonSerializer` write does), and the final flush tries once more. One that fails for
+lack of space raises `CheckpointSpaceError`, for which the processor waits.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run import Job, Run
+from ._space import is_space_error, space_error
 from .base import Serializer
 
 __all__ = ["IncrementalSerializer"]
@@ -152,11 +154,20 @@ class IncrementalSerializer(Serializer):
         self._pending = None
         jobs, self._pending_jobs = self._pending_jobs, {}
         failed = pending.exception()
-        if failed is not None:
-            self._dirty = {**jobs, **self._dirty}
-            if not (final and retry):
-                raise failed
-            log.error("%s: checkpoint write failed (%s); retrying", self.path, failed)
+        if failed is None:
+            return True
+        self._dirty = {**jobs, **self._dirty}
+        space = is_space_error(failed)
+        if space:
+            # The write was undone (a journal's append cut back, an SQLite transaction
+            # rolled back, a snapshot's temporary file removed): the file is as the last
+            # write left it.
+            failed = space_error(self.path, failed)
+        if not (final and retry):
+            raise failed
+        # (The processor tells of a lack of space itself: `jorbmp._checkpoint_guard`.)
+        level = logging.INFO if space else logging.ERROR
+        log.log(level, "%s: checkpoint write failed (%s); retrying", self.path, failed)
         return True
 
     def _stop_writer(self, last: Callable[[], None] | None = None) -> bool:

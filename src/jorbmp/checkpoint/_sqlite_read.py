@@ -46,6 +46,7 @@ import msgspec
 from .. import _fds
 from ..errors import CheckpointError
 from ..run import Job, Run
+from ._space import SQLITE_IOERR_SHMSIZE
 from .base import (
     OFD_LOCKS,
     CheckpointLock,
@@ -201,7 +202,8 @@ def _cannot_share(exc: sqlite3.Error) -> bool:
     reader) rather than that the database holds something wrong."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     if code is not None:
-        return code & 0xFF in (_SQLITE_CANTOPEN, _SQLITE_READONLY)
+        # (SQLITE_IOERR_SHMSIZE: no room to grow the -shm file, on a full disk.)
+        return code & 0xFF in (_SQLITE_CANTOPEN, _SQLITE_READONLY) or code == SQLITE_IOERR_SHMSIZE
     return str(exc) in ("unable to open database file", "attempt to write a readonly database")
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._space import is_space_error
 from ._sqlite_read import APPLICATION_ID, columns
 from .base import FileStates, fsync_dir, make_parents, temp_path
 
@@ -336,7 +337,21 @@ class SqliteWriter:
                 _insert(conn, rows)
             conn.execute(run_sql, run_row)
 
-        self.transaction(conn, body)
+        try:
+            self.transaction(conn, body)
+        except sqlite3.Error as exc:
+            if is_space_error(exc):
+                self.shrink_log(conn)
+            raise
+
+    @staticmethod
+    def shrink_log(conn: sqlite3.Connection) -> None:
+        """After a transaction that found no space: fold the -wal file into the database
+        and cut it to 0 bytes, giving its space back for the retry. (SQLite keeps a WAL
+        at its largest size, up to ~1000 pages: 16 MiB here, a good part of a small
+        disk.) Best effort: a database that must grow for it may not fit either."""
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         """Abandon an unfinished first write; close the connection (the last one also

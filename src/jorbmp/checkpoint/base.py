@@ -25,8 +25,9 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from .. import _fds
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointSpaceError
 from ..run import Job, Run
+from ._space import describe, is_space_error, space_error
 from .overview import Overview, overview_of
 
 __all__ = ["FORMAT_VERSION", "NilSerializer", "RunRecord", "Serializer"]
@@ -167,25 +168,33 @@ def write_atomic(path: Path, chunks: Sequence[bytes | memoryview]) -> None:
     Write a temporary file beside it, fsync, rename over the old one, fsync the
     directory. A crash at any point leaves either the old file or the new one (and a
     temporary file, which the next writer removes: `remove_temp_files`).
+
+    A lack of space or quota before the rename raises `CheckpointSpaceError`: the file
+    is then exactly as it was, and the temporary file is gone.
     """
-    make_parents(path)
     tmp = temp_path(path)
     try:
-        old = os.stat(path)
-    except FileNotFoundError:
-        old = None
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if old is not None:
-                keep_owner(f.fileno(), old)
-            f.writelines(chunks)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        make_parents(path)
+        try:
+            old: os.stat_result | None = os.stat(path)
+        except FileNotFoundError:
+            old = None
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if old is not None:
+                    keep_owner(f.fileno(), old)
+                f.writelines(chunks)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        if is_space_error(exc):
+            raise space_error(path, exc) from exc
         raise
     fsync_dir(path.parent)
 
@@ -245,6 +254,10 @@ def fsync_dir(directory: Path) -> None:
     finally:
         os.close(dir_fd)
 
+
+# Why a lock file cannot be made: the checkpoint's directory is read-only, not this
+# user's to write, or has no room (an inode, a block) for the lock file itself.
+_UNWRITABLE_DIR = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
 
 # How long `CheckpointLock.acquire` keeps trying a lock that is taken before refusing:
 # `serialize` (a `redrive`) holds it for the moment of a write, a processor for a
@@ -309,9 +322,19 @@ class CheckpointLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise ``CheckpointError`` naming the checkpoint and the pid of
-        the processor that holds it (see `ACQUIRE_PATIENCE`)."""
-        make_parents(self.path)
-        fd = self._open()
+        the processor that holds it (see `ACQUIRE_PATIENCE`), or naming the checkpoint
+        and why its directory cannot be written (read-only, no permission, no space)."""
+        try:
+            make_parents(self.path)
+            fd = self._open()
+        except OSError as exc:
+            if exc.errno not in _UNWRITABLE_DIR:
+                raise
+            checkpoint = self.path.with_suffix("")
+            raise CheckpointError(
+                f"{checkpoint}: cannot write the checkpoint's directory {checkpoint.parent} "
+                f"({describe(exc)}): nothing was executed"
+            ) from exc
         deadline = time.monotonic() + ACQUIRE_PATIENCE
         pause = _RETRY_SLEEP
         while True:
@@ -332,8 +355,14 @@ class CheckpointLock:
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except OSError as exc:
+            # The pid only informs a refused processor: a full disk is no reason not to
+            # run (the checkpoint's writes wait for space: `jorbmp._checkpoint_guard`).
+            if not is_space_error(exc):
+                os.close(fd)  # (drops the locks just taken)
+                raise
         except BaseException:
-            os.close(fd)  # (drops the locks just taken)
+            os.close(fd)
             raise
         _fds.register(fd)
         self.fd = fd
@@ -543,6 +572,8 @@ class Serializer:
             self.check_overwritable()
             try:
                 self._write_run(run)
+            except CheckpointSpaceError:
+                raise  # nothing written (`write_atomic`): the file is as it was
             except BaseException:
                 # Maybe written, maybe not (a failed fsync after the rename): what is
                 # there is this run's doing or as it was, not a stranger's change.
@@ -562,6 +593,10 @@ class Serializer:
         self._check_present()
         return overview_of(self._read())
 
+    # Writes of this serializer that reached the disk whole: how a processor that saw
+    # one fail for lack of space (`CheckpointSpaceError`) learns that one succeeded
+    # since (an incremental format's write completes on its writer thread, later).
+    writes = 0
     # The file's state when this serializer last read or wrote it whole: it is then
     # known to be valid (while it has not changed since).
     _known_good: FileStates | None = None

@@ -46,7 +46,9 @@ Who does what while a processor executes:
   than `COMPACT_MIN_BYTES`), `flush` encodes a whole new snapshot instead; the writer
   writes it beside the file, fsyncs, renames it over the file and appends to the new
   file from then on. The file stays below about twice a snapshot, and compacting
-  costs O(run) once per O(run) journal bytes: O(1) per transition.
+  costs O(run) once per O(run) journal bytes: O(1) per transition. A compaction
+  that does not fit (a full disk) appends the record instead, and the next one waits
+  until the journal has grown by as much again.
 
 Crash safety: every flush is one record, so a transition (a job, its kicks and the
 jobs it changed) is in the file entirely or not at all; a record of several frames
@@ -80,6 +82,7 @@ of each job only its id, state and errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -96,9 +99,10 @@ from typing import Annotated, Any, Generic, TypeVar, Union, cast
 import msgspec
 
 from .. import _fds
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointSpaceError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
+from ._space import describe
 from .base import JOURNAL_MAGIC, check_format, format_hint, write_atomic
 from .overview import JobHead, Overview, OverviewBuilder
 
@@ -469,6 +473,8 @@ class JournalSerializer(IncrementalSerializer):
         self.compactions = 0
         self.snapshot_bytes = 0
         self.journal_bytes = 0
+        # Journal bytes below which no compaction is tried, after one did not fit.
+        self._compact_after = 0
         self._tracking = False
         self._first_due = 0.0
         self._run: Run[Any, Any] | None = None  # while executing
@@ -591,15 +597,32 @@ class JournalSerializer(IncrementalSerializer):
         self._close_fd()  # the old file is gone: never append to it again
         self._size = self.snapshot_bytes = sum(len(chunk) for chunk in chunks)
         self.journal_bytes = 0
+        self._compact_after = 0
         self._open_fd()
+        self.writes += 1
 
     def _open_fd(self) -> None:
         fd = os.open(self.path, os.O_WRONLY)
         _fds.register(fd)  # a forked worker must not keep a replaced file alive
         self._fd = fd
 
-    def _compact(self, chunks: list[_Piece]) -> None:
-        self._replace(chunks)
+    def _compact(self, chunks: list[_Piece], record: list[_Piece]) -> None:
+        """Writer: make the new snapshot ``chunks`` the file. Where it does not fit (it
+        needs room for a whole snapshot beside the file), append ``record`` (the same
+        changed jobs) instead, and compact again only once the journal has grown by as
+        much once more: a disk with room for appends goes on, without a snapshot that
+        fills it and fails at every flush."""
+        try:
+            self._replace(chunks)
+        except CheckpointSpaceError as exc:
+            self._append(record)  # (which raises in turn if it does not fit either)
+            self._compact_after = self.journal_bytes + max(
+                self.compact_min_bytes, self.snapshot_bytes
+            )
+            log.info(
+                "%s: no room to compact (%s): appended instead", self.path, describe(exc.cause)
+            )
+            return
         self.compactions += 1
 
     def _append(self, record: list[_Piece]) -> None:
@@ -612,15 +635,23 @@ class JournalSerializer(IncrementalSerializer):
         # first, so that nothing is ever appended after a torn record.
         if os.fstat(fd).st_size != offset:
             os.ftruncate(fd, offset)
-        for piece in record:
-            view = memoryview(piece)
-            while view:
-                written = os.pwrite(fd, view, offset)
-                view = view[written:]
-                offset += written
-        _fdatasync(fd)
+        try:
+            for piece in record:
+                view = memoryview(piece)
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view = view[written:]
+                    offset += written
+            _fdatasync(fd)
+        except OSError:
+            # (A full disk, typically.) Cut off what part of the record reached the
+            # file, now: a reload before the next write then finds no torn tail either.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._size)
+            raise
         self.journal_bytes += offset - self._size
         self._size = offset
+        self.writes += 1
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -665,11 +696,13 @@ class JournalSerializer(IncrementalSerializer):
         record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()), run.report)))
         # Read without a lock: the writer is idle whenever this runs.
         size = sum(map(len, record))
-        if self.journal_bytes + size > max(self.compact_min_bytes, self.snapshot_bytes):
+        if self.journal_bytes + size > max(
+            self.compact_min_bytes, self.snapshot_bytes, self._compact_after
+        ):
             # The journal part would outgrow the snapshot part: write a new snapshot
             # (it has the changed jobs too). A snapshot costs O(run), but only after
             # O(run) bytes of journal, so compaction is O(1) per transition.
-            return partial(self._compact, self._snapshot(run))
+            return partial(self._compact, self._snapshot(run), record)
         return partial(self._append, record)
 
     def end(self) -> None:

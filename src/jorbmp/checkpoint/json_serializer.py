@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .._floats import nonfinite_in_head, nonfinite_in_jobs, refusal
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CheckpointSpaceError
 from ..run import Job, Run
 from .base import (
     FORMAT_VERSION,
@@ -128,6 +128,7 @@ class JsonSerializer(Serializer):
         if found is not None:
             raise CheckpointError(refusal(self.path, self, *found))
         write_atomic(self.path, [header[:-2], b"\n", body, b"\n]}\n"])
+        self.writes += 1
         self._dirty = False
         self._last_write = time.monotonic()
         self._write_seconds = self._last_write - started
@@ -136,6 +137,11 @@ class JsonSerializer(Serializer):
         self._claim(run)
         try:
             self.serialize(run)  # under the lock just taken
+        except CheckpointSpaceError:
+            # The first write did not fit: the lock stays held and the next flush
+            # writes the run (the processor waits for space meanwhile).
+            self._dirty = True
+            raise
         except BaseException:
             self._release()
             raise

@@ -75,6 +75,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import CheckpointSpaceError
 from ..run import Job, Run
 from ._incremental import IncrementalSerializer
 from ._sqlite_read import APPLICATION_ID, SQLITE_FORMAT, RunReader, SnapshotReader
@@ -265,6 +266,7 @@ class SqliteSerializer(IncrementalSerializer):
         """Writer thread: one step of the first write (see `SqliteWriter.store_first`)."""
         if self._db.store_first(chunks, commit):
             self._need_full = False
+            self.writes += 1
 
     def _store_rewrite(self, rewrite: _Rewrite, chunks: list[_Rows], head: _Head, end: int) -> None:
         """Writer thread: one step of the rewrite pass, in one transaction: upsert
@@ -274,6 +276,12 @@ class SqliteSerializer(IncrementalSerializer):
         rewrite.added = []
         if end == len(rewrite.jobs):
             self._need_full = False
+        self.writes += 1
+
+    def _store(self, rows: _Rows, next_id: int, report: str | None) -> None:
+        """Writer thread: one batch of changed jobs, in one transaction."""
+        self._db.store(rows, next_id, report)
+        self.writes += 1
 
     # -- processor hooks ------------------------------------------------------------
 
@@ -315,7 +323,7 @@ class SqliteSerializer(IncrementalSerializer):
             return self._prepare_first(run, jobs)
         self._first = self._rewrite = None
         head = self._head(run)
-        return partial(self._db.store, self._rows(list(jobs.values())), head[3], head[4])
+        return partial(self._store, self._rows(list(jobs.values())), head[3], head[4])
 
     def _prepare_rewrite(self, run: Run[Any, Any], jobs: dict[str, Job[Any]]) -> Callable[[], None]:
         """The next step of the rewrite pass: the jobs that changed, the jobs added
@@ -386,7 +394,11 @@ class SqliteSerializer(IncrementalSerializer):
         try:
             if self._active and self._need_full and run is not None:
                 # Nothing flushed yet (a run with nothing to execute): write it now.
-                self.flush(run, final=True)
+                try:
+                    self.flush(run, final=True)
+                except CheckpointSpaceError as exc:
+                    # The processor's own final write met it first, and said so.
+                    log.info("%s", exc)
         finally:
             try:
                 written = self._stop_writer(self._db.close)
