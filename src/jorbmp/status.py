@@ -46,6 +46,9 @@ class StatusCount(msgspec.Struct, frozen=True):
     # Execs at once the state allows now: its concurrency, or an adaptive state's
     # current limit (0 for terminal states).
     concurrency: int = 0
+    # Time during which the state had jobs waiting out a retry delay or a
+    # ``Retry-After`` while the run had nothing else to do (nothing queued or executing).
+    delay_wait_seconds: float = 0.0
 
 
 class StatusListener:
@@ -91,6 +94,7 @@ class StateMetrics:
         "_rss",
         "_samples",
         "cpu_seconds",
+        "delay_wait",
         "errors",
         "processed",
         "rate_limit",
@@ -105,6 +109,7 @@ class StateMetrics:
         self.total_seconds = 0.0  # busy slot-seconds: the sum of exec wall times
         self.recent: deque[float] = deque(maxlen=P95_WINDOW)  # exec wall times
         self.rate_wait = 0.0
+        self.delay_wait = 0.0  # (`jorbmp._delays.DelayQueue` adds to it)
         # The state's rate limit's current rate per second (the lane sets it; None: no limit).
         self.rate_limit: Callable[[], float] | None = None
         self.cpu_seconds = 0.0  # CPU time of the state's processes, from the samples
@@ -197,4 +202,5 @@ class StateMetrics:
             if capacity_seconds
             else 0.0,
             concurrency=0 if terminal else concurrency,
+            delay_wait_seconds=self.delay_wait,
         )
