@@ -26,10 +26,19 @@ from pathlib import Path
 
 import msgspec
 
-from jorbmp import JsonSerializer, KickRequest, Processor, Run, State, TqdmStatusListener
+from jorbmp import (
+    JsonSerializer,
+    KickRequest,
+    Processor,
+    Run,
+    RunReport,
+    State,
+    TqdmStatusListener,
+)
 
 OUT = Path("demo-output")
 CHECKPOINT = OUT / "demo.jorbmp.json"
+REPORT = OUT / "report.html"  # the run report with its timeline, to open in a browser
 CORES = os.cpu_count() or 1
 
 
@@ -140,6 +149,12 @@ def main() -> int:
     raw, packed = sum(f.raw_bytes for f in files), sum(f.xz_bytes for f in files)
     errors = sum(len(e) for j in run.jobs.values() for e in j.state_errors.values())
     print(f"\n{processor.last_report}")  # per-state figures, the bottleneck, a hint
+    # The same with charts of the run over time: the checkpoint's report, which is that
+    # of the last execution that did something (a finished run re-run executes nothing).
+    if run.report is not None:
+        report = msgspec.convert(run.report, RunReport)
+        REPORT.write_text(report.to_html(), encoding="utf-8")
+        print(f"\nReport with charts: {REPORT.resolve()}")
     print(f"\nJobs per state: {run.counts()}")
     print(f"Bytes in: {raw:,}  out (xz): {packed:,}  ratio: {packed / max(raw, 1):.1%}")
     print(f"Errors recorded (then retried): {errors}  wall time: {wall:.1f}s")

@@ -56,7 +56,10 @@ def test_status_text(checkpoint: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "run 'cli'" in out.stdout and "12 jobs" in out.stdout
     assert "done    8" in out.stdout and "failed  4" in out.stdout
-    assert "ConnectionError: host 0 unreachable" in out.stdout
+    # One kind, with its raw texts; the jobs left the state that failed (for 'failed').
+    assert "ConnectionError: host <n> unreachable" in out.stdout
+    assert "'ConnectionError: host 0 unreachable'" in out.stdout
+    assert "old: all 4 jobs left that state since (now 'failed' 4)" in out.stdout
 
 
 def test_status_json_field_by_field(checkpoint: Path) -> None:
@@ -67,21 +70,23 @@ def test_status_json_field_by_field(checkpoint: Path) -> None:
     assert data["jobs"] == 12
     assert data["states"] == {"done": 8, "failed": 4}
     assert data["errors"] == [
-        {"state": "new", "error": "ConnectionError: host 0 unreachable", "jobs": 2,
-         "examples": ["0", "6"]},
-        {"state": "new", "error": "ConnectionError: host 1 unreachable", "jobs": 2,
-         "examples": ["3", "9"]},
+        {"fingerprint": "ConnectionError: host <n> unreachable", "jobs": 4,
+         "states": {"new": 4}, "current": 0, "moved": {"failed": 4},
+         "examples": ["0", "3", "6", "9"],
+         "texts": ["ConnectionError: host 0 unreachable", "ConnectionError: host 1 unreachable"]},
     ]  # fmt: skip
+    assert data["error_kinds"] == 1
 
 
 def test_redrive_dry_run_then_real_then_exec_completes(checkpoint: Path) -> None:
     before = checkpoint.read_bytes()
+    # 'retry' is a state the run has never seen (the fixed code declares it): --force.
     out = cli("redrive", str(checkpoint), "--from", "failed", "--to", "retry",
-              "--error-contains", "host 1", "--dry-run")  # fmt: skip
+              "--error-contains", "host 1", "--dry-run", "--force")  # fmt: skip
     assert out.returncode == 0 and "would move 2 jobs" in out.stdout
     assert checkpoint.read_bytes() == before
 
-    out = cli("redrive", str(checkpoint), "--from", "failed", "--to", "retry")
+    out = cli("redrive", str(checkpoint), "--from", "failed", "--to", "retry", "--force")
     assert out.returncode == 0 and "moved 4 jobs from 'failed' to 'retry'" in out.stdout
     run = JsonSerializer(checkpoint, job_type=JC).deserialize()
     assert run.counts() == {"done": 8, "retry": 4}

@@ -326,7 +326,7 @@ def test_redrive_as_root_keeps_owner_group_and_mode(fmt: str, public_dir: Path) 
     os.chown(path, OWNER_UID, OTHER_GID)
     os.chmod(path, 0o640)
 
-    result = cli("redrive", path, "--from", FAILED, "--to", "retry")
+    result = cli("redrive", path, "--from", FAILED, "--to", "retry", "--force")
     assert result.returncode == 0, err(result)
     assert "moved 3 jobs" in out(result)
 
@@ -490,10 +490,10 @@ def test_output_where_stdout_is_not_utf8(locale: str, tmp_path: Path) -> None:
     assert result.returncode == 0, err(result)
     data = json.loads(result.stdout.decode(encoding))
     assert data["states"] == {"\u5931\u6557": 4, "done": 1}
-    assert data["errors"][0]["error"] == ERROR
+    assert data["errors"][0]["texts"] == [ERROR]
     assert UNICODE_ID in data["errors"][0]["examples"]
 
-    result = cli("redrive", path, "--from", "\u5931\u6557", "--to", "\u65b0", env=env)
+    result = cli("redrive", path, "--from", "\u5931\u6557", "--to", "\u65b0", "--force", env=env)
     assert result.returncode == 0, err(result)
     assert "moved 4 jobs" in result.stdout.decode(encoding)
     assert JsonSerializer(path, job_type=JC).deserialize().counts() == {"\u65b0": 4, "done": 1}
@@ -608,7 +608,7 @@ def test_status_json_stays_valid_json(tmp_path: Path) -> None:
     data = json.loads(result.stdout.decode("ascii"), parse_constant=refuse)
     assert data["name"] == "r\u00e9 \x1b[31m"
     assert data["states"] == {"st\u00e4te \u2713": 1}
-    assert data["errors"][0]["error"] == "boom\n\x00 \u2028 \ud7ff \U0001f600"
+    assert data["errors"][0]["texts"] == ["boom\n\x00 \u2028 \ud7ff \U0001f600"]
     assert data["report"] == {"mean_seconds": None, "peak": None, "ok": 1.5}
 
 

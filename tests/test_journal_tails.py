@@ -350,7 +350,7 @@ def test_overview_of_a_snapshot_holding_a_job_twice(tmp_path: Path) -> None:
     overview = JournalSerializer(path).overview()
     assert overview == overview_of(loaded)
     assert overview.states == {"new": 3, "done": 1, "failed": 1}
-    assert [(g.error, g.examples) for g in overview.errors] == [("boom", ["1"])]
+    assert [(g.fingerprint, g.examples) for g in overview.errors] == [("boom", ["1"])]
 
 
 @pytest.mark.timeout(30)

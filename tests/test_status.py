@@ -6,6 +6,7 @@ import io
 import logging
 import os
 import pty
+import re
 import select
 import threading
 import time
@@ -150,10 +151,18 @@ def test_tqdm_listener_draws_one_bar_per_state_and_closes() -> None:
     for name in ("new", "middle", "done", FAILED):
         assert name in text
     assert "10/20" in text  # terminal bars: arrived out of all jobs
+    # Working bars count execs, terminal bars jobs, with no ETA (failed never gets
+    # all 20): tqdm's ``<00:00`` (elapsed<remaining) only on no bar.
+    assert " execs [" in text and " jobs/s" in text
+    assert not re.search(r"\[\d\d:\d\d<", text), text
     assert "\r" in text
     assert listener.bars == []
     # No thread is left behind (tqdm's monitor would be): a later run's workers are
-    # forked from a process with no other thread.
+    # forked from a process with no other thread. (The listener's thread resolves the
+    # run's wait just before it returns: on a loaded host it may take a moment to end.)
+    deadline = time.monotonic() + 5
+    while set(threading.enumerate()) - threads and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert set(threading.enumerate()) - threads == set()
 
 
@@ -165,8 +174,9 @@ def test_tqdm_listener_writes_plain_lines_when_not_a_terminal() -> None:
     assert "\r" not in out.getvalue()
     assert 2 <= len(lines) <= 4  # the first update, then the last one (a short run)
     assert lines[-1].startswith("[jorbmp")
-    assert "new 20 done 0/2 exec 0 wait" in lines[-1]  # (executing / the limit)
-    assert "done 10/20 | failed 10/20" in lines[-1]
+    # Each figure after its label; a working state counts execs, a terminal one jobs.
+    assert "new: execs=20 running=0/2 waiting=0 rate=" in lines[-1]  # (running / the limit)
+    assert "done: jobs=10/20 | failed: jobs=10/20" in lines[-1]
 
 
 def test_tqdm_listener_draws_bars_on_a_terminal_that_reports_no_size() -> None:

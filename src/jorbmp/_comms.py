@@ -307,14 +307,16 @@ class Poller:
 
 
 class WorkerEnd:
-    """The worker's end: blocking reads of whole messages, blocking writes."""
+    """The worker's end: blocking reads of whole messages, blocking writes (from any
+    thread: the log relay sends from whichever thread logs, see `jorbmp._log_relay`)."""
 
-    __slots__ = ("_in", "sock")
+    __slots__ = ("_in", "_sending", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         self.sock = sock
         self._in = bytearray()
+        self._sending = threading.Lock()  # one message at a time on the stream
 
     def recv(self) -> bytes | None:
         """The next message, or None when the coordinator's end is closed."""
@@ -340,8 +342,9 @@ class WorkerEnd:
         size = len(payload)
         if size > MAX_PAYLOAD:
             raise ValueError(f"message of {size} bytes, over the limit of {MAX_PAYLOAD}")
-        if size < _COPY_BELOW:
-            self.sock.sendall(HEADER.pack(size) + payload)
-        else:  # no copy of a big payload just to put a header in front
-            self.sock.sendall(HEADER.pack(size))
-            self.sock.sendall(payload)
+        with self._sending:
+            if size < _COPY_BELOW:
+                self.sock.sendall(HEADER.pack(size) + payload)
+            else:  # no copy of a big payload just to put a header in front
+                self.sock.sendall(HEADER.pack(size))
+                self.sock.sendall(payload)

@@ -15,17 +15,24 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .run import Job
 
 
 class DelayQueue:
-    """Holds jobs until their delay has passed, then hands each to ``release``."""
+    """Holds jobs until their delay has passed, then hands each to ``release``.
+
+    `charge` adds to each lane's ``metrics.delay_wait`` the time during which it had
+    jobs held here while the whole run had nothing else to do (no job queued or
+    executing in any state): the run was held up by that back-off (an API's
+    Retry-After) alone, as the run report's hint says."""
 
     def __init__(self, release: Callable[[Any, Job[Any]], None]) -> None:
         self.release = release
+        self.held: dict[Any, int] = {}  # lane -> its jobs held here now
+        self.charged_at: float | None = None  # loop time of the last `charge`
         self.heap: list[tuple[float, int, Any, Job[Any]]] = []  # (loop time due, ...)
         self.seq = itertools.count()  # ties: first in, first out
         self.timer: asyncio.TimerHandle | None = None
@@ -44,6 +51,7 @@ class DelayQueue:
             delay = wall - time.time() if math.isfinite(wall) else 0.0
         at = loop.time() + max(0.0, delay)
         heapq.heappush(self.heap, (at, next(self.seq), lane, job))
+        self.held[lane] = self.held.get(lane, 0) + 1
         if self.timer is None or at < self.timer_at:
             self._arm(loop)
 
@@ -62,6 +70,9 @@ class DelayQueue:
         heap = self.heap
         while heap and heap[0][0] <= now:
             _, _, lane, job = heapq.heappop(heap)
+            held = self.held[lane] = self.held[lane] - 1
+            if not held:
+                del self.held[lane]
             self.release(lane, job)
         self._arm(loop)
 
@@ -71,3 +82,18 @@ class DelayQueue:
             self.timer.cancel()
             self.timer = None
         self.heap.clear()
+        self.held.clear()
+
+    def charge(self, now: float, lanes: Iterable[Any]) -> None:
+        """Called on each housekeeping tick (``now``: loop time; ``lanes``: every
+        `jorbmp._lane.Lane`): the time since the last call counts as delay wait for
+        each lane with jobs held, if no lane has a job queued or executing."""
+        since, self.charged_at = self.charged_at, now
+        if since is None or not self.held:
+            return
+        for lane in lanes:
+            backend = lane.backend
+            if lane.queue or (backend is not None and backend.executing()):
+                return
+        for lane in self.held:
+            lane.metrics.delay_wait += now - since

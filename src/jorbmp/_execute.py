@@ -103,14 +103,36 @@ def _failed(error: str, seconds: float, trace: str | None = None) -> Outcome:
     return Outcome(FAILED_ATTEMPT, error=error, seconds=seconds, trace=trace)
 
 
+# How much of a raised exception's traceback is kept (on its job, `Job.traceback`, in
+# the checkpoint, and in the DEBUG log): the last TRACE_FRAMES frames of each exception
+# of the chain (those nearest the raise), then at most the last TRACE_CHARS characters
+# (the exception's own line is at the end). Every job whose last attempt raised holds
+# one, in memory and on disk: a deep recursion must not make that megabytes.
+TRACE_FRAMES = 20
+TRACE_CHARS = 8192
+
+
+def format_trace(exc: BaseException) -> str:
+    """The traceback of ``exc``, raised by an exec, as text bounded as said above."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the first frame is jorbmp's own call of the exec
+    text = printable("".join(traceback.format_exception(type(exc), exc, tb, limit=-TRACE_FRAMES)))
+    if len(text) > TRACE_CHARS:
+        start = len(text) - TRACE_CHARS
+        line = text.find("\n", start) + 1  # a whole line first, if there is one
+        start = line if 0 < line < len(text) else start
+        text = f"[{start} characters cut]\n{text[start:]}"
+    return text
+
+
 def from_exception(state: str, exc: BaseException, seconds: float) -> Outcome:
     """The outcome of an exec that raised ``exc`` after ``seconds``."""
     if isinstance(exc, RateLimitError):
         return Outcome(
             RATE_LIMITED, error=describe(exc), retry_after=exc.retry_after, seconds=seconds
         )
-    trace = printable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    return _failed(describe(exc), seconds, trace)
+    return _failed(describe(exc), seconds, format_trace(exc))
 
 
 def interpret(state: str, ret: Any, codec: ContextCodec, seconds: float) -> Outcome:

@@ -43,6 +43,7 @@ import msgspec
 from . import _comms
 from ._backends import Backend, Sink
 from ._comms import CoordinatorEnd
+from ._log_relay import LogReceiver, levels_now
 from ._memory import PoolMemory
 from ._pool_budget import PoolBudget
 from ._pool_deaths import kill_blaming_nobody, kill_if_overdue, killed_by_stop, settle
@@ -57,6 +58,7 @@ from ._protocol import (
     Results,
     Startup,
     WorkerSpec,
+    is_logs,
 )
 from .run import Job
 
@@ -121,7 +123,10 @@ class ProcessPool(Backend):
         # it is gone. Under forkserver their parent is the server.
         parent = os.getpid() if ctx.get_start_method() in ("fork", "spawn") else 0
         self.forkserver = ctx.get_start_method() == "forkserver"
-        self.spec = msgspec.structs.replace(spec, parent_pid=parent)
+        # Workers relay what their execs log to this process's logging (the levels
+        # as they are now: `jorbmp._log_relay`).
+        self.spec = msgspec.structs.replace(spec, parent_pid=parent, log_levels=levels_now())
+        self.logs = LogReceiver(spec.state)
         self.concurrency = concurrency
         self.limit = concurrency  # execs at once now (`set_limit`)
         self.adaptive = False  # an adaptive state's pool: idle workers are let go
@@ -327,6 +332,11 @@ class ProcessPool(Backend):
         worker.link.send(data)
 
     def _message(self, worker: Worker, data: bytes) -> None:
+        if is_logs(data):  # what its execs logged, before their results
+            self.logs.receive(
+                data, worker.batches, worker.completed, worker.pid, worker.process.name
+            )
+            return
         if not worker.ready:
             startup = self._decode_startup(data)
             if startup.error is not None:

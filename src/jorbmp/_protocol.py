@@ -37,6 +37,10 @@ socket to the coordinator (framing in `jorbmp._comms`) and one small shared arra
   batch's array of contexts does not decode, the coordinator falls back to that.)
   The contexts of one exec's kicks travel together, as one encoded array: any bad one
   fails that exec's whole transition anyway, and one decode is cheaper than many.
+- Log records the worker's execs emit (at levels the coordinator's `LogLevels` let
+  through) go up as `Logs`, any time after the worker starts and before the
+  `Results` of the chunk in which they were emitted (`jorbmp._log_relay`); a worker
+  whose execs log nothing sends none.
 
 Threads, the inline runner and Dask workers build the same `Results` (`run_batch`);
 async states and failures a backend reports itself wrap whole outcomes (`Results.of`).
@@ -153,6 +157,52 @@ class Startup(msgspec.Struct, array_like=True):
     error: str | None = None
 
 
+class LogLevels(msgspec.Struct, frozen=True):
+    """The coordinator's logging levels, for a worker to filter records as the
+    coordinator would (see `jorbmp._log_relay`): the root logger's level, those set
+    on named loggers, the loggers disabled, and ``logging.disable``'s level."""
+
+    root: int
+    levels: dict[str, int] = {}
+    disabled: list[str] = []
+    disable: int = 0
+
+
+class LogLine(msgspec.Struct, array_like=True, gc=False):
+    """One log record emitted in a worker: its message with the arguments applied
+    (they may not travel), the exception text formatted. ``batch`` and ``index`` are
+    the worker's batch number and the index in it of the job executing then (-1:
+    none), for the coordinator to name the job."""
+
+    name: str
+    levelno: int
+    message: str
+    created: float
+    pathname: str
+    lineno: int
+    func: str | None
+    exc_text: str | None
+    stack_info: str | None
+    thread_name: str | None
+    batch: int
+    index: int
+
+
+class Logs(msgspec.Struct, gc=False):
+    """A worker's log records since its last `Logs`, sent before the results of the
+    jobs that emitted them; ``dropped`` counts the records left out (see
+    `jorbmp._log_relay.MAX_RECORDS`). Not array-like: it encodes as a msgpack map,
+    where `Startup` and `Results` are arrays, so `is_logs` tells it by its first byte."""
+
+    records: list[LogLine]
+    dropped: int = 0
+
+
+def is_logs(data: bytes) -> bool:
+    """Whether a worker's message is `Logs` (a msgpack fixmap, 0x80-0x8f)."""
+    return data[0] & 0xF0 == 0x80
+
+
 class WorkerSpec(msgspec.Struct):
     """Everything a worker needs, sent once when it starts (pickled, not msgpack)."""
 
@@ -165,6 +215,8 @@ class WorkerSpec(msgspec.Struct):
     timed: bool = False  # the state has a timeout: workers note when each exec starts
     # The coordinator's pid when it is the worker's parent (fork, spawn), else 0.
     parent_pid: int = 0
+    # Set: the worker relays its log records to the coordinator (`jorbmp._log_relay`).
+    log_levels: LogLevels | None = None
 
     def app_context(self) -> Any:
         """The AC for execs in the process calling this: built by ``ac_factory`` if given."""

@@ -125,6 +125,8 @@ class Transitions:
             job.context = next_context()
             if job.retries:  # a read is cheaper than a write, and it is 0 but after errors
                 job.retries = 0
+            if job.traceback is not None:  # (also after a redrive, with no retries)
+                job.traceback = None
             job.last_update = now
             job.state = names[k]
             moved[k] += 1
@@ -147,6 +149,7 @@ class Transitions:
         if o.code == FAILED_ATTEMPT:
             if o.trace is not None and self.debug:
                 log.debug("job %s: exec of state %r raised\n%s", job.id, lane.name, o.trace)
+            job.traceback = o.trace  # this last attempt's: None unless it raised
             self.failed_attempt(lane, job, o.error or "failed")
             return
         rate_limited = o.code == RATE_LIMITED
@@ -157,11 +160,14 @@ class Transitions:
             return
         checked = self.check(lane, o, rate_limited)
         if isinstance(checked, str):
+            job.traceback = None  # a failed attempt that did not raise
             self.failed_attempt(lane, job, f"exec of state {lane.name!r} {checked}")
             return
         context, target, kick_lanes, kick_contexts = checked
         # Validated: from here on nothing can fail, so the transition is atomic.
         job.context = context
+        if job.traceback is not None and not rate_limited:  # (a RateLimitError leaves it)
+            job.traceback = None
         if o.error is not None:
             self.record_error(job, lane.name, o.error)
         if kick_lanes:

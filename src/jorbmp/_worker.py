@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from . import _comms
+from . import _comms, _log_relay
 from ._comms import WorkerEnd
 from ._execute import ContextCodec, bad_context, describe, run_batch
 from ._oom import raise_oom_score
@@ -124,6 +124,8 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
     signal.set_wakeup_fd(-1)
     link = WorkerEnd(sock)
     encoder = msgspec.msgpack.Encoder()
+    levels = spec.log_levels  # (before the AC: what ac_factory logs is relayed too)
+    relay = None if levels is None else _log_relay.install(levels, link.send, slot)
     try:
         ac = spec.app_context()
     except Exception as exc:
@@ -155,6 +157,8 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
                 chunk_jobs, bad,
             )  # fmt: skip
             n = len(results.plain)
+            if relay is not None and relay.queue:
+                relay.ship()  # before the results: the coordinator still knows the jobs
             try:
                 sent = send_results(link, encoder.encode, results)
             except OSError:
@@ -162,6 +166,8 @@ def worker_main(sock: socket.socket, spec: WorkerSpec, shared_slot: Any) -> None
             out_per_job = sent / n
             first += n
         slot[SLOT_PHASE] = IDLE
+        if relay is not None and relay.queue:
+            relay.ship()  # (from here on, a record ships itself: see `WorkerRelay`)
 
 
 class _BatchDecoder:

@@ -1,8 +1,9 @@
-"""``python -m jorbmp status|redrive``: inspect and patch checkpoints from the shell.
+"""``python -m jorbmp status|redrive|report``: inspect and patch checkpoints from the shell.
 
-Both commands read checkpoints without the user's Python types (contexts decode as
+The commands read checkpoints without the user's Python types (contexts decode as
 plain JSON-like data), so they work on any run, and loading one never runs code.
-``status`` and ``redrive --dry-run`` only read: they need no write access to the file,
+``status``, ``report`` and ``redrive --dry-run`` only read the checkpoint (``report
+--html`` writes only its page): they need no write access to the file,
 its directory or its lock file. Every failure is one line on stderr and exit code 2
 (1: ``redrive --from`` a state that no job is in).
 """
@@ -25,8 +26,11 @@ from typing import Any
 
 import msgspec
 
+from ._job_select import listing_data, listing_lines, matching_jobs, read_ids, seen_states
+from ._job_view import show_job
 from .checkpoint import open_checkpoint
 from .checkpoint.base import CheckpointLock
+from .errorgroups import ErrorGroup, jobs_text, text_lines
 from .errors import CheckpointError
 from .report import RunReport
 
@@ -66,18 +70,14 @@ def _finite(value: Any) -> Any:
 
 
 def _print_summary(path: Path, summary: dict[str, Any]) -> None:
-    print(f"run {summary['name']!r} in {_clean(path)}: {summary['jobs']} jobs")
+    print(f"run {summary['name']!r} in {_clean(path)}: {jobs_text(summary['jobs'])}")
     states = {_clean(state): n for state, n in summary["states"].items()}
     width = max((len(s) for s in states), default=5)
     for state, n in states.items():
         print(f"  {state.ljust(width)}  {n}")
     if summary["errors"]:
-        print("most common errors:")
-        for e in summary["errors"]:
-            examples = ", ".join(_clean(i) for i in e["examples"])
-            print(
-                f"  {e['jobs']:>6} jobs  in {e['state']!r}: {_clean(e['error'])}  (e.g. {examples})"
-            )
+        groups = msgspec.convert(summary["errors"], list[ErrorGroup])
+        print("\n".join(text_lines(groups, summary["error_kinds"], _clean)))
     if summary["report"] is not None:
         print("latest execution:")
         try:
@@ -144,6 +144,13 @@ def _text_arg(text: str) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
     _check_file(path)
+    if args.job is not None:  # one job, with its last traceback (`jorbmp._job_view`)
+        return show_job(open_checkpoint(path), _text_arg(args.job), args.json)
+    if args.state is not None:  # the jobs in one state (`jorbmp._job_select`)
+        contains = None if args.error_contains is None else _text_arg(args.error_contains)
+        return _list_jobs(path, _text_arg(args.state), contains, args.json)
+    if args.error_contains is not None:
+        raise _Refused("--error-contains lists jobs of one state: give --state STATE too")
     summary = msgspec.to_builtins(open_checkpoint(path).overview())
     if args.json:
         # ASCII only, and no NaN: valid JSON on any terminal or pipe.
@@ -153,18 +160,47 @@ def cmd_status(args: argparse.Namespace) -> int:
     return OK
 
 
+def _list_jobs(path: Path, state: str, contains: str | None, as_json: bool) -> int:
+    """``status --state``: the matching jobs, with their retries and last error."""
+    run = open_checkpoint(path).deserialize()
+    jobs = matching_jobs(run, state, contains)
+    if as_json:
+        data = _finite(listing_data(jobs, state, contains))
+        print(json.dumps(data, indent=1, ensure_ascii=True, allow_nan=False))
+    else:
+        present = {job.state for job in run.jobs.values()}
+        print("\n".join(_clean(line) for line in listing_lines(jobs, state, contains, present)))
+    return OK
+
+
 def cmd_redrive(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint)
-    from_state, to_state = _text_arg(args.from_state), _text_arg(args.to_state)
+    from_state = None if args.from_state is None else _text_arg(args.from_state)
+    to_state = _text_arg(args.to_state)
     contains = None if args.error_contains is None else _text_arg(args.error_contains)
+    ids: list[str] | None = None
+    if args.job or args.jobs_from:
+        try:
+            ids = read_ids([_text_arg(i) for i in args.job or []], args.jobs_from or [])
+        except ValueError as exc:
+            raise _Refused(str(exc)) from None
+        if not ids:
+            raise _Refused("--jobs-from: the files hold no job ids; nothing to move")
+    elif from_state is None:
+        raise _Refused("say which jobs to move: --from STATE, or --job ID / --jobs-from FILE")
     if from_state == to_state:
         raise _Refused(f"--from and --to are the same state ({from_state!r}): nothing to move")
     _check_file(path)
     serializer = open_checkpoint(path)
+
+    def move(run: Any) -> list[str]:
+        _check_redrive(path, run, from_state, to_state, ids, args.force)
+        return run.redrive(from_state, to_state, contains, ids)  # type: ignore[no-any-return]
+
     if args.dry_run:
         # A read, as `status` is: no lock taken, nothing created or written.
         run = serializer.deserialize()
-        moved = run.redrive(from_state, to_state, contains)
+        moved = move(run)
         if CheckpointLock.held(serializer.path):
             print(
                 f"jorbmp: note: {_clean(path)} is in use by a running processor: the count "
@@ -177,24 +213,102 @@ def cmd_redrive(args: argparse.Namespace) -> int:
         # this checkpoint), so that no processor starts in between.
         with serializer.locked():
             run = serializer.deserialize()
-            moved = run.redrive(from_state, to_state, contains)
+            moved = move(run)
             if moved:
                 serializer.serialize(run)
-    if not moved:
+    verb = "would move" if args.dry_run else "moved"
+    source = "" if from_state is None else f" from {from_state!r}"
+    print(f"{verb} {jobs_text(len(moved))}{source} to {to_state!r}")
+    return OK
+
+
+def _states_text(states: list[str]) -> str:
+    """Some state names, for a message (at most `SHOW_STATES`)."""
+    shown = [repr(s) for s in states[:SHOW_STATES]]
+    if len(states) > SHOW_STATES:
+        shown.append(f"and {len(states) - SHOW_STATES} more")
+    return ", ".join(shown) or "none: it has no jobs"
+
+
+def _check_redrive(
+    path: Path,
+    run: Any,
+    from_state: str | None,
+    to_state: str,
+    ids: list[str] | None,
+    force: bool,
+) -> None:
+    """Refuse a redrive that names what the run does not have, before anything moves:
+    a job id; a --from state no job is in (exit code 1: nothing to move); a --to state
+    the run has never seen (a typo), unless ``force``."""
+    if ids is not None:
+        unknown = [i for i in ids if i not in run.jobs]
+        if unknown:
+            raise _Refused(f"{path}: the run has no job {_states_text(unknown)}; nothing moved")
+    if from_state is not None:
         present = sorted({job.state for job in run.jobs.values()})
         if from_state not in present:
-            shown = [repr(s) for s in present[:SHOW_STATES]]
-            if len(present) > SHOW_STATES:
-                shown.append(f"and {len(present) - SHOW_STATES} more")
-            states = ", ".join(shown) or "none: it has no jobs"
             raise _Refused(
-                f"{path}: no job is in state {from_state!r} (the run's states: {states}); "
-                "nothing moved",
+                f"{path}: no job is in state {from_state!r} (the run's states: "
+                f"{_states_text(present)}); nothing moved",
                 NO_SUCH_STATE,
             )
-    verb = "would move" if args.dry_run else "moved"
-    print(f"{verb} {len(moved)} jobs from {from_state!r} to {to_state!r}")
+    if not force:
+        seen = seen_states(run)
+        if to_state not in seen:
+            raise _Refused(
+                f"{path}: the run has never seen a state {to_state!r} (its states: "
+                f"{_states_text(sorted(seen))}); nothing moved: --force moves jobs to it "
+                "anyway (a state the next processor declares)"
+            )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The report of the checkpoint's latest execution: as text, or (``--html``) as a
+    page, whose error groups are those of the checkpoint as it is now."""
+    path = Path(args.checkpoint)
+    _check_file(path)
+    overview = open_checkpoint(path).overview()
+    report = _stored_report(path, overview.report)
+    if args.html is None:
+        print("\n".join(_clean(line) for line in str(report).splitlines()))
+        return OK
+    target = Path(args.html)
+    if target.is_dir():
+        raise _Refused(f"cannot write the report: {target}: is a directory")
+    with contextlib.suppress(OSError):
+        if target.exists() and target.samefile(path):
+            raise _Refused(f"{target}: is the checkpoint itself; give --html another path")
+    page = report.to_html(overview.errors).encode("utf-8")
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        # A new file beside the target, then renamed over it: a reader never sees half
+        # a page, and a failure leaves what was there.
+        with open(temp, "xb") as f:
+            f.write(page)
+        os.replace(temp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        if isinstance(exc, IsADirectoryError | FileNotFoundError | NotADirectoryError):
+            exc.filename = os.fspath(target)
+        raise _Refused(f"cannot write the report: {_os_error(exc, args.html)}") from None
+    print(f"wrote {_clean(target)} ({len(page):,} bytes)")
     return OK
+
+
+def _stored_report(path: Path, stored: dict[str, Any] | None) -> RunReport:
+    """The checkpoint's report; one from another version reads without its timeline
+    if that is all that does not fit."""
+    if stored is None:
+        raise _Refused(f"{path}: no report yet: no execution of this run has ended")
+    try:
+        return msgspec.convert(stored, RunReport)
+    except msgspec.ValidationError as exc:
+        try:
+            return msgspec.convert({**stored, "timeline": None}, RunReport)
+        except msgspec.ValidationError:
+            raise _Refused(f"{path}: a report this version cannot read ({exc})") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,14 +317,28 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per-state counts and the most common errors")
     status.add_argument("checkpoint")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--job", metavar="ID", help="one job, with its last traceback")
+    status.add_argument("--state", metavar="STATE", help="list the jobs in this state")
+    status.add_argument(
+        "--error-contains", metavar="TEXT", help="with --state: only jobs with such an error"
+    )
     status.set_defaults(fn=cmd_status)
     redrive = sub.add_parser("redrive", help="move jobs from one state to another")
     redrive.add_argument("checkpoint")
-    redrive.add_argument("--from", dest="from_state", required=True, metavar="STATE")
+    redrive.add_argument("--from", dest="from_state", metavar="STATE", help="jobs in this state")
     redrive.add_argument("--to", dest="to_state", required=True, metavar="STATE")
     redrive.add_argument("--error-contains", metavar="TEXT", help="only jobs with such an error")
+    redrive.add_argument("--job", action="append", metavar="ID", help="only this job (repeat)")
+    redrive.add_argument(
+        "--jobs-from", action="append", metavar="FILE", help="only the job ids in FILE, one a line"
+    )
+    redrive.add_argument("--force", action="store_true", help="also to a state never seen")
     redrive.add_argument("--dry-run", action="store_true", help="count, change nothing")
     redrive.set_defaults(fn=cmd_redrive)
+    report = sub.add_parser("report", help="the report of the latest execution, with charts")
+    report.add_argument("checkpoint")
+    report.add_argument("--html", metavar="PATH", help="write it as one self-contained page")
+    report.set_defaults(fn=cmd_report)
     return parser
 
 
@@ -251,11 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     except _Refused as exc:
         _error(str(exc))
         return exc.code
-    except BrokenPipeError:  # `status ... | head`: the reader is gone, say no more
+    except BrokenPipeError:  # `status ... | head`: the reader is gone
         with contextlib.suppress(Exception):
+            # (So that the interpreter's last flush at exit has nowhere to fail.)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        _error("output cut short: the reader of the pipe has gone (broken pipe)")
+        return ERROR
     except FileNotFoundError as exc:
         where = exc.filename if exc.filename is not None else path
         why = "" if exc.strerror in (None, os.strerror(errno.ENOENT)) else f" ({exc.strerror})"

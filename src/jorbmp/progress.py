@@ -36,6 +36,8 @@ __all__ = ["TqdmStatusListener"]
 
 # Seconds between plain status lines when the output is not a terminal.
 PLAIN_INTERVAL = 10.0
+# A terminal state's bar: tqdm's default without the time remaining (``<{remaining}``).
+TERMINAL_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
 
 
 class _Bar(tqdm):  # type: ignore[misc]  # tqdm ships no types
@@ -160,19 +162,23 @@ def _sizing(out: IO[str], tqdm_kwargs: dict[str, Any]) -> tuple[int, dict[str, A
 
 
 def _plain_line(elapsed: float, counts: list[StatusCount]) -> str:
+    """One line for a log: per state its name, then each figure after its label
+    (``execs`` counts finished execs, not jobs: a terminal state's ``jobs`` are the
+    jobs in it); ``rate`` is a state's recent execs per second, ``limit`` its rate
+    limit now (an `AIMDRateLimiter` moves it)."""
     total = sum(c.completed + c.executing + c.waiting for c in counts)
     parts = []
     for c in counts:
         if c.terminal:
-            parts.append(f"{c.state} {c.completed}/{total}")
+            parts.append(f"{c.state}: jobs={c.completed}/{total}")
         else:
             parts.append(
-                f"{c.state} {c.processed} done {c.executing}/{c.concurrency} exec "
-                f"{c.waiting} wait "
-                f"{c.jobs_per_second:.1f}/s mean {_fmt_seconds(c.mean_seconds)} "
-                f"cpu {c.cpu_percent:.0f}% err {c.errors}{_limit([c])}"
+                f"{c.state}: execs={c.processed} running={c.executing}/{c.concurrency} "
+                f"waiting={c.waiting} rate={c.jobs_per_second:.1f}/s "
+                f"mean={_fmt_seconds(c.mean_seconds)} cpu={c.cpu_percent:.0f}% "
+                f"errors={c.errors}{_limit([c])}"
             )
-    return f"[jorbmp {elapsed:7.1f}s] " + " | ".join(parts) + _paused(counts)
+    return f"[jorbmp {elapsed:.1f}s] " + " | ".join(parts) + _paused(counts)
 
 
 def _paused(counts: list[StatusCount]) -> str:
@@ -264,13 +270,14 @@ class TqdmStatusListener(StatusListener):
                 )
                 bar.n = processed
                 bar.recent_rate = sum(c.jobs_per_second for c in group)
+                running = sum(c.executing for c in group)
                 bar.set_postfix_str(
-                    f"wait={sum(c.waiting for c in group)} "
-                    f"exec={sum(c.executing for c in group)}/{sum(c.concurrency for c in group)} "
+                    f"running={running}/{sum(c.concurrency for c in group)} "
+                    f"waiting={sum(c.waiting for c in group)} "
                     f"mean={_fmt_seconds(mean)} "
                     # (folded async and thread states would each count the coordinator)
                     f"cpu={max(c.cpu_percent for c in group):.0f}% "
-                    f"err={sum(c.errors for c in group)}{_limit(group)}{_paused(group)}",
+                    f"errors={sum(c.errors for c in group)}{_limit(group)}{_paused(group)}",
                     refresh=False,
                 )
             bar.refresh()
@@ -288,6 +295,7 @@ class TqdmStatusListener(StatusListener):
             for shown in self._layout
         ]
         width = max(len(name) for name in names)
+        terminal = [counts[shown[0]].terminal for shown in self._layout]
         self.bars = [
             _Bar(
                 desc=name.ljust(width),
@@ -295,11 +303,15 @@ class TqdmStatusListener(StatusListener):
                 position=i,
                 leave=True,
                 file=self._out(),
-                unit="job",
+                # A working state's bar counts execs (a job may exec many times); a
+                # terminal state's counts jobs, out of all, with no ETA: a terminal
+                # state need never hold them all (failed, when most succeed).
+                unit=" jobs" if end else " execs",
+                **({"bar_format": TERMINAL_BAR} if end and "bar_format" not in sizing else {}),
                 **sizing,
                 bars=len(names),
             )
-            for i, name in enumerate(names)
+            for i, (name, end) in enumerate(zip(names, terminal, strict=True))
         ]
         self._rates = [_Rate() for _ in self.bars]
 

@@ -6,12 +6,16 @@ After `Processor.exec` (however it ended) it is in `Processor.last_report`;
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 
 import msgspec
 
 from .adaptive import LimitHistory
+from .errorgroups import ErrorGroup
 from .status import StatusCount
+from .timeline import Timeline
 
 __all__ = ["RunReport", "StateReport"]
 
@@ -20,6 +24,9 @@ SATURATED = 0.8
 # A state that waited on its rate limit for at least this share of the run is
 # limited by the rate, not by its workers.
 RATE_BOUND = 0.5
+# Error groups a report keeps (the biggest): what a reader scans, and a bounded size in
+# the checkpoint however many kinds of error the run had.
+ERROR_GROUPS = 10
 
 
 class StateReport(msgspec.Struct, frozen=True):
@@ -45,6 +52,8 @@ class StateReport(msgspec.Struct, frozen=True):
     concurrency_max: int = 0
     # Workers replaced by recycling (``max_jobs_per_worker``, ``max_worker_memory``).
     recycled: int = 0
+    # Time it had jobs waiting out a retry delay or a Retry-After, the run nothing else to do.
+    delay_wait_seconds: float = 0.0
 
     def concurrency_text(self) -> str:
         """The concurrency as the table shows it: ``8`` or, adaptive, ``8 (2-16)``."""
@@ -65,12 +74,26 @@ class RunReport(msgspec.Struct, frozen=True):
     # The most work per batch the coordinator asked of process states, as a multiple of
     # the usual (`jorbmp._load`): above 1 when it fell behind the workers it fed.
     batch_scale: int = 1
+    # How each state evolved over the run (`jorbmp.timeline`); None when nothing was
+    # executed, or in a report from before timelines were recorded.
+    timeline: Timeline | None = None
+    # The biggest groups of errors by kind (`jorbmp.errorgroups`) among the run's jobs
+    # when the report was made, at most `ERROR_GROUPS`.
+    errors: list[ErrorGroup] = msgspec.field(default_factory=list)
 
-    def __str__(self) -> str:
-        head: tuple[str, tuple[str, ...]] = (
-            f"run {self.run!r} {self.outcome} in {self.wall_seconds:.1f}s",
-            ("state", "jobs", "execs", "errors", "mean", "p95", "busy", "cpu", "rate wait"),
-        )
+    def to_html(self, errors: Sequence[ErrorGroup] | None = None) -> str:
+        """The report as one self-contained HTML page (`jorbmp.report_html`);
+        ``errors``: error groups to show instead of the report's own (fresher ones,
+        from the checkpoint as it is now)."""
+        from .report_html import render  # the renderer is only needed here
+
+        return render(self, errors)
+
+    def table(self) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+        """The per-state table as text: its header and a row of cells per state (what
+        ``str()`` lays out, and the HTML report shows)."""
+        head: tuple[str, ...] = ("state", "jobs", "execs", "errors", "mean", "p95", "busy")
+        head += ("cpu", "rate wait")
         rows: list[tuple[str, ...]] = [
             (
                 s.state,
@@ -79,21 +102,32 @@ class RunReport(msgspec.Struct, frozen=True):
                 "" if s.terminal else str(s.errors),
                 "" if s.terminal else _seconds(s.mean_seconds),
                 "" if s.terminal else _seconds(s.p95_seconds),
-                "" if s.terminal else f"{s.utilisation:.0%} of {s.concurrency_text()}",
-                "" if s.terminal else f"{s.cpu_percent:.0f}%",
+                "" if s.terminal else f"{_percent(s.utilisation)} of {s.concurrency_text()}",
+                "" if s.terminal else _percent(s.cpu_percent / 100),
                 "" if s.terminal or not s.rate_wait_seconds else _seconds(s.rate_wait_seconds),
             )
             for s in self.states
         ]
+        if any(s.delay_wait_seconds for s in self.states):  # only for runs with delays
+            head = (*head, "retry wait")
+            rows = [
+                (*r, "" if not s.delay_wait_seconds else _seconds(s.delay_wait_seconds))
+                for r, s in zip(rows, self.states, strict=True)
+            ]
         if any(s.rate_limit for s in self.states):  # a column only for runs with a limit
-            head = (head[0], (*head[1], "limit"))
+            head = (*head, "limit")
             rows = [(*r, _rate(s.rate_limit)) for r, s in zip(rows, self.states, strict=True)]
         if any(s.recycled for s in self.states):  # likewise for runs that recycled workers
-            head = (head[0], (*head[1], "recycled"))
+            head = (*head, "recycled")
             rows = [(*r, str(s.recycled or "")) for r, s in zip(rows, self.states, strict=True)]
-        table = [head[1], *rows]
-        widths = [max(len(r[i]) for r in table) for i in range(len(head[1]))]
-        lines = [head[0]]
+        return head, rows
+
+    def __str__(self) -> str:
+        head, rows = self.table()
+        table = [head, *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+        wall = f"{self.wall_seconds:.1f}s" if math.isfinite(self.wall_seconds) else "-"
+        lines = [f"run {self.run!r} {self.outcome} in {wall}"]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                   for r in table]  # fmt: skip
         lines.append(self.hint)
@@ -106,15 +140,24 @@ class RunReport(msgspec.Struct, frozen=True):
 
 
 def _seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):  # a report from a checkpoint is data from anywhere
+        return "-"
     if seconds >= 1:
         return f"{seconds:.2f}s"
     return f"{seconds * 1000:.1f}ms" if seconds >= 0.001 else f"{seconds * 1e6:.0f}us"
+
+
+def _percent(share: float) -> str:
+    """``0.42`` as ``42%`` ("-" for NaN and infinities)."""
+    return f"{share:.0%}" if math.isfinite(share) else "-"
 
 
 def _rate(rate: float) -> str:
     """A rate limit per second ("" for none)."""
     if not rate:
         return ""
+    if not math.isfinite(rate):
+        return "-"
     return f"{rate:,.0f}/s" if rate >= 10 else f"{rate:.2g}/s"
 
 
@@ -147,30 +190,60 @@ def build_report(
             concurrency_min=concurrency if limits is None else limits.min,
             concurrency_max=concurrency if limits is None else limits.max,
             recycled=c.recycled,
+            delay_wait_seconds=c.delay_wait_seconds,
         )
         for (c, concurrency, kind, limits), cpu in zip(rows, cpu_seconds, strict=True)
     ]
     working = [s for s in states if not s.terminal and s.execs]
     if not working:
         return RunReport(run, outcome, wall, states, None, "nothing was executed", batch_scale)
-    busiest = max(working, key=lambda s: s.utilisation)
-    maximum = next(m for (c, m, _, _) in rows if c.state == busiest.state)
-    hint = _hint(busiest, wall, maximum)
-    return RunReport(run, outcome, wall, states, busiest.state, hint, batch_scale)
+    # The bottleneck: the state held up for the largest share of the run, by full slots,
+    # its rate limit or retry delays, whichever held it most.
+    bottleneck = max(working, key=lambda s: _held(s, wall))
+    maximum = next(m for (c, m, _, _) in rows if c.state == bottleneck.state)
+    hint = _hint(bottleneck, wall, maximum)
+    return RunReport(run, outcome, wall, states, bottleneck.state, hint, batch_scale)
+
+
+# What can hold a working state up, as `_held` names it.
+_BUSY, _RATE, _DELAY = "busy", "rate", "delay"
+
+
+def _held(s: StateReport, wall: float) -> tuple[float, str]:
+    """The largest share of the run (0..1) that ``s`` was held up, and by what: its
+    slots full (utilisation), or waiting on its rate limit, or on retry delays and
+    Retry-After (jobs it could not start)."""
+    if wall <= 0:
+        return (s.utilisation, _BUSY)
+    return max(
+        (s.utilisation, _BUSY),
+        (min(1.0, s.rate_wait_seconds / wall), _RATE),
+        (min(1.0, s.delay_wait_seconds / wall), _DELAY),
+    )
 
 
 def _hint(s: StateReport, wall: float, maximum: int) -> str:
-    """``maximum``: the state's concurrency, or its `AdaptiveConcurrency` max."""
+    """What held the run up, for ``s``, the state held up most (`_held`); ``maximum``:
+    its concurrency, or its `AdaptiveConcurrency` max."""
     name, busy = repr(s.state), f"{s.utilisation:.0%}"
-    if wall > 0 and s.rate_wait_seconds >= RATE_BOUND * wall:
+    share, what_held = _held(s, wall)
+    if what_held == _RATE and share >= RATE_BOUND:
         return (
             f"state {name} waited {s.rate_wait_seconds:.1f}s on its rate limit "
-            f"({s.rate_wait_seconds / wall:.0%} of the run): the limit sets the pace"
+            f"({share:.0%} of the run): the limit sets the pace"
             + (f" ({_rate(s.rate_limit)} at the end)" if s.rate_limit else "")
         )
-    if s.utilisation < SATURATED:
+    if what_held == _DELAY and share >= RATE_BOUND:
         return (
-            f"no state was saturated (busiest: {name}, {busy} busy): jobs were waiting "
+            f"state {name} had jobs waiting out retry delays or Retry-After for "
+            f"{s.delay_wait_seconds:.1f}s ({share:.0%} of the run): the back-off sets the "
+            f"pace ({s.errors} errors; see `python -m jorbmp status` for them)"
+        )
+    if what_held != _BUSY or s.utilisation < SATURATED:
+        waits = {_RATE: "on its rate limit", _DELAY: "on retry delays"}
+        why = f"{busy} busy" if what_held == _BUSY else f"{share:.0%} of the run {waits[what_held]}"
+        return (
+            f"no state was saturated (most held up: {name}, {why}): jobs were waiting "
             "on something else (start-up, the coordinator, or too few jobs to overlap)"
         )
     where = f"state {name} was busy {busy} of the run at concurrency {s.concurrency_text()}"
@@ -185,4 +258,9 @@ def _hint(s: StateReport, wall: float, maximum: int) -> str:
         )
     if s.kind == "dask":
         return f"{where}: raise its {what}, with workers to match on the cluster"
+    if s.kind in ("async", "thread"):
+        return (
+            f"{where}: its slots were full, each waiting on I/O rather than using a core: "
+            f"raise its {what} (as far as what it calls allows)"
+        )
     return f"{where}: raise its {what}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -81,6 +81,11 @@ class Job(msgspec.Struct, Generic[JC], omit_defaults=True, gc=False):
     ``not_before`` (seconds since the epoch, or None) is the earliest time of its next
     attempt: a retry delay or a ``retry_after``, kept on the job so that it survives
     a stop and a resume.
+    ``traceback`` is the formatted traceback of the job's last attempt when that
+    attempt raised (bounded: see `jorbmp._execute.TRACE_FRAMES`), else None. Each
+    finished attempt replaces it: with its traceback if it raised, with None if it
+    returned (an error returned, too) or failed without raising (a worker death, a
+    timeout, a bad return value); a `RateLimitError`, which is no attempt, leaves it.
     """
 
     id: str
@@ -94,6 +99,8 @@ class Job(msgspec.Struct, Generic[JC], omit_defaults=True, gc=False):
     retries: int = 0
     kicks: int = 0
     not_before: float | None = None
+    # (A tenth slot: 96 bytes a job, the allocator's size class the nine filled.)
+    traceback: str | None = None
 
     @property
     def state_errors(self) -> dict[str, list[str]]:
@@ -190,21 +197,36 @@ class Run(Generic[OC, JC]):
             self._executing = True
 
     def redrive(
-        self, from_state: str, to_state: str, error_contains: str | None = None
+        self,
+        from_state: str | None,
+        to_state: str,
+        error_contains: str | None = None,
+        job_ids: Collection[str] | None = None,
     ) -> list[str]:
         """Move the jobs in ``from_state`` (only those with an error containing
-        ``error_contains``, if given) to ``to_state``, resetting their retry counts and
-        any retry delay they were waiting out.
+        ``error_contains``, if given; only those in ``job_ids``, if given, where
+        ``from_state`` None means any state) to ``to_state``, resetting their retry
+        counts and any retry delay they were waiting out.
 
         The jorb way to patch a run: park failures in a terminal state, fix the code,
-        send them back. Returns the ids of the jobs moved.
+        send them back. Returns the ids of the jobs moved, in the run's order.
+        ``KeyError`` (naming it) for an id the run does not have: nothing moves.
         """
         if self._executing:
             raise RuntimeError(f"run {self.name!r}: cannot redrive while a processor executes it")
+        if from_state is None and job_ids is None:
+            raise ValueError(f"run {self.name!r}: redrive needs a state to move from, or job ids")
+        wanted = None if job_ids is None else set(job_ids)
+        if wanted is not None:
+            unknown = next((i for i in job_ids or () if i not in self.jobs), None)
+            if unknown is not None:
+                raise KeyError(f"run {self.name!r} has no job {unknown!r}; nothing moved")
         moved = []
         now = utcnow()
         for job in self.jobs.values():
-            if job.state != from_state:
+            if from_state is not None and job.state != from_state:
+                continue
+            if wanted is not None and job.id not in wanted:
                 continue
             if error_contains is not None and not any(
                 error_contains in text for texts in job.recorded_errors().values() for text in texts

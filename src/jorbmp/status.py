@@ -52,6 +52,9 @@ class StatusCount(msgspec.Struct, frozen=True):
     # Why dispatch is paused, naming the file and the cause: the checkpoint cannot be
     # written for lack of space (see `jorbmp._checkpoint_guard`); "" while it runs.
     paused: str = ""
+    # Time during which the state had jobs waiting out a retry delay or a
+    # ``Retry-After`` while the run had nothing else to do (nothing queued or executing).
+    delay_wait_seconds: float = 0.0
 
 
 class StatusListener:
@@ -97,6 +100,7 @@ class StateMetrics:
         "_rss",
         "_samples",
         "cpu_seconds",
+        "delay_wait",
         "errors",
         "processed",
         "rate_limit",
@@ -112,6 +116,7 @@ class StateMetrics:
         self.total_seconds = 0.0  # busy slot-seconds: the sum of exec wall times
         self.recent: deque[float] = deque(maxlen=P95_WINDOW)  # exec wall times
         self.rate_wait = 0.0
+        self.delay_wait = 0.0  # (`jorbmp._delays.DelayQueue` adds to it)
         # The state's rate limit's current rate per second (the lane sets it; None: no limit).
         self.rate_limit: Callable[[], float] | None = None
         self.cpu_seconds = 0.0  # CPU time of the state's processes, from the samples
@@ -206,4 +211,5 @@ class StateMetrics:
             else 0.0,
             concurrency=0 if terminal else concurrency,
             recycled=self.recycled,
+            delay_wait_seconds=self.delay_wait,
         )

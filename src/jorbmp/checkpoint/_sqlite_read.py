@@ -56,7 +56,7 @@ from .base import (
     format_hint,
     ofd_lock,
 )
-from .overview import EXAMPLE_IDS, TOP_ERRORS, ErrorGroup, Overview, sorted_states, top_groups
+from .overview import Overview, OverviewBuilder
 
 __all__ = [
     "APPLICATION_ID",
@@ -79,13 +79,13 @@ SQLITE_FORMAT = 1
 # and names the field that does not fit (``$.context.count``). No errors reads back as
 # null, as a job that never had any holds them. ``not_before`` comes beside it, as a
 # float: SQLite writes a REAL into JSON with 15 significant digits, which would not
-# give the same float back.
+# give the same float back. Either %s is NULL for a database without that column.
 _GET_RUN = """SELECT json_object('format', format, 'name', name, 'next_id', next_id,
     'overall', json(overall), 'report', json(report)) FROM run"""
 _GET_JOBS = """SELECT id, json_object('id', id, 'context', json(context), 'state', state,
     'state_errors', CASE state_errors WHEN '{}' THEN NULL ELSE json(state_errors) END,
-    'parent', parent, 'last_update', last_update, 'retries', retries, 'kicks', kicks),
-    %s FROM jobs ORDER BY rowid"""
+    'parent', parent, 'last_update', last_update, 'retries', retries, 'kicks', kicks,
+    'traceback', %s), %s FROM jobs ORDER BY rowid"""
 
 # What `RunReader.overview` asks (see `SqliteSerializer.overview`).
 #
@@ -98,33 +98,12 @@ _SAMPLE_STATES = """WITH RECURSIVE r (x) AS (
     SELECT :low UNION ALL SELECT x + :step FROM r WHERE x + :step <= :high
 ) SELECT state FROM jobs WHERE rowid IN r"""
 _COUNT_OTHER_STATES = "SELECT state, count(*) FROM jobs WHERE state <> ? GROUP BY state"
-# Error groups: per (state, text), the jobs that recorded it (each once); the biggest
-# `TOP_ERRORS`, ordered as `top_groups` orders them (SQLite compares texts as UTF-8
-# bytes, which is the order of code points, as Python does); the first `EXAMPLE_IDS`
-# jobs of each, in the order of the run; and the first job whose state_errors are not
-# an object of lists of texts, which `deserialize` would refuse. One scan of the jobs
-# (``e`` is used thrice, so SQLite materializes it). Rows: (0, state, text, jobs),
-# (rank, state, text, job id) for an example, (-1, job id, NULL, NULL).
-_ERROR_GROUPS = """WITH e AS (
-    SELECT DISTINCT j.rowid AS r, j.id AS id, json_type(j.state_errors) AS t,
-        k.key AS s, k.type AS st, v.value AS x, v.type AS xt
-    FROM jobs AS j
-    LEFT JOIN json_each(j.state_errors) AS k
-    LEFT JOIN json_each(CASE k.type WHEN 'array' THEN k.value END) AS v
-    WHERE j.state_errors <> '{}'
-), top AS (
-    SELECT s, x, count(*) AS n FROM e WHERE xt = 'text'
-    GROUP BY s, x ORDER BY n DESC, s, x LIMIT :top
-), ex AS (
-    SELECT s, x, id, row_number() OVER (PARTITION BY s, x ORDER BY r) AS i
-    FROM e WHERE xt = 'text' AND (s, x) IN (SELECT s, x FROM top)
-)
-SELECT 0, s, x, n FROM top
-UNION ALL SELECT i, s, x, id FROM ex WHERE i <= :examples
-UNION ALL SELECT -1, id, NULL, NULL FROM (
-    SELECT id FROM e WHERE NOT (t = 'null' OR t = 'object' AND (st IS NULL
-        OR st = 'array' AND (xt IS NULL OR xt = 'text'))) LIMIT 1
-)"""
+# The jobs with errors, in the run's order, for `OverviewBuilder` to group their errors
+# by kind (a fingerprint no SQL computes): one scan, and only the rows with errors
+# decoded, checked as `deserialize` would check them.
+_JOBS_WITH_ERRORS = """SELECT id, state, state_errors FROM jobs
+    WHERE state_errors <> '{}' ORDER BY rowid"""
+_decode_errors = msgspec.json.Decoder(dict[str, list[str]] | None).decode
 
 
 def _count_states(conn: sqlite3.Connection, total: int) -> dict[str, int]:
@@ -417,7 +396,8 @@ class RunReader:
         run.report = head.report
         jobs = run.jobs
         decode = self._job_decoder.decode
-        sql = _GET_JOBS % ("not_before" if "not_before" in columns(conn) else "NULL")
+        names = columns(conn)  # (a database of an earlier version may lack these)
+        sql = _GET_JOBS % tuple(c if c in names else "NULL" for c in ("traceback", "not_before"))
         for job_id, text, not_before in conn.execute(sql):
             try:
                 job = jobs[job_id] = decode(text)
@@ -459,36 +439,28 @@ class RunReader:
         return head
 
     def overview(self, conn: sqlite3.Connection) -> Overview:
-        """Counts and top errors by SQL, decoding only the run's row (see
-        `SqliteSerializer.overview`)."""
+        """Counts by SQL, and the error groups of the jobs with errors, decoding of the
+        rest only the run's row (see `SqliteSerializer.overview`)."""
         head = self._head(conn)
         (total,) = conn.execute("SELECT count(*) FROM jobs").fetchone()
         states = _count_states(conn, total)
         for state in states:
             if type(state) is not str:
                 raise CheckpointError(f"{self.path}: a job's state is {state!r}, not text")
-        sizes: dict[tuple[str, str], int] = {}
-        examples: dict[tuple[str, str], list[tuple[int, str]]] = {}
-        for rank, state, text, value in conn.execute(
-            _ERROR_GROUPS, {"top": TOP_ERRORS, "examples": EXAMPLE_IDS}
-        ):
-            if rank < 0:
+        builder = OverviewBuilder()
+        builder.states.update(states)  # (a mapping: adds its counts)
+        for job_id, state, errors in conn.execute(_JOBS_WITH_ERRORS):
+            try:
+                decoded = _decode_errors(errors)
+            except msgspec.ValidationError:
                 raise CheckpointError(
-                    f"{self.path}: job {state!r} does not fit the types: its state_errors "
+                    f"{self.path}: job {job_id!r} does not fit the types: its state_errors "
                     "are not an object of lists of texts"
-                )
-            if rank == 0:  # a group: its size
-                sizes[(state, text)] = value
-            else:  # one of its examples, ``rank`` in the order of the run
-                examples.setdefault((state, text), []).append((rank, value))
-        errors: list[ErrorGroup] = top_groups(
-            (state, text, n, [job_id for _, job_id in sorted(examples.get((state, text), []))])
-            for (state, text), n in sizes.items()
-        )
-        return Overview(
-            name=head.name,
-            jobs=total,
-            states=sorted_states(states),
-            errors=errors,
-            report=head.report,
-        )
+                ) from None
+            except msgspec.DecodeError as exc:
+                raise CheckpointError(
+                    f"{self.path}: job {job_id!r}: its state_errors are malformed JSON ({exc})"
+                ) from None
+            if decoded:
+                builder.add_errors(job_id, state, decoded)
+        return builder.build(head.name, head.report)

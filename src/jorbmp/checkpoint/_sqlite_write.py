@@ -39,7 +39,7 @@ PAGE_SIZE = 16384
 # milliseconds for it behind the busy coordinator thread: few, long statements keep
 # the writer up with a fast run. Not longer: preparing one costs more per row than
 # running it (sqlite3 keeps the few distinct ones, per connection).
-ROWS_PER_STATEMENT = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 9
+ROWS_PER_STATEMENT = 2000 if sqlite3.sqlite_version_info >= (3, 32) else 999 // 10
 _CHUNK = 2 * ROWS_PER_STATEMENT  # jobs the first write stores at a time
 # Jobs a step of the rewrite pass rewrites besides the changed ones: a few tens of
 # milliseconds of work per step, so that a step still commits about an interval
@@ -64,27 +64,32 @@ _SCHEMA = (
         retries INTEGER NOT NULL,
         kicks INTEGER NOT NULL,
         last_update TEXT NOT NULL,
-        not_before REAL
+        not_before REAL,
+        traceback TEXT
     )""",
 )
 _PUT_RUN = (
     "INSERT OR REPLACE INTO run (id, format, name, overall, next_id, report) "
     "VALUES (0, ?, ?, ?, ?, ?)"
 )
-_COLUMNS = "id, state, context, state_errors, parent, retries, kicks, last_update, not_before"
+_COLUMNS = (
+    "id, state, context, state_errors, parent, retries, kicks, last_update, not_before, traceback"
+)
 # A row's parameters. Python's sqlite3 binds str, int and float directly but takes a
 # slow path for None (an adapter lookup that formats and drops an AttributeError), so
 # a job without a parent binds the integer 0 there, which no id (text) equals, and one
-# without a not_before binds NaN, which SQLite stores as NULL (it has no NaN). Most
-# jobs have no errors, parent, retries, kicks nor not_before: a short row binds only
-# the rest (about a quarter cheaper to write).
-_ROW = "?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?, ?"
-_SHORT_ROW = "?, ?, ?, '{}', NULL, 0, 0, ?, NULL"
-_WIDTH = 9  # parameters per row
+# without a not_before binds NaN, which SQLite stores as NULL (it has no NaN), one
+# without a traceback the empty text. Most jobs have no errors, parent, retries,
+# kicks, not_before nor traceback: a short row binds only the rest (about a quarter
+# cheaper to write).
+_ROW = "?, ?, ?, ?, NULLIF(?, 0), ?, ?, ?, ?, NULLIF(?, '')"
+_SHORT_ROW = "?, ?, ?, '{}', NULL, 0, 0, ?, NULL, NULL"
+_WIDTH = 10  # parameters per row
 _SHORT_WIDTH = 4
 _NO_PARENT = 0
 _NO_ERRORS = "{}"
 _NO_TIME = float("nan")
+_NO_TRACEBACK = ""
 
 # Rows for `_insert`, flattened: (short rows, full rows).
 _Rows = tuple[list[Any], list[Any]]
@@ -103,7 +108,8 @@ def _insert_sql(rows: int, upsert: bool, short: bool) -> str:
         state = excluded.state, context = excluded.context,
         state_errors = excluded.state_errors, parent = excluded.parent,
         retries = excluded.retries, kicks = excluded.kicks,
-        last_update = excluded.last_update, not_before = excluded.not_before"""
+        last_update = excluded.last_update, not_before = excluded.not_before,
+        traceback = excluded.traceback"""
     return sql
 
 
@@ -130,6 +136,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
     names = columns(conn)
     if names and "not_before" not in names:
         conn.execute("ALTER TABLE jobs ADD COLUMN not_before REAL")
+    if names and "traceback" not in names:
+        conn.execute("ALTER TABLE jobs ADD COLUMN traceback TEXT")
 
 
 _Head = tuple[int, str, str, int, str | None]

@@ -470,6 +470,9 @@ class JournalSerializer(IncrementalSerializer):
         # the writer thread; read by the coordinator only while no write is pending.
         self._fd: int | None = None
         self._size = 0  # bytes of intact records: where the next one goes
+        # The run's report as the file holds it (set by the writer, like `_fd`): an
+        # appended record repeats the report only when it changed.
+        self._file_report: dict[str, Any] | None = None
         self.compactions = 0
         self.snapshot_bytes = 0
         self.journal_bytes = 0
@@ -692,8 +695,11 @@ class JournalSerializer(IncrementalSerializer):
             # The first snapshot: every job as it is now, so from here on only the jobs
             # that change need to be noted.
             self._tracking = True
-            return partial(self._replace, self._snapshot(run))
-        record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()), run.report)))
+            return partial(self._holding, run.report, self._replace, self._snapshot(run))
+        # The report only if the file does not hold it yet: with its timeline it can
+        # take ~100 KB, and a replay keeps the latest it meets.
+        report = None if run.report is self._file_report else run.report
+        record = _frame(self._encode(_Jobs(run.next_id, list(jobs.values()), report)))
         # Read without a lock: the writer is idle whenever this runs.
         size = sum(map(len, record))
         if self.journal_bytes + size > max(
@@ -702,8 +708,16 @@ class JournalSerializer(IncrementalSerializer):
             # The journal part would outgrow the snapshot part: write a new snapshot
             # (it has the changed jobs too). A snapshot costs O(run), but only after
             # O(run) bytes of journal, so compaction is O(1) per transition.
-            return partial(self._compact, self._snapshot(run), record)
-        return partial(self._append, record)
+            return partial(self._holding, run.report, self._compact, self._snapshot(run), record)
+        return partial(self._holding, run.report, self._append, record)
+
+    def _holding(
+        self, report: dict[str, Any] | None, write: Callable[..., None], *pieces: Any
+    ) -> None:
+        """Writer: ``write(*pieces)``, after which the file holds ``report`` (not before:
+        after a failed write, the next record carries it again)."""
+        write(*pieces)
+        self._file_report = report
 
     def end(self) -> None:
         try:

@@ -110,7 +110,7 @@ class JsonSerializer(Serializer):
         builder = OverviewBuilder()
         builder.count(map(_state, jobs))  # C loops: few jobs have errors
         for job in compress(jobs, map(_errors, jobs)):
-            builder.add_errors(job.id, job.state_errors or {})
+            builder.add_errors(job.id, job.state, job.state_errors or {})
         return builder.build(record.name, record.report)
 
     def _write_run(self, run: Run[Any, Any]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from ..errorgroups import EXAMPLE_IDS, ErrorGroup, ErrorGrouper
 from ..run import NEW, Run
 
 __all__ = [
@@ -22,9 +23,8 @@ __all__ = [
     "overview_of",
 ]
 
-# Error groups an overview keeps, and example job ids per group.
+# Error groups (kinds, see `jorbmp.errorgroups`) an overview keeps: the biggest.
 TOP_ERRORS = 10
-EXAMPLE_IDS = 5
 
 
 class JobHead(msgspec.Struct, gc=False):
@@ -35,32 +35,16 @@ class JobHead(msgspec.Struct, gc=False):
     state_errors: dict[str, list[str]] | None = None
 
 
-class ErrorGroup(msgspec.Struct):
-    """Jobs that recorded one error text in one state (each job counts once)."""
-
-    state: str
-    error: str
-    jobs: int
-    examples: list[str]  # the first job ids, in the run's order
-
-
 class Overview(msgspec.Struct):
-    """A run at a glance: name, job count, jobs per state (most first), top errors."""
+    """A run at a glance: name, job count, jobs per state (most first), the biggest
+    error groups (``error_kinds``: how many kinds there are in all)."""
 
     name: str
     jobs: int
     states: dict[str, int]
     errors: list[ErrorGroup]
     report: dict[str, Any] | None = None
-
-
-def top_groups(
-    groups: Iterable[tuple[str, str, int, list[str]]], top: int = TOP_ERRORS
-) -> list[ErrorGroup]:
-    """The ``top`` biggest groups of (state, error, jobs, examples), biggest first, ties
-    by state and text: one ordering for every way of counting them."""
-    ranked = sorted(groups, key=lambda g: (-g[2], g[0], g[1]))[:top]
-    return [ErrorGroup(state, error, jobs, examples) for state, error, jobs, examples in ranked]
+    error_kinds: int = 0
 
 
 def sorted_states(counts: Mapping[str, int]) -> dict[str, int]:
@@ -69,30 +53,23 @@ def sorted_states(counts: Mapping[str, int]) -> dict[str, int]:
 
 
 class OverviewBuilder:
-    """Counts jobs one at a time, in the run's order, keeping per error group only a
-    count and the first `EXAMPLE_IDS` ids: memory grows with the groups, not the jobs."""
+    """Counts jobs one at a time, in the run's order, grouping their errors by kind
+    (`ErrorGrouper`): memory grows with the kinds of error, not the jobs."""
 
     def __init__(self) -> None:
         self.states: Counter[str] = Counter()
-        self.groups: dict[tuple[str, str], list[Any]] = {}  # -> [count, examples]
+        self.errors = ErrorGrouper()
 
     def add(self, job_id: str, state: str, errors: Mapping[str, list[str]] | None) -> None:
         self.states[state] += 1
         if errors:
-            self.add_errors(job_id, errors)
+            self.errors.add(job_id, state, errors)
 
-    def add_errors(self, job_id: str, errors: Mapping[str, list[str]]) -> None:
-        """The errors of a job counted by `count` (jobs must come in the run's order)."""
-        groups = self.groups
-        for error_state, texts in errors.items():
-            for text in dict.fromkeys(texts):  # a job counts once per distinct error
-                group = groups.get((error_state, text))
-                if group is None:
-                    groups[(error_state, text)] = [1, [job_id]]
-                else:
-                    group[0] += 1
-                    if len(group[1]) < EXAMPLE_IDS:
-                        group[1].append(job_id)
+    def add_errors(self, job_id: str, state: str, errors: Mapping[str, list[str]]) -> None:
+        """The errors of a job, now in ``state``, counted by `count` (jobs must come in
+        the run's order)."""
+        if errors:
+            self.errors.add(job_id, state, errors)
 
     def count(self, states: Iterable[str]) -> None:
         """Add jobs without errors, by their states only (one C loop for all of them)."""
@@ -103,8 +80,9 @@ class OverviewBuilder:
             name=name,
             jobs=sum(self.states.values()),
             states=sorted_states(self.states),
-            errors=top_groups((s, t, g[0], g[1]) for (s, t), g in self.groups.items()),
+            errors=self.errors.groups(TOP_ERRORS),
             report=report,
+            error_kinds=self.errors.kinds(),
         )
 
 

@@ -5,10 +5,11 @@ Schema (``PRAGMA application_id`` marks the file as a jorbmp checkpoint)::
     run   (id = 0, format, name, overall JSON, next_id)                 one row
     jobs  (id TEXT PRIMARY KEY, state, context JSON, state_errors JSON,
            parent, retries, kicks, last_update RFC 3339 UTC,
-           not_before REAL seconds since the epoch, or NULL)           one row per job
+           not_before REAL seconds since the epoch, or NULL,
+           traceback TEXT of the last attempt if it raised, or NULL)   one row per job
 
-(``not_before`` came later: a database without it is read as if it were NULL
-everywhere, and gains the column when it is next opened for writing.)
+(``not_before`` and ``traceback`` came later: a database without one is read as if
+it were NULL everywhere, and gains the column when it is next opened for writing.)
 
 Contexts are JSON text (msgspec), so a run can be inspected while it executes, best
 read-only (``mode=ro``: a plain ``sqlite3 run.db`` creates an empty file where there is
@@ -84,6 +85,7 @@ from ._sqlite_write import (
     _NO_ERRORS,
     _NO_PARENT,
     _NO_TIME,
+    _NO_TRACEBACK,
     _SHORT_WIDTH,
     _WIDTH,
     REWRITE_JOBS_PER_STEP,
@@ -191,8 +193,8 @@ class SqliteSerializer(IncrementalSerializer):
 
     def _rows(self, jobs: list[Job[Any]], split: bool = True) -> _Rows:
         """The rows of ``jobs``, for `_insert`: short rows for jobs without errors,
-        parent, retries, kicks or not_before, full rows for the others (all of them
-        unless ``split``), each in the order of ``jobs``. ``CheckpointError`` for a
+        parent, retries, kicks, not_before or traceback, full rows for the others (all
+        of them unless ``split``), each in the order of ``jobs``. ``CheckpointError`` for a
         job holding a NaN or an infinity, which JSON cannot hold (see `jorbmp._floats`)."""
         enc = self._encode
         short: list[Any] = []
@@ -209,6 +211,7 @@ class SqliteSerializer(IncrementalSerializer):
             errors = job._state_errors
             parent = job.parent
             not_before = job.not_before
+            trace = job.traceback
             if (
                 split
                 and not errors
@@ -216,6 +219,7 @@ class SqliteSerializer(IncrementalSerializer):
                 and not job.retries
                 and not job.kicks
                 and not_before is None
+                and trace is None
             ):
                 add_short((job.id, job.state, enc(job.context).decode(), last_text))
                 continue
@@ -229,6 +233,7 @@ class SqliteSerializer(IncrementalSerializer):
                 job.kicks,
                 last_text,
                 _NO_TIME if not_before is None else not_before,
+                _NO_TRACEBACK if trace is None else trace,
             ))  # fmt: skip
         # msgspec writes NaN and infinities as null, which would not read back: refuse
         # them. Contexts without "null" (no None, either) hold none (~20 ns a job).
