@@ -81,7 +81,6 @@ class Sim:
     tail: float = 0.0  # > 0: completions counted one by one, lognormal exec times
     initial: int | None = None
     execs: bool = False  # execs simulated one by one (see the module doc)
-    ceiling: int | None = None  # the most slots of use (a rate limit's need), each update
     now: float = 0.0
     done: float = 0.0  # jobs finished (fractional: the model's rate times the step)
     exec_seconds: float = 0.0
@@ -111,7 +110,7 @@ class Sim:
             self.done += x * dt
             self.exec_seconds += x * dt * latency
         self.now += dt
-        limit = self.ctl.update(int(self.done), self.exec_seconds, saturated, self.ceiling)
+        limit = self.ctl.update(int(self.done), self.exec_seconds, saturated)
         assert limit == self.ctl.limit
         assert self.spec.min <= limit <= self.spec.max
         self.trace.append((self.now, limit, int(self.done) - before, dt))
@@ -241,43 +240,6 @@ def test_a_rate_limited_stretch_neither_lowers_nor_raises_a_settled_limit() -> N
     assert {r[1] for r in sim.trace[stretch:]} == {level}
     sim.run(10.0)
     assert 7 <= sim.ctl.limit <= 9
-
-
-def rate_bound(rate: float, latency: float) -> Model:
-    """Execs of ``latency`` seconds, as many at once as the limit, but at most ``rate``
-    start per second (a rate limit): the throughput flattens at ``rate``, and a slot's
-    time per job, the seconds the engine feeds (a slot free only for want of a token
-    counts as held), grows as c / rate."""
-
-    def model(c: int) -> tuple[float, float]:
-        return min(c / latency, rate), max(latency, c / rate)
-
-    return model
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_a_rate_limit_needing_3_slots_gets_them_and_no_more(seed: int) -> None:
-    """30/s of 100 ms execs: 3 slots keep up with the rate. Updates where the rate
-    holds jobs back count as saturated (the engine's view), so the limits above 3 are
-    measured, found flat, and left; the ceiling (rate x exec time x 2, plus 1) keeps
-    the slow start from doubling far past them."""
-    sim = Sim(rate_bound(30, 0.1), AdaptiveConcurrency(1, 64), seed=seed, ceiling=7)
-    sim.run(30.0)
-    assert max(sim.limits(0.0)) <= 7
-    assert sim.throughput(10.0) >= 0.9 * 30
-    assert 3 <= statistics.median(sim.limits(10.0)) <= 4, sim.limits(10.0)
-
-
-def test_a_ceiling_below_the_start_holds_the_limit_there_until_it_rises() -> None:
-    """5/s of 20 ms execs need a tenth of a slot: with a ceiling of 1 the limit never
-    rises from its start, 2 (nor is it cut: the plateau takes it down, in time); once
-    the rate rises (a new ceiling), the limit climbs again."""
-    sim = Sim(rate_bound(5, 0.02), AdaptiveConcurrency(1, 64), ceiling=1)
-    sim.run(60.0)
-    assert set(sim.limits(0.0)) <= {1, 2}
-    sim.model, sim.ceiling = linear, 64
-    sim.run(40.0)  # (slowly at first: the noise learnt at 5/s fades)
-    assert sim.ctl.limit >= 32, sim.ctl
 
 
 @pytest.mark.parametrize("lo, hi", [(1, 1), (5, 5), (3, 4)])

@@ -94,15 +94,6 @@ class Prober:
         self._hold_until = -math.inf
         self._ref = 0.0  # the throughput of the level when it settled
 
-    def bound(self, now: float, hi: int) -> None:
-        """Probe no higher than ``hi`` from now on (a rate limit's need, below the
-        spec's max); a level held for good because the bounds met probes again once
-        they part."""
-        if hi != self._hi:
-            if self._hold_until == math.inf and self._lo != hi:
-                self._hold_until = now
-            self._hi = hi
-
     def begin(self, now: float, limit: int, good: int, failed: bool) -> None:
         """The slow start ended at ``limit``: back at ``good``, the last level that
         passed (``failed``), or at the bound, careful probing starts; its first probe
@@ -152,9 +143,7 @@ class Prober:
             lean = math.ceil(self._base * self._noise.lat_min / base.latency)
             if self._base - lean > self.step:
                 self.step, self._jump = self._base - lean, True
-        # (Never up past the bound, nor down because of it: a base above a lowered
-        # bound has lost its upper side.)
-        target = min(max(self._hi, self._base), max(self._lo, self._base + self._dir * self.step))
+        target = min(self._hi, max(self._lo, self._base + self._dir * self.step))
         self.mode = _HOLD
         if target == self._base:  # at a bound: that side has lost
             if self._lo == self._hi:

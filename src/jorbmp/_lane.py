@@ -12,7 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ._backends import Backend
-from ._limit import StateLimit, rate_ceiling
+from ._limit import StateLimit
 from ._pool_budget import PoolBudget
 from ._protocol import Results
 from .ratelimit import RateGate, make_gate
@@ -131,11 +131,8 @@ class Lane:
         waiting for its next token kept a core from the others ~85% of the time)."""
         metrics = self.metrics
         mean = metrics.total_seconds / metrics.processed if metrics.processed else None
-        cpu.demand(0 if self.coord.held() or self.rate_held() else len(self.queue), mean)
-
-    def rate_held(self) -> bool:
-        """Whether jobs wait for the rate limit's next token while slots are free."""
-        return self.gate_task is not None and not self.gate_tokens
+        held = self.gate_task is not None and not self.gate_tokens
+        cpu.demand(0 if self.coord.held() or held else len(self.queue), mean)
 
     def adapt(self, now: float) -> None:
         """Let an adaptive state's controller see its metrics and move its limit (each
@@ -146,29 +143,21 @@ class Lane:
             self.cpu.wake_hungry()
         if backend is None or self.limit.controller is None:
             return
-        # Saturated: jobs wait, and every slot the limit allows is up and taken or the
-        # rate limit holds them back: either way the throughput measured is what this
-        # limit gives with demand, a plateau once the rate binds, where the slots the
-        # rate keeps free count as held (`StateLimit.update`), so the controller
-        # settles at the least limit that keeps up with the rate. (Reading a token wait
-        # as "no demand" left windows above that limit unmeasured: a state needing 3
-        # slots at 30/s stayed at 2.) Not while slots are still starting (a probe would
-        # be judged before its workers could run), nor while a CPU budget's cores, held
-        # by other states, hold it below its limit.
+        # Saturated: jobs wait and every slot the limit allows is up and taken. Not
+        # while slots are still starting (a probe would be judged before its workers
+        # could run), nor while a rate limit holds jobs back (slots are free then: a
+        # wait for the next token with every slot busy is the limit's doing), nor while
+        # a CPU budget's cores, held by other states, hold it below its limit.
         saturated = (
             bool(self.queue)
-            and (backend.free() == 0 or self.rate_held())
+            and backend.free() == 0
             and not backend.starting()
             and not self.coord.held()
             and not backend.held_back()
         )
-        metrics, ceiling, held = self.metrics, None, 0
-        if self.gate is not None and metrics.processed:
-            ceiling = rate_ceiling(self.gate.rate(), metrics.total_seconds / metrics.processed)
-            held = backend.free() if saturated and self.rate_held() else 0
-        limit = self.limit
-        if limit.update(now, metrics.processed, metrics.total_seconds, saturated, held, ceiling):
-            backend.set_limit(limit.current)
+        metrics = self.metrics
+        if self.limit.update(now, metrics.processed, metrics.total_seconds, saturated):
+            backend.set_limit(self.limit.current)
             self.coord.settle(self)  # a raised limit frees slots now
 
     def batch_limit(self, backend: Backend) -> int:

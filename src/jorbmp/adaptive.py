@@ -188,7 +188,6 @@ class ConcurrencyController:
     """
 
     __slots__ = (
-        "_cap",
         "_clock",
         "_hi",
         "_history",
@@ -210,7 +209,6 @@ class ConcurrencyController:
         self._lo, self._hi, self._clock = spec.min, spec.max, clock
         start = min(spec.max, max(spec.min, 2)) if initial is None else int(initial)
         self._limit = min(self._hi, max(self._lo, start))
-        self._cap = self._hi  # the most the limit may rise to now (see `update`)
         self._windows = Windows()
         self._noise = Noise()
         # The slow start until the first climb ends (None after), then the prober.
@@ -228,19 +226,9 @@ class ConcurrencyController:
         """A snapshot of the limit's range and changes so far, for the run report."""
         return self._history.snapshot(self._limit)
 
-    def update(
-        self, processed: int, exec_seconds: float, saturated: bool, ceiling: int | None = None
-    ) -> int:
-        """Take the state's cumulative counters (see the class doc); return the limit.
-
-        ``ceiling``: the most slots that could be of use now (a rate limit's need), or
-        None; the limit is not raised above it (nor above max), though it is not cut to
-        it either: a limit above what a lowered rate needs shows a plateau, and goes
-        down as any other.
-        """
+    def update(self, processed: int, exec_seconds: float, saturated: bool) -> int:
+        """Take the state's cumulative counters (see the class doc); return the limit."""
         now = self._clock()
-        self._cap = self._hi if ceiling is None else max(self._lo, min(self._hi, ceiling))
-        self._probe.bound(now, self._cap)
         if self._start is not None:
             self._slow_start(self._start, now, processed, exec_seconds, saturated)
             return self._limit
@@ -266,8 +254,8 @@ class ConcurrencyController:
         if verdict is None:
             return
         if verdict == PASSED:
-            target = min(self._cap, 2 * self._limit)
-            if target > self._limit:
+            target = min(self._hi, 2 * self._limit)
+            if target != self._limit:
                 # The window that closed began the next at this update: at the new
                 # level, with no settling (its length waits for execs started there).
                 self._set(now, target, settle=False)
