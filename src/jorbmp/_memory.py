@@ -26,14 +26,17 @@ worker, against ~20 us for RSS from ``/proc/PID/status``), so it is taken once w
 worker is ready, then again for one worker at a time, round-robin, at most as often as
 keeps those walks under `REMEASURE_SHARE` of the coordinator's time: what a worker
 copies on write since (a page it shared becomes its own, its RSS unchanged) is caught
-at its next turn. A worker not yet measured counts at most `new_worker_bytes`.
+at its next turn. A worker not yet measured counts at most `new_worker_bytes`. Missed:
+pages the coordinator rewrites after the fork (its collector, reference counts) leave
+the old copies to the workers, shared among them if two or more, so in no one's USS.
+
 
 **Expected total.** What the last sample measured, with each busy worker counted at
-its own memory when idle plus the larger of what its exec uses now and its state's learned
-size (an exec just started has not grown yet), and each exec started since at its
-state's size. An exec that ends gives its share back at once: its memory is freed when
-the exec returns (the next sample corrects it if not). Nothing here calls psutil per
-job: a worker is measured once when it first takes work, then at each tick.
+its own memory when idle plus the larger of what its exec uses now and its state's
+learned size (an exec just started has not grown yet), and each exec started since at
+its state's size. An exec that ends gives its share back at once: its memory is freed
+when the exec returns (the next sample corrects it if not). Nothing here reads /proc
+per job: a worker is measured once when it first takes work, then at each tick.
 
 **Unknown states.** Until one of its execs has finished and been sampled, a state runs
 one exec at a time; then as many as its size fits, but at most `RAMP` times as many
