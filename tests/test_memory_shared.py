@@ -3,11 +3,14 @@ worker's RSS counts every page it shares with the coordinator, so a limit summin
 counts the coordinator's heap once per worker. The governor counts each worker's own
 memory (RSS less its shared pages), so a limit sized for what the processes really use
 together runs the state at its concurrency, and that real use stays under the limit.
+Pages the coordinator rewrites after the fork, left to the workers, are counted once.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import re
 import threading
 import time
 from typing import Any
@@ -100,3 +103,52 @@ def test_a_big_coordinator_is_counted_once_not_once_per_forked_worker() -> None:
         assert use.peak < limit, (use.peak, limit)
     finally:
         _BIG = _COUNT = None
+
+
+_OBJECTS: Any = None  # many small objects, set before the workers fork
+
+
+def walk(ac: None, oc: None, jc: Job) -> tuple[Job, str]:
+    """In the coordinator (a thread state): wait for the workers to fork, then touch
+    every object's reference count, which copies each page for the coordinator and
+    leaves the old ones to the workers alone."""
+    time.sleep(jc.hold)
+    for obj in _OBJECTS:
+        obj.__len__()
+    return jc, "done"
+
+
+def resting(ac: None, oc: None, jc: Job) -> tuple[Job, str]:
+    time.sleep(jc.hold)
+    return jc, "done"
+
+
+def test_pages_the_coordinator_rewrote_after_the_fork_are_counted_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Three workers share the coordinator's objects; it then rewrites their pages,
+    # so the old ones are in no one's USS (each worker's shared pages no longer all
+    # the coordinator's): the governor counts them once, and says so.
+    global _OBJECTS
+    _OBJECTS = [str(i) * 3 for i in range(2_500_000)]
+    try:
+        run: Run[None, Job] = Run("orphans", overall=None, job_type=Job)
+        for _ in range(45):  # (4.5 s: the coordinator has had its turn since the walk)
+            run.add_job(Job(hold=0.3))
+        run.add_job(Job(hold=1.5), state="walk")
+        states = [
+            State("new", resting, concurrency=3),
+            State("walk", walk, kind="thread"),
+            State("done", terminal=True),
+        ]
+        with caplog.at_level(logging.DEBUG, logger="jorbmp"):
+            Processor(None, states, mp_context=CTX, memory_limit=0.9).exec(run)
+        assert all(job.state == "done" and not job.state_errors for job in run.jobs.values())
+        counted = [
+            int(m.group(1))
+            for r in caplog.records
+            if (m := re.search(r"the workers hold (\d+) bytes that the", r.getMessage()))
+        ]
+        assert counted and max(counted) > 100 * MB, counted
+    finally:
+        _OBJECTS = None

@@ -26,10 +26,18 @@ worker, against ~20 us for RSS from ``/proc/PID/status``), so it is taken once w
 worker is ready, then again for one worker at a time, round-robin, at most as often as
 keeps those walks under `REMEASURE_SHARE` of the coordinator's time: what a worker
 copies on write since (a page it shared becomes its own, its RSS unchanged) is caught
-at its next turn. A worker not yet measured counts at most `new_worker_bytes`. Missed:
-pages the coordinator rewrites after the fork (its collector, reference counts) leave
-the old copies to the workers, shared among them if two or more, so in no one's USS.
+at its next turn. A worker not yet measured counts at most `new_worker_bytes`.
 
+**Orphaned pages.** A page the coordinator rewrites after a fork (its collector, or a
+reference count) is copied for it, and the workers forked before keep the old one:
+shared among them if two or more, so in no one's USS (measured: the coordinator
+walked 5M strings, 400 MB, and two workers' USS stayed at 1 MB each). The coordinator
+takes a turn in the round-robin too: a worker's shared bytes beyond all the
+coordinator shares are pages only workers hold, and the most any worker has of those
+is counted once (`orphaned`). It is a lower bound (old pages that only some workers
+share are missed), taken only from workers measured no later than the coordinator: one
+measured since (forked since, say) would be set against a figure of the coordinator's
+that does not show the pages they share yet.
 
 **Expected total.** What the last sample measured, with each busy worker counted at
 its own memory when idle plus the larger of what its exec uses now and its state's
@@ -181,6 +189,7 @@ class PoolMemory:
         "pool",
         "refused_since",
         "shared",
+        "shared_at",
         "wake",
     )
 
@@ -200,6 +209,7 @@ class PoolMemory:
         # and, while it runs work, the bytes counted for that above its idle memory.
         self.firsts: dict[Worker, int] = {}
         self.shared: dict[Worker, int] = {}
+        self.shared_at: dict[Worker, float] = {}  # when (monotonic)
         self.bases: dict[Worker, int] = {}
         self.charges: dict[Worker, int] = {}
         self.fresh = 0  # the most own memory a worker had when first measured
@@ -249,6 +259,7 @@ class PoolMemory:
         rss, own = seen
         self.firsts[worker] = rss
         self.shared[worker] = rss - own
+        self.shared_at[worker] = time.monotonic()
         self.bases[worker] = own
         self.fresh = max(self.fresh, own)
         return own
@@ -294,12 +305,15 @@ class MemoryGovernor:
 
     __slots__ = (
         "_me",
+        "_me_at",
+        "_me_shared",
         "_next_remeasure",
         "_turn",
         "charged",
         "fixed",
         "limit",
         "measured",
+        "orphaned",
         "pools",
         "running",
         "starving",
@@ -323,6 +337,11 @@ class MemoryGovernor:
         # before this (monotonic) time.
         self._turn = 0
         self._next_remeasure = 0.0
+        # The coordinator's shared bytes when it last had its turn (None: not yet), and
+        # when; what the workers hold that it no longer has, at the last sample.
+        self._me_shared: int | None = None
+        self._me_at = 0.0
+        self.orphaned = 0
 
     def __repr__(self) -> str:
         return (
@@ -358,7 +377,7 @@ class MemoryGovernor:
                 continue
             learned = part.size() if part.known else 0  # (before this sample teaches it)
             for worker in [w for w in part.firsts if w not in pool.workers]:
-                for d in (part.firsts, part.shared, part.bases):
+                for d in (part.firsts, part.shared, part.shared_at, part.bases):
                     d.pop(worker, None)
             for worker in pool.workers:
                 seen = _rss_and_peak(worker.pid)
@@ -393,6 +412,16 @@ class MemoryGovernor:
                 busy.append((part, worker, used, used - learned))
         # (Workers being killed, or gone and not yet reaped, keep their charges until
         # `release`, which takes back exactly what is counted here.)
+        orphaned = self._orphaned()
+        if abs(orphaned - self.orphaned) > MIN_EXEC_BYTES:  # (changed: at a turn)
+            log.debug(
+                "memory: the workers hold %d bytes that the coordinator no longer shares "
+                "(it rewrote them since they forked): counted once",
+                orphaned,
+            )
+        self.orphaned = orphaned
+        measured += orphaned
+        fixed += orphaned
         charged = sum(sum(part.charges.values()) for part in self.pools)
         self.fixed, self.charged, self.measured = fixed, charged, measured
         if measured > self.limit:
@@ -410,13 +439,38 @@ class MemoryGovernor:
         measured = [(part, w) for part in self.pools for w in part.shared if w.kill_mark is None]
         if not measured:
             return
-        part, worker = measured[self._turn % len(measured)]
+        turn = self._turn % (len(measured) + 1)
         self._turn += 1
-        seen = _rss_and_own(worker.pid)
-        if seen is not None:
-            part.shared[worker] = seen[0] - seen[1]
+        if turn == len(measured):  # the coordinator's turn (see `orphaned`)
+            seen = _rss_and_own(os.getpid())
+            if seen is not None:
+                self._me_shared, self._me_at = seen[0] - seen[1], now
+        else:
+            part, worker = measured[turn]
+            seen = _rss_and_own(worker.pid)
+            if seen is not None:
+                part.shared[worker] = seen[0] - seen[1]
+                part.shared_at[worker] = now
         took = time.monotonic() - now
         self._next_remeasure = now + took / REMEASURE_SHARE
+
+    def _orphaned(self) -> int:
+        """Bytes the workers share among themselves but no longer with the coordinator,
+        counted once (at least; see "Orphaned pages"): the most any worker shares, less
+        all the coordinator shares, from workers measured no later than it was."""
+        me = self._me_shared
+        if me is None:
+            return 0
+        most = max(
+            (
+                shared
+                for part in self.pools
+                for w, shared in part.shared.items()
+                if part.shared_at[w] <= self._me_at and w.kill_mark is None
+            ),
+            default=0,
+        )
+        return max(0, most - me)
 
     def _find_starving(self) -> None:
         """The state held back longest, with jobs waiting and nothing running, once
