@@ -5,8 +5,11 @@ for `FAT_HOLD_SECONDS` (200 ms). ``concurrency=16`` with ``memory_limit=1.5e9`` 
 the fixed ``concurrency=4`` run without a limit (the most that fits), 60 jobs each, the
 two taking turns first each round. Targets:
 
-- the RSS of this process and all its workers together, sampled every 20 ms
-  (`jorbmp.bench.memory.RssMonitor`), stays at most 10% over the limit;
+- what this process and all its workers use together (its RSS plus each worker's
+  own memory, USS: what the limit governs), sampled every 20 ms or as fast as the USS
+  reads allow (`jorbmp.bench.memory.RssMonitor`), stays at most 10% over the limit
+  (their RSS summed, which counts the pages they share once per process, is
+  reported beside it);
 - no worker is killed by the kernel (no job records "worker died");
 - throughput at least 0.8 of the fixed run's (median walls).
 
@@ -75,10 +78,11 @@ class _TakenBack(logging.Handler):
 
 @dataclass
 class FatFigures:
-    """One run: wall, the tree's peak RSS, kernel kills and governor kills."""
+    """One run: wall, the tree's peak use and RSS, kernel kills and governor kills."""
 
     wall: float
-    tree_peak: int
+    use_peak: int  # this process's RSS plus its workers' USS
+    tree_peak: int  # RSS summed
     died: int  # errors that say "worker died": the kernel's OOM kills, say
     errors: int
     taken_back: int
@@ -102,7 +106,7 @@ def measure_fat(
     logger = logging.getLogger("jorbmp")
     logger.addHandler(counter)
     try:
-        with RssMonitor() as monitor:
+        with RssMonitor(own=True) as monitor:
             start = time.perf_counter()
             processor.exec(run)
             wall = time.perf_counter() - start
@@ -111,6 +115,7 @@ def measure_fat(
     texts = [t for job in run.jobs.values() for e in job.state_errors.values() for t in e]
     return FatFigures(
         wall=wall,
+        use_peak=monitor.use_peak,
         tree_peak=monitor.tree_peak,
         died=sum("worker died" in t for t in texts),
         errors=len(texts),
@@ -130,7 +135,7 @@ def scenario_fat(quick: bool, rounds: int) -> list[Row]:
             else:
                 figures[kind].append(measure_fat(jobs, FIXED_CONCURRENCY, None))
     limited, fixed = figures["limited"], figures["fixed"]
-    peak = max(f.tree_peak for f in limited)
+    peak = max(f.use_peak for f in limited)
     rate = jobs / statistics.median(f.wall for f in limited)
     fixed_rate = jobs / statistics.median(f.wall for f in fixed)
     title = (
@@ -140,14 +145,15 @@ def scenario_fat(quick: bool, rounds: int) -> list[Row]:
     died = sum(f.died for f in limited)
     return [
         Row(
-            f"{title}: peak RSS of the tree / limit",
+            f"{title}: peak use of the tree (RSS + workers' USS) / limit",
             peak / FAT_LIMIT,
             "x",
             target=f"<= {OVER_TARGET:g}",
             ok=peak <= OVER_TARGET * FAT_LIMIT,
             extra={
-                "peak_mb": [round(f.tree_peak / 1e6) for f in limited],
-                "fixed_peak_mb": [round(f.tree_peak / 1e6) for f in fixed],
+                "peak_mb": [round(f.use_peak / 1e6) for f in limited],
+                "fixed_peak_mb": [round(f.use_peak / 1e6) for f in fixed],
+                "rss_peak_mb": [round(f.tree_peak / 1e6) for f in limited],
             },
         ),
         Row(

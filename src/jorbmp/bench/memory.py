@@ -93,11 +93,17 @@ def cpu(ac: Any, oc: Spins, jc: Job) -> tuple[Job, str]:
 class RssMonitor:
     """While entered, samples every `SAMPLE_SECONDS` on a thread of its own: the
     largest RSS any child process of this one reached (``worker_peak``), and the
-    largest RSS of this process and all of its descendants together (``tree_peak``)."""
+    largest RSS of this process and all of its descendants together (``tree_peak``).
+    With ``own``, also the largest this process's RSS plus each descendant's own
+    memory (USS) came to (``use_peak``): what they really use together, each page
+    they share counted once, what ``memory_limit`` governs (a USS read walks the
+    page tables, so sampling then takes longer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: bool = False) -> None:
         self.worker_peak = 0
         self.tree_peak = 0
+        self.use_peak = 0
+        self.own = own
         self.samples = 0
         self._me = psutil.Process()
         self._stop = threading.Event()
@@ -113,15 +119,20 @@ class RssMonitor:
 
     def _sample(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
-            tree = self._me.memory_info().rss
+            tree = use = self._me.memory_info().rss
             for child in self._me.children(recursive=True):
                 try:
-                    rss = child.memory_info().rss
+                    if self.own:
+                        full = child.memory_full_info()
+                        rss, use = full.rss, use + full.uss
+                    else:
+                        rss = child.memory_info().rss
                 except psutil.Error:
                     continue  # gone since it was listed
                 tree += rss
                 self.worker_peak = max(self.worker_peak, rss)
             self.tree_peak = max(self.tree_peak, tree)
+            self.use_peak = max(self.use_peak, use)
             self.samples += 1
 
 
