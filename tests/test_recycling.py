@@ -59,11 +59,12 @@ def base_rss() -> int:
 
 
 class MostWorkers:
-    """The most child processes alive at once while entered (sampled every 5 ms; those
-    there before, a forkserver say, do not count)."""
+    """The most child processes alive at once while entered, and every one seen
+    (sampled every 5 ms; those there before, a forkserver say, do not count)."""
 
     def __init__(self) -> None:
         self.most = 0
+        self.seen: set[int] = set()
         self._me = psutil.Process()
         self._before = {p.pid for p in self._me.children()}
         self._stop = threading.Event()
@@ -82,7 +83,9 @@ class MostWorkers:
             alive = 0
             for p in self._me.children():
                 try:
-                    alive += p.pid not in self._before and p.status() != psutil.STATUS_ZOMBIE
+                    if p.pid not in self._before and p.status() != psutil.STATUS_ZOMBIE:
+                        alive += 1
+                        self.seen.add(p.pid)
                 except psutil.Error:
                     continue  # gone since it was listed
             self.most = max(self.most, alive)
@@ -208,7 +211,11 @@ def test_a_worker_dying_in_its_last_allowed_batch_is_replaced_once(tmp_path: Pat
     keys = Counter(key for key, _ in h.executions(run.overall.log))
     assert keys == Counter({str(n): 2 if n == 1 else 1 for n in range(8)})
     assert max(per_pid(run).values()) <= 2
-    assert alive.most <= 2  # not a second replacement for the one that died
+    # Not a second replacement for the one that died: 5 workers in all (0-1 and its
+    # death, 1-2, 3-4, 5-6, 7), of which the sampling sees some. (At once, a worker
+    # that is leaving may linger beside the two under load: 3 alive, once.)
+    assert len(alive.seen) <= 5, alive.seen
+    assert alive.most <= 3
 
 
 @pytest.mark.timeout(60)

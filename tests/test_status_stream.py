@@ -358,5 +358,5 @@ def test_bars_show_the_recent_rate() -> None:
     text = out.getvalue()
     # The working state's rate is its jobs_per_second (over the last few seconds), not
     # 50,000 jobs over the 50 ms since the bar appeared.
-    assert "7.00job/s" in text, text
+    assert "7.00 execs/s" in text, text
     bars.close()
