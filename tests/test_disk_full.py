@@ -431,6 +431,32 @@ def test_final_write_does_not_fit(fmt: str, how: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_complete_run_executed_again_on_a_full_disk_waits_for_space(
+    fmt: str, tmp_path: Path
+) -> None:
+    """A run already complete, executed again (the resume pattern) on a disk that filled
+    since: its final write waits for space like any run's end, and exec returns once
+    space comes back (it raised `CheckpointError` at once, whatever the patience)."""
+    log = tmp_path / "execs.log"
+    with tmpfs(tmp_path / "disk") as disk:
+        path, filler = disk / checkpoint_name(fmt), disk / "filler"
+        run = new_run(log)  # (no job fills the disk: the test does, after the run)
+        Processor(None, STATES, serializer(fmt, path)).exec(run)
+        all_done(run)
+        ser = serializer(fmt, path)
+        again = ser.deserialize()
+        fill_disk(filler)
+        started = time.monotonic()
+        threading.Thread(target=free_later, args=(filler, 1.0), daemon=True).start()
+        Processor(None, STATES, ser).exec(again)
+        assert time.monotonic() - started >= 0.9  # it waited for the space
+        all_done(again)
+        all_done(serializer(fmt, copy_checkpoint(path, tmp_path / "copy")).deserialize())
+    assert runs(log) == {f"{s} {n}": 1 for s in ("new", "middle") for n in range(JOBS)}
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_read_only_directory_is_refused_at_the_start(

@@ -169,7 +169,12 @@ class Coordinator(Transitions):
         self.guard.begin(self.run)
         try:
             if self.active == 0:
-                self.guard.final_flush(self.run)
+                # (A full disk: the final write waits for space, as a run's end does.)
+                unwritten = self.guard.final_flush(self.run, wait=True)
+                if unwritten is not None:
+                    await self.guard.wait_final(
+                        self.run, unwritten, lambda: self.stopping or self.signalled
+                    )
                 self.mailbox.put(self.snapshot(final=True), pinned=True)
                 self.close_listener(None)  # exactly one update: it is the first and last
                 self.final_report = self.report("complete")
