@@ -464,3 +464,22 @@ def test_checkpoint_patience_is_validated() -> None:
             Processor(None, STATES, checkpoint_patience=bad)  # type: ignore[arg-type]
     for good in (0, 0.0, 2.5, math.inf):
         assert Processor(None, STATES, checkpoint_patience=good).checkpoint_patience == good
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nothing_saved_says_so(fmt: str, tmp_path: Path) -> None:
+    """A new run on a disk full from the start, ``checkpoint_patience=0``: no checkpoint
+    was ever written, and the error says so (before: that the file holds the last
+    checkpoint, to load with deserialize(), though there was no file)."""
+    with tmpfs(tmp_path / "disk") as disk:
+        path = disk / checkpoint_name(fmt)
+        fill_disk(disk / "filler")
+        proc = Processor(None, STATES, serializer(fmt, path), checkpoint_patience=0)
+        with pytest.raises(CheckpointError) as caught:
+            proc.exec(new_run(tmp_path / "execs.log"))
+        assert type(caught.value).__name__ == "CheckpointSpaceError"
+        message = str(caught.value)
+        assert str(path) in message and "nothing was saved" in message, message
+        assert "starts it over" in message and "deserialize()" not in message, message
+        assert not path.exists()
