@@ -116,12 +116,19 @@ def test_space_back_just_after_the_deadline_stops_and_says_so() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_patience_zero_stops_at_the_first_failure() -> None:
-    g = Guarded(patience=0.0)
-    g.guard.flush(g.run)
-    assert len(g.given_up) == 1
-    with pytest.raises(CheckpointSpaceError, match="the file holds the last checkpoint"):
-        g.guard.final_flush(g.run)
+def test_patience_zero_stops_at_the_first_failure(tmp_path: Path) -> None:
+    """The error says what the file holds: the last checkpoint where there is one,
+    else that nothing was saved."""
+    for exists in (False, True):
+        g = Guarded(patience=0.0)
+        g.disk.path = tmp_path / "run.json"
+        if exists:
+            g.disk.path.write_text("{}")
+        g.guard.flush(g.run)
+        assert len(g.given_up) == 1
+        said = "the file holds the last checkpoint" if exists else "nothing was saved"
+        with pytest.raises(CheckpointSpaceError, match=said):
+            g.guard.final_flush(g.run)
 
 
 @pytest.mark.timeout(30)

@@ -490,3 +490,71 @@ def test_checkpoint_patience_is_validated() -> None:
             Processor(None, STATES, checkpoint_patience=bad)  # type: ignore[arg-type]
     for good in (0, 0.0, 2.5, math.inf):
         assert Processor(None, STATES, checkpoint_patience=good).checkpoint_patience == good
+
+
+@pytest.mark.timeout(120)
+def test_journal_bigger_than_half_the_disk_resumes(tmp_path: Path) -> None:
+    """A journal (snapshot plus appends, with a torn last record) that leaves less room
+    than a snapshot takes: the resumed execution's first write, which cannot put a
+    snapshot beside the file, appends the changed jobs to it instead (before: it paused
+    until the patience ran out, after running every remaining job, at every resume),
+    and the run completes, each remaining job run once."""
+    log = tmp_path / "execs.log"
+    left = range(JOBS - 10, JOBS)  # not executed yet
+    with tmpfs(tmp_path / "disk") as disk:
+        path = disk / "run.journal"
+        run: Run[OC, JC] = Run("disk", OC(str(log)), JC)
+        for n in range(JOBS):
+            run.add_job(JC(n, pad="x" * 5000))
+        # The file as after a stop: a snapshot, then appends (never compacted) of the
+        # jobs executed, and of every job once more.
+        ser = jorbmp.JournalSerializer(path, OC, JC, compact_min_bytes=1 << 30)
+        ser.begin(run)
+        try:
+            ser.flush(run, final=True)
+            snapshot = ser.snapshot_bytes
+            jobs = list(run.jobs.values())
+            for job in jobs[: left[0]]:
+                job.state = "done"
+            for some in (jobs[: left[0]], jobs):
+                ser.jobs_changed(some)
+                ser.flush(run, final=True)
+            assert ser.compactions == 0
+        finally:
+            ser.end()
+        with path.open("ab") as f:  # a torn append: a frame header and part of its payload
+            f.write(b"\xa5JR\x5a" + (1000).to_bytes(4, "little") + b"\0" * 30)
+        assert path.stat().st_size > TMPFS_KIB * 1024 // 2
+        assert shutil.disk_usage(disk).free < snapshot
+        copy = serializer("journal", path)
+        loaded = copy.deserialize()
+        loaded.jobs["1"].context.pad = "edited before the execution"  # must reach the file
+        Processor(None, STATES, copy, checkpoint_patience=3).exec(loaded)
+        all_done(loaded)
+        # Appended where the intact records end (the torn one cut off), and counted.
+        assert copy.compactions == 0 and copy.snapshot_bytes == snapshot
+        assert copy.snapshot_bytes + copy.journal_bytes == path.stat().st_size
+        stored = serializer("journal", path).deserialize()
+        all_done(stored)
+        assert stored.jobs["1"].context.pad == "edited before the execution"
+        assert not [p.name for p in disk.iterdir() if ".tmp-" in p.name]
+    assert runs(log) == {f"{s} {n}": 1 for s in ("new", "middle") for n in left}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nothing_saved_says_so(fmt: str, tmp_path: Path) -> None:
+    """A new run on a disk full from the start, ``checkpoint_patience=0``: no checkpoint
+    was ever written, and the error says so (before: that the file holds the last
+    checkpoint, to load with deserialize(), though there was no file)."""
+    with tmpfs(tmp_path / "disk") as disk:
+        path = disk / checkpoint_name(fmt)
+        fill_disk(disk / "filler")
+        proc = Processor(None, STATES, serializer(fmt, path), checkpoint_patience=0)
+        with pytest.raises(CheckpointError) as caught:
+            proc.exec(new_run(tmp_path / "execs.log"))
+        assert type(caught.value).__name__ == "CheckpointSpaceError"
+        message = str(caught.value)
+        assert str(path) in message and "nothing was saved" in message, message
+        assert "starts it over" in message and "deserialize()" not in message, message
+        assert not path.exists()

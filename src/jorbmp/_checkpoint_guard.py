@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -295,10 +296,27 @@ class CheckpointGuard:
             head = str(self.gave_up)
         else:
             head = f"{exc.path}: cannot write the final checkpoint ({describe(exc.cause)})"
-        return CheckpointSpaceError(
-            f"{head}; the file holds the last checkpoint written before that: load it with "
-            "deserialize() and execute the run again once there is space (what was done "
-            "since runs again)",
-            exc.path,
-            exc.cause,
-        )
+        if _saved(exc.path):
+            tail = (
+                "the file holds the last checkpoint written before that: load it with "
+                "deserialize() and execute the run again once there is space (what was "
+                "done since runs again)"
+            )
+        else:
+            tail = (
+                "nothing was saved: no checkpoint of this run was ever written (there is "
+                "no file), so executing the run again starts it over (what its jobs did "
+                "is lost)"
+            )
+        return CheckpointSpaceError(f"{head}; {tail}", exc.path, exc.cause)
+
+
+def _saved(path: object) -> bool:
+    """Whether a checkpoint file is at ``path``: one of 0 bytes is none (as for
+    `Serializer.deserialize`), and a format's first write appears whole or not at all."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
+    try:
+        return os.stat(path).st_size > 0
+    except (OSError, ValueError):
+        return False

@@ -48,13 +48,16 @@ Who does what while a processor executes:
   file from then on. The file stays below about twice a snapshot, and compacting
   costs O(run) once per O(run) journal bytes: O(1) per transition. A compaction
   that does not fit (a full disk) appends the record instead, and the next one waits
-  until the journal has grown by as much again.
+  until the journal has grown by as much again. So does an execution's first
+  snapshot, where the file is an intact journal of the run: it appends the jobs whose
+  copy in the file differs from the run's (compared as encoded bytes), after cutting
+  off a torn tail, so that a file taking more than half the disk still resumes.
 
 Crash safety: every flush is one record, so a transition (a job, its kicks and the
 jobs it changed) is in the file entirely or not at all; a record of several frames
 counts only once its last frame is there. A crash while appending leaves a torn last
 record (maybe some of its frames), which loading ignores with a warning (the next
-execution starts with a fresh snapshot, so nothing is ever appended after it). A
+execution starts with a fresh snapshot, or cuts it off before it appends). A
 crash while compacting leaves either the old file or the new one, both complete.
 
 What loading refuses, raising `CheckpointError` with the path and the byte offset (so
@@ -91,7 +94,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from operator import attrgetter, not_
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar, Union, cast
@@ -180,7 +183,43 @@ class _JobsHead(msgspec.Struct, tag="jobs"):
 
 
 _decode_heads = msgspec.msgpack.Decoder(_BeginHead | _JobsHead).decode
-_BEGINS = (_Begin, _BeginHead)
+
+
+# What a first write that falls back to appending (`JournalSerializer._first`) compares:
+# the run's fields and each job as their msgpack bytes, undecoded.
+
+
+_NIL = msgspec.Raw(b"\xc0")  # msgpack's nil: no report
+
+
+class _BeginRaw(msgspec.Struct, tag="begin"):
+    name: str
+    overall: msgspec.Raw
+    report: msgspec.Raw = _NIL
+    chunks: _Count | None = None
+    chunk_bytes: _Count | None = None
+
+
+class _JobsRaw(msgspec.Struct, tag="jobs"):
+    jobs: list[msgspec.Raw]
+    report: msgspec.Raw = _NIL
+
+
+class _JobsOut(msgspec.Struct, tag="jobs"):
+    """A `_Jobs` record of jobs already encoded (the same bytes on disk)."""
+
+    next_id: int
+    jobs: list[msgspec.Raw]
+    report: dict[str, Any] | None = None
+
+
+class _JobId(msgspec.Struct):
+    id: str
+
+
+_decode_raw = msgspec.msgpack.Decoder(_BeginRaw | _JobsRaw).decode
+_decode_job_id = msgspec.msgpack.Decoder(_JobId).decode
+_BEGINS = (_Begin, _BeginHead, _BeginRaw)
 _job_id = attrgetter("id")
 _job_state = attrgetter("state")
 _job_errors = attrgetter("state_errors")
@@ -299,13 +338,15 @@ def _job_id_at(payload: memoryview, message: str) -> str:
         return ""
 
 
-def _records(path: Path, raw: bytes, decode: Callable[[memoryview], Any]) -> Iterator[Any]:
+def _records(
+    path: Path, raw: bytes, decode: Callable[[memoryview], Any]
+) -> Iterator[tuple[Any, int]]:
     """The records of the journal ``raw`` (read from ``path``), in order, each decoded by
-    ``decode`` (a union of a begin and a jobs struct): the run record first, then job
-    records. Every reader of the file goes through here, so all of them make the same
-    checks: ``CheckpointError`` (naming the path and the byte) for a file that is not a
-    journal, does not decode, is damaged, or ends inside its snapshot; only a torn
-    tail after the snapshot is dropped, with a warning."""
+    ``decode`` (a union of a begin and a jobs struct), with the byte where it ends: the
+    run record first, then job records. Every reader of the file goes through here, so
+    all of them make the same checks: ``CheckpointError`` (naming the path and the
+    byte) for a file that is not a journal, does not decode, is damaged, or ends inside
+    its snapshot; only a torn tail after the snapshot is dropped, with a warning."""
     if not raw:
         raise CheckpointError(f"{path}: checkpoint file is empty")
     if len(raw) < _FILE_HEADER.size or not raw.startswith(FILE_MAGIC):
@@ -427,7 +468,7 @@ def _records(path: Path, raw: bytes, decode: Callable[[memoryview], Any]) -> Ite
                 f"{count} ends at byte {offset}; {snapshot_records - 1} job records were "
                 f"to end at byte {snapshot_end}): the file is damaged"
             )
-        yield record
+        yield record, offset
         start = offset
 
 
@@ -499,7 +540,7 @@ class JournalSerializer(IncrementalSerializer):
 
     def _replay(self, raw: bytes) -> Run[Any, Any]:
         run: Run[Any, Any] | None = None
-        for record in _records(self.path, raw, self._decoder.decode):
+        for record, _ in _records(self.path, raw, self._decoder.decode):
             if run is None:  # the first record, the run's (`_records` checks that)
                 run = Run(record.name, record.overall, self.job_type)
                 run.next_id = record.next_id
@@ -536,7 +577,7 @@ class JournalSerializer(IncrementalSerializer):
         chunks = 0  # snapshot chunks still to come (`_records` checks how many there are)
         name = ""
         report: dict[str, Any] | None = None
-        for record in _records(self.path, raw, _decode_heads):
+        for record, _ in _records(self.path, raw, _decode_heads):
             if isinstance(record, _BeginHead):  # the first
                 name, report, chunks = record.name, record.report, record.chunks or 0
                 continue
@@ -608,6 +649,79 @@ class JournalSerializer(IncrementalSerializer):
         fd = os.open(self.path, os.O_WRONLY)
         _fds.register(fd)  # a forked worker must not keep a replaced file alive
         self._fd = fd
+
+    def _first(self, chunks: list[_Piece], next_id: int, report: dict[str, Any] | None) -> None:
+        """Writer: the first write of an execution, the snapshot ``chunks`` made the file.
+        Where it does not fit (it needs room for a whole snapshot beside the file) and
+        the file is an intact journal of this run (as loaded, say), append instead the
+        jobs whose copy in the file differs from the snapshot's (``next_id`` and
+        ``report`` are the run's), as a compaction that does not fit does: a run whose
+        file takes more than half the disk can still resume."""
+        try:
+            self._replace(chunks)
+        except CheckpointSpaceError as exc:
+            found = self._difference(chunks, next_id, report)
+            if found is None:
+                raise  # nothing of this run's to append to: wait for room
+            record, snapshot_end, end = found
+            self._open_fd()
+            self._size = end  # (`_append` cuts off a torn tail beyond it first)
+            self.snapshot_bytes = snapshot_end
+            self.journal_bytes = end - snapshot_end
+            try:
+                self._append(record)
+            except BaseException:
+                self._close_fd()  # still no snapshot of this execution: retry one
+                raise
+            self._compact_after = self.journal_bytes + max(
+                self.compact_min_bytes, self.snapshot_bytes
+            )
+            log.info(
+                "%s: no room for a snapshot beside the file (%s): appended the changed "
+                "jobs to it instead", self.path, describe(exc.cause),
+            )  # fmt: skip
+
+    def _difference(
+        self, chunks: list[_Piece], next_id: int, report: dict[str, Any] | None
+    ) -> tuple[list[_Piece], int, int] | None:
+        """Writer: the record that makes the file replay to the run of the snapshot
+        ``chunks``, with where the file's snapshot and its intact records end; None
+        where no record can (no file, a damaged one, another run, jobs in another
+        order, a report the run no longer has). Jobs are compared as their encoded
+        bytes: one encoded differently (by another version, say) is appended too,
+        which only costs room."""
+        try:
+            raw = self.path.read_bytes()
+            held = self._raw_jobs(raw)
+        except (OSError, CheckpointError):
+            return None
+        begin, jobs, snapshot_end, end, had_report = held
+        new_begin, new_jobs, _, _, _ = self._raw_jobs(b"".join(chunks))
+        if (
+            (begin.name, begin.overall) != (new_begin.name, new_begin.overall)
+            or list(jobs) != list(islice(new_jobs, len(jobs)))
+            or (had_report and report is None)  # (a record cannot take a report away)
+        ):
+            return None
+        get = jobs.get
+        changed = [job for job_id, job in new_jobs.items() if get(job_id) != job]
+        return _frame(self._encode(_JobsOut(next_id, changed, report))), snapshot_end, end
+
+    def _raw_jobs(self, raw: bytes) -> tuple[_BeginRaw, dict[str, msgspec.Raw], int, int, bool]:
+        """The journal ``raw``'s run record, the latest copy of each job (encoded, in
+        the run's order), where its snapshot and its intact records end, and whether
+        it holds a report."""
+        records = _records(self.path, raw, _decode_raw)
+        begin, end = next(records)
+        snapshot_end = end + (begin.chunk_bytes or 0)
+        had_report = begin.report != _NIL
+        jobs: dict[str, msgspec.Raw] = {}
+        for record, record_end in records:
+            for job in record.jobs:
+                jobs[_decode_job_id(job).id] = job
+            had_report = had_report or record.report != _NIL
+            end = record_end
+        return begin, jobs, snapshot_end, end, had_report
 
     def _compact(self, chunks: list[_Piece], record: list[_Piece]) -> None:
         """Writer: make the new snapshot ``chunks`` the file. Where it does not fit (it
@@ -695,7 +809,10 @@ class JournalSerializer(IncrementalSerializer):
             # The first snapshot: every job as it is now, so from here on only the jobs
             # that change need to be noted.
             self._tracking = True
-            return partial(self._holding, run.report, self._replace, self._snapshot(run))
+            snapshot = self._snapshot(run)
+            return partial(
+                self._holding, run.report, self._first, snapshot, run.next_id, run.report
+            )
         # The report only if the file does not hold it yet: with its timeline it can
         # take ~100 KB, and a replay keeps the latest it meets.
         report = None if run.report is self._file_report else run.report
