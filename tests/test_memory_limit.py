@@ -193,6 +193,22 @@ def test_a_state_of_small_execs_opens_up_to_its_concurrency(limit: float | None)
     assert _COUNT[1].value == 6
 
 
+def test_workers_recycled_after_each_job_still_teach_the_limit() -> None:
+    # With max_jobs_per_worker=1 each worker leaves with its first job's results, before
+    # a sample could see it finished: the state was never learnt and ran one exec at a
+    # time for the whole run.
+    global _COUNT
+    _COUNT = (CTX.Value("i", 0), CTX.Value("i", 0))
+    run = _run(*[Fat(hold=0.3) for _ in range(16)])
+    states = [
+        State("new", counted, concurrency=4, max_jobs_per_worker=1),
+        State("done", terminal=True),
+    ]
+    Processor(None, states, mp_context=CTX, memory_limit=0.5).exec(run)
+    assert all(job.state == "done" for job in run.jobs.values())
+    assert _COUNT[1].value >= 3, _COUNT[1].value
+
+
 def test_thread_states_beside_a_limit_run_as_before() -> None:
     # The limit governs local process workers; thread and async execs run in the
     # coordinator, whose RSS counts, but nothing holds them back.

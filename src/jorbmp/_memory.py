@@ -264,6 +264,17 @@ class PoolMemory:
         self.fresh = max(self.fresh, own)
         return own
 
+    def _learn_from(self, worker: Worker) -> None:
+        """Learn from ``worker``'s peak now that its first work is back, while the state
+        is unknown: a worker recycled after each batch (``max_jobs_per_worker=1``) is
+        gone before any sample sees it finished, and the state stayed at one exec at a
+        time for the whole run. (One read of /proc, only until the state is known.)"""
+        first = self.firsts.get(worker)
+        seen = _rss_and_peak(worker.pid) if first is not None else None
+        if first is not None and seen is not None:
+            self.per_exec = max(self.per_exec, seen[1] - first)
+            self.known = True
+
     def own(self, worker: Worker, rss: int) -> int:
         """``worker``'s own memory, from its RSS now: the shared part last measured is
         taken off (a worker not yet measured counts at most what a new one adds)."""
@@ -292,6 +303,8 @@ class PoolMemory:
         charge = self.charges.pop(worker, None)
         if charge is None:
             return
+        if not self.known:
+            self._learn_from(worker)
         gov = self.governor
         gov.charged -= charge
         gov.running -= 1
