@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -262,3 +264,25 @@ def test_the_report_command_refuses_bad_paths_in_one_line(checkpoint: Path) -> N
     JsonSerializer(fresh, job_type=JC).serialize(run)
     out = jorbmp_cli("report", str(fresh))
     assert out.returncode == 2 and "no report yet" in out.stderr
+
+
+def test_the_report_never_replaces_a_symlink_pipe_or_device(checkpoint: Path) -> None:
+    """The page is renamed over its target: a symlink would become a file (its target
+    untouched), a pipe or a device (as root, /dev/stdout) a regular file. Refused, in
+    one line; ``--html -`` writes the page to standard output instead."""
+    tmp = checkpoint.parent
+    real = tmp / "real.html"
+    real.write_text("kept")
+    link = tmp / "link.html"
+    link.symlink_to(real)
+    fifo = tmp / "fifo.html"
+    os.mkfifo(fifo)
+    for target in (link, fifo):
+        out = jorbmp_cli("report", str(checkpoint), "--html", str(target))
+        assert out.returncode == 2 and "not a regular file" in out.stderr, out
+        assert out.stderr.count("\n") == 1
+    assert link.is_symlink() and real.read_text() == "kept"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    out = jorbmp_cli("report", str(checkpoint), "--html", "-")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.lstrip().startswith("<!DOCTYPE html>") and not (tmp / "-").exists()

@@ -249,3 +249,29 @@ def test_status_job_prints_one_job(fmt: str, tmp_path: Path) -> None:
     out = cli("status", str(ser.path), "--job", "nope")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and "no job 'nope'" in out.stderr
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for this one")
+
+
+def unprintable_exec(ac: Any, oc: Any, jc: TJ) -> Any:
+    raise _Unprintable()
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_an_exception_whose_str_raises_is_recorded_on_its_job(kind: str) -> None:
+    """Its ``__str__`` raising killed a process state's worker ("worker died (exit code
+    1)", no traceback) and, in a thread state, recorded jorbmp's own failure instead."""
+    run: Run[None, TJ] = Run("unprintable", job_type=TJ)
+    run.add_job(TJ(0))
+    states = [
+        State("new", unprintable_exec, kind=kind, max_retries=0),
+        State("done", terminal=True),
+    ]
+    Processor(None, states, mp_context="fork").exec(run)
+    job = run.jobs["0"]
+    assert job.state == FAILED
+    assert job.state_errors["new"] == ["_Unprintable: (its str() raised RuntimeError)"]
+    assert job.traceback is not None and "unprintable_exec" in job.traceback

@@ -95,7 +95,10 @@ def printable(text: str) -> str:
 
 def describe(exc: BaseException) -> str:
     """The text recorded for an exception: ``"TypeName: message"``."""
-    text = printable(str(exc))
+    try:
+        text = printable(str(exc))
+    except Exception as inner:  # its __str__ raises: the worker must not die of it
+        text = f"(its str() raised {type(inner).__name__})"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

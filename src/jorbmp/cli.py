@@ -273,9 +273,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.html is None:
         print("\n".join(_clean(line) for line in str(report).splitlines()))
         return OK
+    if args.html == "-":  # standard output
+        sys.stdout.write(report.to_html(overview.errors))
+        return OK
     target = Path(args.html)
     if target.is_dir():
         raise _Refused(f"cannot write the report: {target}: is a directory")
+    with contextlib.suppress(OSError):
+        # The page replaces a file by renaming over it: never a symlink (its target
+        # would stay as it was, the link become a file), a pipe or a device.
+        if not stat.S_ISREG(os.lstat(target).st_mode):
+            raise _Refused(
+                f"cannot write the report: {target}: not a regular file (a symlink, pipe "
+                "or device); give a new path, or - for standard output"
+            )
     with contextlib.suppress(OSError):
         if target.exists() and target.samefile(path):
             raise _Refused(f"{target}: is the checkpoint itself; give --html another path")
@@ -337,7 +348,9 @@ def _parser() -> argparse.ArgumentParser:
     redrive.set_defaults(fn=cmd_redrive)
     report = sub.add_parser("report", help="the report of the latest execution, with charts")
     report.add_argument("checkpoint")
-    report.add_argument("--html", metavar="PATH", help="write it as one self-contained page")
+    report.add_argument(
+        "--html", metavar="PATH", help="write it as one self-contained page (- : to stdout)"
+    )
     report.set_defaults(fn=cmd_report)
     return parser
 
