@@ -275,3 +275,21 @@ def test_an_exception_whose_str_raises_is_recorded_on_its_job(kind: str) -> None
     assert job.state == FAILED
     assert job.state_errors["new"] == ["_Unprintable: (its str() raised RuntimeError)"]
     assert job.traceback is not None and "unprintable_exec" in job.traceback
+
+
+def huge_error_exec(ac: Any, oc: Any, jc: TJ) -> Any:
+    raise ValueError("x" * 300_000)
+
+
+def test_status_job_cuts_each_error_text(tmp_path: Path) -> None:
+    """A 300 KB error printed whole by ``status --job`` (4 MB for four of them): each is
+    cut to a few KB, saying how much more there is; ``--json`` keeps it whole."""
+    run: Run[None, TJ] = Run("huge", job_type=TJ)
+    run.add_job(TJ(0))
+    ser = serializer("JsonSerializer", tmp_path)
+    Processor(None, states("thread", huge_error_exec, retries=1), ser).exec(run)
+    out = cli("status", str(ser.path), "--job", "0")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) < 30_000 and "more characters: see --json" in out.stdout
+    whole = json.loads(cli("status", str(ser.path), "--job", "0", "--json").stdout)
+    assert [len(t) for t in whole["state_errors"]["new"]] == [len("ValueError: ") + 300_000] * 2

@@ -58,13 +58,24 @@ def job_lines(job: Job[Any], run_name: str, where: str) -> list[str]:
         lines.append("errors: none")
     for state, texts in errors.items():
         lines.append(f"errors in {state!r} ({len(texts)}):")
-        lines.extend(f"  {text}" for text in texts)
+        lines.extend(f"  {_cut(text)}" for text in texts)
     if job.traceback is None:
         lines.append("last traceback: none (its last attempt, if any, did not raise)")
     else:
         lines.append("last traceback (of its last attempt):")
         lines.extend(f"  {line}" for line in job.traceback.rstrip("\n").split("\n"))
     return lines
+
+
+# The most of one error text printed (as the traceback is bounded): `--json` has it whole.
+ERROR_CHARS = 4000
+
+
+def _cut(text: str) -> str:
+    """``text``, or its first `ERROR_CHARS` and how much more there is."""
+    if len(text) <= ERROR_CHARS:
+        return text
+    return f"{text[:ERROR_CHARS]}... ({len(text) - ERROR_CHARS:,} more characters: see --json)"
 
 
 def show_job(serializer: Serializer, job_id: str, as_json: bool) -> int:
