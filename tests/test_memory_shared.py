@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import re
-import threading
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import psutil
 import pytest
 
 from jorbmp import Processor, Run, State
+from jorbmp.bench._sampler import Sampler
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,33 +53,22 @@ def touching(ac: None, oc: None, jc: Job) -> tuple[Job, str]:
     return jc, "done"
 
 
-class RealUse:
+class RealUse(Sampler):
     """While entered, samples the tree's real use on a thread: this process's RSS plus
     each child's USS (its private pages), the most seen in ``peak``."""
 
     def __init__(self) -> None:
+        super().__init__(0.1)
         self.peak = 0
-        self._me = psutil.Process()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> RealUse:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.1):
-            total = self._me.memory_info().rss
-            for child in self._me.children(recursive=True):
-                try:
-                    total += child.memory_full_info().uss
-                except psutil.Error:
-                    continue  # gone since it was listed
-            self.peak = max(self.peak, total)
+    def sample(self) -> None:
+        total = self.me.memory_info().rss
+        for child in self.me.children(recursive=True):
+            try:
+                total += child.memory_full_info().uss
+            except psutil.Error:
+                continue  # gone since it was listed
+        self.peak = max(self.peak, total)
 
 
 def test_a_big_coordinator_is_counted_once_not_once_per_forked_worker() -> None:

@@ -25,6 +25,7 @@ import helpers_recycling as h
 
 from jorbmp import FAILED, JsonSerializer, Processor, Run, State, Stopped
 from jorbmp.bench import memory as bench
+from jorbmp.bench._sampler import Sampler
 
 MB = 1_000_000
 
@@ -58,37 +59,26 @@ def base_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-class MostWorkers:
+class MostWorkers(Sampler):
     """The most child processes alive at once while entered, and every one seen
     (sampled every 5 ms; those there before, a forkserver say, do not count)."""
 
     def __init__(self) -> None:
+        super().__init__(0.005)
         self.most = 0
         self.seen: set[int] = set()
-        self._me = psutil.Process()
-        self._before = {p.pid for p in self._me.children()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._before = {p.pid for p in self.me.children()}
 
-    def __enter__(self) -> MostWorkers:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            alive = 0
-            for p in self._me.children():
-                try:
-                    if p.pid not in self._before and p.status() != psutil.STATUS_ZOMBIE:
-                        alive += 1
-                        self.seen.add(p.pid)
-                except psutil.Error:
-                    continue  # gone since it was listed
-            self.most = max(self.most, alive)
+    def sample(self) -> None:
+        alive = 0
+        for p in self.me.children():
+            try:
+                if p.pid not in self._before and p.status() != psutil.STATUS_ZOMBIE:
+                    alive += 1
+                    self.seen.add(p.pid)
+            except psutil.Error:
+                continue  # gone since it was listed
+        self.most = max(self.most, alive)
 
 
 # -- validation ----------------------------------------------------------------------

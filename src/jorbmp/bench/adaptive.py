@@ -30,18 +30,17 @@ from __future__ import annotations
 import asyncio
 import bisect
 import multiprocessing
-import threading
 import time
 from typing import Any
 
 import msgspec
-import psutil
 
 from ..adaptive import AdaptiveConcurrency
 from ..processor import Processor
 from ..run import Run
 from ..state import State
 from ..status import StatusCount, StatusListener
+from ._sampler import Sampler
 from ._work import calibrate, spin
 from .suite import Row
 
@@ -258,30 +257,18 @@ def render(ac: Any, oc: Spins, jc: Call) -> tuple[Call, str]:
     return jc, "done"
 
 
-class _Workers:
+class _Workers(Sampler):
     """The most child processes of this process alive at once while it is entered,
-    sampled every 10 ms on a thread of its own (the children there before do not
-    count)."""
+    sampled every 10 ms (the children there before do not count)."""
 
     def __init__(self) -> None:
+        super().__init__(0.01)
         self.most = 0
-        self._me = psutil.Process()
-        self._before = {p.pid for p in self._me.children()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._before = {p.pid for p in self.me.children()}
 
-    def __enter__(self) -> _Workers:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.01):
-            alive = sum(1 for p in self._me.children() if p.pid not in self._before)
-            self.most = max(self.most, alive)
+    def sample(self) -> None:
+        alive = sum(1 for p in self.me.children() if p.pid not in self._before)
+        self.most = max(self.most, alive)
 
 
 class _Pipeline(StatusListener):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import psutil
 from ..processor import Processor
 from ..run import Run
 from ..state import State
+from ._sampler import Sampler
 from ._work import calibrate, spin
 from .suite import Row, in_turn
 
@@ -90,7 +90,7 @@ def cpu(ac: Any, oc: Spins, jc: Job) -> tuple[Job, str]:
     return jc, "done"
 
 
-class RssMonitor:
+class RssMonitor(Sampler):
     """While entered, samples every `SAMPLE_SECONDS` on a thread of its own: the
     largest RSS any child process of this one reached (``worker_peak``), and the
     largest RSS of this process and all of its descendants together (``tree_peak``).
@@ -100,40 +100,29 @@ class RssMonitor:
     page tables, so sampling then takes longer)."""
 
     def __init__(self, own: bool = False) -> None:
+        super().__init__(SAMPLE_SECONDS)
         self.worker_peak = 0
         self.tree_peak = 0
         self.use_peak = 0
         self.own = own
         self.samples = 0
-        self._me = psutil.Process()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="rss-monitor", daemon=True)
 
-    def __enter__(self) -> RssMonitor:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_SECONDS):
-            tree = use = self._me.memory_info().rss
-            for child in self._me.children(recursive=True):
-                try:
-                    if self.own:
-                        full = child.memory_full_info()
-                        rss, use = full.rss, use + full.uss
-                    else:
-                        rss = child.memory_info().rss
-                except psutil.Error:
-                    continue  # gone since it was listed
-                tree += rss
-                self.worker_peak = max(self.worker_peak, rss)
-            self.tree_peak = max(self.tree_peak, tree)
-            self.use_peak = max(self.use_peak, use)
-            self.samples += 1
+    def sample(self) -> None:
+        tree = use = self.me.memory_info().rss
+        for child in self.me.children(recursive=True):
+            try:
+                if self.own:
+                    full = child.memory_full_info()
+                    rss, use = full.rss, use + full.uss
+                else:
+                    rss = child.memory_info().rss
+            except psutil.Error:
+                continue  # gone since it was listed
+            tree += rss
+            self.worker_peak = max(self.worker_peak, rss)
+        self.tree_peak = max(self.tree_peak, tree)
+        self.use_peak = max(self.use_peak, use)
+        self.samples += 1
 
 
 @dataclass
