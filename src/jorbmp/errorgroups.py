@@ -22,6 +22,7 @@ __all__ = [
     "EXAMPLE_IDS",
     "EXAMPLE_TEXTS",
     "FINGERPRINT_CHARS",
+    "SCANNED_CHARS",
     "ErrorGroup",
     "ErrorGrouper",
     "fingerprint",
@@ -37,6 +38,11 @@ EXAMPLE_TEXTS = 3
 # A fingerprint longer than this is cut (ending in "..."): a kind is told by its start,
 # and a group's key stays small however long its texts (a payload, a traceback).
 FINGERPRINT_CHARS = 500
+# A text longer than this is fingerprinted on its first part only, so that the work per
+# text is bounded (a megabyte-long payload costs what 64 KB cost). The cut changes no
+# group in practice: the fingerprint of the first part already fills `FINGERPRINT_CHARS`
+# unless that part is nearly all one token (see `fingerprint`).
+SCANNED_CHARS = 64 * 1024
 # An example text longer than this is kept cut (ending in "..."): a group keeps a few,
 # and 100k kinds of megabyte-long errors must not keep 100k megabytes.
 EXAMPLE_CHARS = 4000
@@ -64,6 +70,13 @@ _EXT = (
 # Every alternative starts only where a token starts (a look-behind refuses the middle
 # of a word) and none nests ambiguous repeats, so the pass is linear in the text: no
 # catastrophic backtracking on hostile or megabyte-long texts (see the tests).
+# The bare file name scans a run of path characters (``_SEG*``) to its end, then back to
+# its last ``.ext``. Were it let start after each ``@ % + = ~`` inside a run, as before,
+# ``a@b.a@b.`` or ``%00%01`` would rescan to the run's end from each: quadratic. So it
+# starts where a run starts, and that finds every name a start inside the run would
+# (``_SEG*`` takes the characters before; a run it fails on from its start has none).
+# Inside a run (only after a time or number that ended there, as in
+# ``2026-12-01 10:10@f.txt``) it starts after ``@ % + = ~`` and scans only to the next.
 _PATTERN = re.compile(
     rf"""
     (?P<str> (?<!\w)'[^'\n]*'(?!\w) | (?<!\w)"[^"\n]*"(?!\w) )
@@ -72,7 +85,8 @@ _PATTERN = re.compile(
         (?<!\w)[A-Za-z]:(?:[\\/]{_SEG}*)+
       | \\\\{_SEG}+(?:\\{_SEG}*)+
       | (?<![\w/.~-])(?:~|\.\.?)?(?:/{_SEG}+)+/?
-      | (?<![\w.-]){_SEG}*\w\.{_EXT}(?:\.{_EXT})?(?![\w-])
+      | (?<!{_SEG}){_SEG}*\w\.{_EXT}(?:\.{_EXT})?(?![\w-])
+      | (?<=[~+@%=])[\w.-]*\w\.{_EXT}(?:\.{_EXT})?(?![\w-])
     )
   | (?P<time>
         (?<!\w)[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}[T\x20][0-9]{{2}}:[0-9]{{2}}
@@ -105,8 +119,17 @@ def fingerprint(text: str) -> str:
     """``text`` with what varies between jobs replaced by placeholders: quoted strings
     (``<str>``), URLs (``<url>``), file paths and names (``<path>``), ISO times
     (``<time>``), UUIDs and hex ids (``<hex>``), numbers not inside a word (``<n>``).
-    Blanks are collapsed; a long result is cut at `FINGERPRINT_CHARS`. Linear in the
-    length of ``text``."""
+    Blanks are collapsed; a long result is cut at `FINGERPRINT_CHARS`.
+
+    Linear in the length of ``text``, and bounded: a text longer than `SCANNED_CHARS`
+    is fingerprinted on its first `SCANNED_CHARS` characters. That keeps its group:
+    a fingerprint is told by its first `FINGERPRINT_CHARS` characters, which the first
+    64 KB of any text made of words already fill. Only a text whose first 64 KB are
+    nearly all one token (a quoted payload, a blank run) loses what follows it there:
+    a quote still open at the cut is kept as text, not ``<str>``; a URL, path, hex id
+    or number cut there is still one placeholder."""
+    if len(text) > SCANNED_CHARS:
+        text = text[:SCANNED_CHARS]
     normal = " ".join(_PATTERN.sub(_placeholder, text).split())
     if len(normal) > FINGERPRINT_CHARS:
         return normal[: FINGERPRINT_CHARS - 3] + "..."
