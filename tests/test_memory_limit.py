@@ -89,7 +89,9 @@ def test_the_limit_holds_while_concurrency_would_run_far_more() -> None:
 
 
 def test_a_job_too_big_to_run_alone_is_charged_and_ends_in_its_error_state() -> None:
-    limit = 2 * psutil.Process().memory_info().rss + 150 * MB
+    # Room for the coordinator and a worker's own memory, not for 600 MB more (a
+    # multiple of the coordinator's RSS grew with the suite's process: 2 x 500 MB).
+    limit = psutil.Process().memory_info().rss + 150 * MB
     run = _run(Fat(mb=600, hold=5.0))
     states = [
         State("new", fat, max_retries=1, error_state="too_big"),
@@ -112,8 +114,10 @@ def test_a_job_too_big_to_run_alone_is_charged_and_ends_in_its_error_state() -> 
 def test_a_job_that_grows_beside_others_is_taken_back_and_retried_uncharged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    base = psutil.Process().memory_info().rss
-    limit = 5 * base + 250 * MB
+    # Room for the coordinator, 4 workers' own memory and their 20 MB jobs, not for
+    # the grower's 500 MB more (the limit was 5 x the coordinator's RSS: in a long
+    # suite's process, room for the grower too, under own-memory accounting).
+    limit = psutil.Process().memory_info().rss + 6 * 20 * MB + 200 * MB
     marks = str(tmp_path)
     jobs = [Fat(mb=20, hold=1.5, marks=marks, tag=f"small{i}") for i in range(6)]
     # Starts small like the others, then grows far past what they taught the governor.
@@ -149,7 +153,10 @@ def test_a_state_of_big_execs_is_not_starved_by_a_state_of_small_ones() -> None:
     # Small execs fill the room; each that ends frees too little for a big one, and
     # its own state takes it back at once. The big state, held back for a second with
     # nothing running, is served first: its jobs end while small ones still wait.
-    limit = 9 * psutil.Process().memory_info().rss + 300 * MB
+    # Room for the coordinator, 8 workers' own memory and 8 small execs, with less
+    # than a big one's 150 MB to spare (9 x the coordinator's RSS had room for all of
+    # them under own-memory accounting: the test no longer held anything back).
+    limit = psutil.Process().memory_info().rss + 8 * 20 * MB + 8 * 40 * MB + 40 * MB
     run: Run[None, Staged] = Run("starve", overall=None, job_type=Staged)
     for i in range(90):
         run.add_job(Staged(40, then_big=i in (16, 17)))
