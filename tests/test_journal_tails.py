@@ -310,7 +310,7 @@ def test_overview_agrees_with_deserialize(tmp_path: Path) -> None:
     from jorbmp.checkpoint.overview import overview_of
 
     path = tmp_path / "run.journal"
-    run = make_run(300, sleep=0.001)  # kicks (n % 5), failures (n % 7), soft errors (n % 3)
+    run = make_run(300, sleep=0.01)  # kicks (n % 5), failures (n % 7), soft errors (n % 3)
     ser = journal(path, interval=0.01)
     Processor(None, states(concurrency=4), ser).exec(run)
     # Many records appended after the first snapshot, the jobs changing in each.
