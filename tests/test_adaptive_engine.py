@@ -382,6 +382,59 @@ def test_a_process_state_whose_jobs_ran_out_leaves_no_idle_worker() -> None:
     assert ac.alive[0] > 0 and ac.alive[1] == 0, ac.alive
 
 
+class _InFlight:
+    """Execs of a thread state in flight, and the most seen at once by each start."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peaks: list[int] = []  # per exec, in start order: in flight once it started
+
+
+_IN_FLIGHT = _InFlight()
+
+
+def rated_call(ac: Any, oc: Any, jc: Job) -> tuple[Job, str]:
+    seen = _IN_FLIGHT
+    with seen.lock:
+        seen.now += 1
+        seen.peaks.append(seen.now)
+    time.sleep(0.1)
+    with seen.lock:
+        seen.now -= 1
+    return jc, "done"
+
+
+@pytest.mark.timeout(60)
+def test_a_rate_limited_state_the_limit_holds_back_climbs_at_once() -> None:
+    """At 30/s with 100 ms execs the state needs 3 slots, and starts at 2. The
+    housekeeping tick (every 100 ms) used to look at the slots right after a result had
+    freed one and before the pump, due next in the loop, filled it: locked onto that
+    instant, it saw no saturated window, and the limit stayed at 2 for seconds (all run
+    long in a CI run: 21.6/s). The coordinator now pumps before its controllers look:
+    3 execs run at once within the first 40 (about 10 here), and the rate holds."""
+    seen = _IN_FLIGHT
+    seen.peaks.clear()
+    run = _run(150)
+    Processor(
+        None,
+        [
+            State(
+                "call",
+                rated_call,
+                kind="thread",
+                concurrency=AdaptiveConcurrency(1, 64),
+                rate_limit=30,
+            ),
+            State("done", terminal=True),
+        ],
+    ).exec(run)
+    assert len(seen.peaks) == 150 and all(job.state == "done" for job in run.jobs.values())
+    first = next((i for i, n in enumerate(seen.peaks) if n >= 3), None)
+    assert first is not None and first < 40, (first, seen.peaks[:60])
+    assert max(seen.peaks) <= 64
+
+
 def slow_factory() -> str:
     """An app context that takes a second to build in each worker (a model to load)."""
     with open(os.environ["JORBMP_TEST_STARTS"], "a") as f:

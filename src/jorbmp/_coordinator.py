@@ -283,10 +283,18 @@ class Coordinator(Transitions):
         try:
             self.load.tick(now - self.tick_due)
             self.delays.charge(now, self.lanes.values())  # (a run held up by retry delays)
-            for lane in self.lanes.values():
-                if lane.backend is not None:
-                    lane.backend.check_timeouts(now)
-                    lane.adapt(now)
+            lanes = [lane for lane in self.lanes.values() if lane.backend is not None]
+            for lane in lanes:
+                assert lane.backend is not None
+                lane.backend.check_timeouts(now)
+            # Controllers judge a state's slots as the pump leaves them: a result that
+            # came back in this loop iteration has freed a slot that the pump, due
+            # next, fills (with 100 ms execs the 100 ms tick locked onto that instant
+            # and saw no saturated window for seconds: the limit stayed put).
+            if self.pending:
+                self.pump_pending()
+            for lane in lanes:
+                lane.adapt(now)
             if self.memory is not None:
                 self.memory.sample()
             if now - self.sample_time >= SAMPLE_SECONDS:

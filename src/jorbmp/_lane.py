@@ -147,7 +147,9 @@ class Lane:
         # while slots are still starting (a probe would be judged before its workers
         # could run), nor while a rate limit holds jobs back (slots are free then: a
         # wait for the next token with every slot busy is the limit's doing), nor while
-        # a CPU budget's cores, held by other states, hold it below its limit.
+        # a CPU budget's cores, held by other states, hold it below its limit. (The
+        # coordinator pumps first: a slot freed by a result in this loop iteration is
+        # filled before this looks.)
         saturated = (
             bool(self.queue)
             and backend.free() == 0
