@@ -73,6 +73,12 @@ def restart_removed(worker: str, stimulus: str) -> bool:
         return False
 
 
+def ignore_late(event: tuple[float, Any]) -> None:
+    """The handler a topic keeps once we unsubscribed: an event already on its way is
+    dropped. (With no handler, ``distributed`` answers a late event by unsubscribing
+    again, which raises: an ERROR and a traceback in the user's log after a run.)"""
+
+
 class Watch:
     """One client's subscriptions to the scheduler's events, shared by its pools."""
 
@@ -94,14 +100,20 @@ class Watch:
                 self.timed.add(pool.name)
         if first:
             previous = self._handlers().get("all")
-            # A handler of a Watch is never the user's: one left behind is dropped.
-            self.previous = (
-                None if isinstance(getattr(previous, "__self__", None), Watch) else previous
-            )
-            self.client.subscribe_topic("all", self.event)
+            # A handler of a Watch is never the user's (one left behind is dropped),
+            # nor is the one we leave for late events.
+            ours = previous is ignore_late or isinstance(getattr(previous, "__self__", None), Watch)
+            self.previous = None if ours else previous
+            self._subscribe("all", self.event)
         if first_timed:
             # Before any task: events and submissions share one ordered connection.
-            self.client.subscribe_topic(EXEC_TOPIC, self.exec_event)
+            self._subscribe(EXEC_TOPIC, self.exec_event)
+
+    def _subscribe(self, topic: str, handler: Callable[[Any], Any]) -> None:
+        handlers = self._handlers()
+        if handlers.get(topic) is ignore_late:  # (else: an INFO "Overwriting" each exec)
+            del handlers[topic]
+        self.client.subscribe_topic(topic, handler)
 
     def discard(self, pool: DaskPool) -> None:
         with self.lock:
@@ -123,8 +135,9 @@ class Watch:
 
     def _drop(self, topic: str, ours: Callable[[Any], Any], previous: Any) -> None:
         """Hand ``topic`` back as it was before us: the user's handler, still subscribed,
-        or no subscription at all. (``unsubscribe_topic`` leaves the handler in place:
-        the next exec would chain to it, and it would outlive the pools.)"""
+        or no subscription, with `ignore_late` for the events already on their way.
+        (``unsubscribe_topic`` leaves our handler in place: the next exec would chain to
+        it, and it would outlive the pools.)"""
         handlers = self._handlers()
         if handlers.get(topic) != ours:
             return  # someone subscribed after us: theirs now
@@ -133,7 +146,7 @@ class Watch:
                 handlers[topic] = previous
             else:
                 self.client.unsubscribe_topic(topic)
-                handlers.pop(topic, None)
+                handlers[topic] = ignore_late
 
     def _each(self) -> list[DaskPool]:
         with self.lock:
