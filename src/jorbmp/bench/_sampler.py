@@ -6,12 +6,31 @@ while a run executes in the foreground; each monitor says what one sample does.
 
 from __future__ import annotations
 
+import glob
 import threading
 from typing import Any
 
 import psutil
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "child_pids"]
+
+
+def child_pids(me: psutil.Process) -> set[int]:
+    """The pids of ``me``'s direct children. From /proc/PID/task/*/children where the
+    kernel has it: ~0.04 ms a sample, where ``psutil.Process.children`` reads every
+    process's stat (2.5 ms with 110 processes on the host: sampled every 10 ms, a
+    quarter of a core taken from the run it watches, on a 2-core machine)."""
+    files = glob.glob(f"/proc/{me.pid}/task/*/children")
+    if not files:
+        return {p.pid for p in me.children()}
+    pids: set[int] = set()
+    for path in files:
+        try:
+            with open(path) as f:
+                pids.update(int(pid) for pid in f.read().split())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return pids
 
 
 class Sampler:

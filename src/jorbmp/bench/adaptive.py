@@ -40,7 +40,7 @@ from ..processor import Processor
 from ..run import Run
 from ..state import State
 from ..status import StatusCount, StatusListener
-from ._sampler import Sampler
+from ._sampler import Sampler, child_pids
 from ._work import calibrate, spin
 from .suite import Row
 
@@ -264,11 +264,10 @@ class _Workers(Sampler):
     def __init__(self) -> None:
         super().__init__(0.01)
         self.most = 0
-        self._before = {p.pid for p in self.me.children()}
+        self._before = child_pids(self.me)
 
     def sample(self) -> None:
-        alive = sum(1 for p in self.me.children() if p.pid not in self._before)
-        self.most = max(self.most, alive)
+        self.most = max(self.most, len(child_pids(self.me) - self._before))
 
 
 class _Pipeline(StatusListener):
