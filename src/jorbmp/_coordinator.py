@@ -44,16 +44,15 @@ from ._lane import Lane
 from ._load import LoadMeter
 from ._mailbox import ListenerMailbox
 from ._memory import MemoryGovernor
+from ._run_status import RunStatus
+from ._stopping import Stopping
 from ._transitions import Transitions
-from .adaptive import LimitHistory
 from .checkpoint.base import Serializer
-from .errorgroups import group_errors
 from .errors import CheckpointSpaceError
-from .report import ERROR_GROUPS, RunReport, build_report
+from .report import RunReport
 from .run import Job, Run, utcnow
 from .state import State
-from .status import SAMPLE_SECONDS, StatusCount, StatusListener
-from .timeline import TimelineRecorder
+from .status import StatusCount, StatusListener
 
 log = logging.getLogger("jorbmp")
 
@@ -62,8 +61,9 @@ log = logging.getLogger("jorbmp")
 TICK_SECONDS = 0.1
 
 
-class Coordinator(Transitions):
-    """Executes one run once: owns its lanes, transitions, status and checkpoint flushes."""
+class Coordinator(Transitions, Stopping):
+    """Executes one run once: owns its lanes, transitions, status and checkpoint flushes
+    (its transitions in `Transitions`, its stops and pauses in `Stopping`)."""
 
     def __init__(
         self,
@@ -123,14 +123,13 @@ class Coordinator(Transitions):
         )
         self.now = utcnow()  # the time of the batch being applied (see Lane.done)
         self.started = asyncio.get_running_loop().time()
-        self.sample_time = self.started  # loop time of the last psutil sample
         self.tick: asyncio.TimerHandle | None = None
         self.tick_due = 0.0  # loop time the housekeeping tick is due at
         # How far behind the loop is, and how much bigger batches should be for it.
         self.load = LoadMeter()
         self.final_report: RunReport | None = None
-        # Fed the status snapshots as they are built; frozen into the report at the end.
-        self.timeline = TimelineRecorder(list(self.lanes), start=self.started)
+        # Status updates, samples, the timeline and the report (`jorbmp._run_status`).
+        self.status = RunStatus(self.lanes, self.guard, self.mailbox, self.load, self.started)
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     # -- the loop -------------------------------------------------------------------
@@ -175,9 +174,9 @@ class Coordinator(Transitions):
                     await self.guard.wait_final(
                         self.run, unwritten, lambda: self.stopping or self.signalled
                     )
-                self.mailbox.put(self.snapshot(final=True), pinned=True)
+                self.mailbox.put(self.status.snapshot(final=True), pinned=True)
                 self.close_listener(None)  # exactly one update: it is the first and last
-                self.final_report = self.report("complete")
+                self.final_report = self.status.report(self.run, "complete")
                 return "complete"
             try:
                 for lane in lanes.values():
@@ -186,11 +185,8 @@ class Coordinator(Transitions):
                         if lane.limit.controller is not None:
                             lane.adopt_backend_limit()
                         backend.start()
-                first = self.snapshot()
-                self.mailbox.put(first, pinned=True)  # the first update, exact
-                self.timeline.observe(loop.time(), first)
+                self.status.begin(loop.time())  # the first update, exact
                 self.changed = False
-                self.sample_processes(baseline=True)
                 for lane in lanes.values():
                     lane.pump()
                 self.schedule_tick(loop)
@@ -247,7 +243,7 @@ class Coordinator(Transitions):
         backends = [lane.backend for lane in self.lanes.values() if lane.backend is not None]
         try:
             try:
-                self.sample_processes()  # CPU since the last sample, for the final update
+                self.status.sample_processes()  # CPU since the last sample, for the final update
             finally:
                 for backend in backends:
                     backend.close(abandon)
@@ -267,7 +263,7 @@ class Coordinator(Transitions):
         finally:
             # Settled: whatever was executing finished, or was abandoned and stays
             # in its prior state, so the last update counts it as waiting there.
-            self.close_listener(self.snapshot(final=True))
+            self.close_listener(self.status.snapshot(final=True))
 
     def close_listener(self, last: list[StatusCount] | None) -> None:
         """Post ``last`` and have the listener closed after it (`execute` waits)."""
@@ -297,77 +293,22 @@ class Coordinator(Transitions):
                 lane.adapt(now)
             if self.memory is not None:
                 self.memory.sample()
-            if now - self.sample_time >= SAMPLE_SECONDS:
-                self.sample_processes()
-                self.changed = True  # CPU and rates moved even if no job did
-            if self.changed:
-                self.changed = False
-                counts = self.snapshot()
-                self.mailbox.put(counts)
-                self.timeline.observe(now, counts)
+            changed, self.changed = self.changed, False
+            self.status.tick(now, changed)  # (an update if anything changed)
             self.guard.flush(self.run)
         except Exception as exc:
             self.fail(exc)
             return
         self.schedule_tick(loop)
 
-    def sample_processes(self, baseline: bool = False) -> None:
-        """Sample the CPU and memory of every state's processes; with ``baseline`` (at
-        the start), only those whose CPU time since the start needs a baseline."""
-        now = asyncio.get_running_loop().time()
-        seconds, self.sample_time = now - self.sample_time, now
-        for lane in self.lanes.values():
-            backend = lane.backend
-            if backend is not None and not (baseline and backend.started_pids):
-                lane.metrics.sample(backend.pids(), seconds, backend.started_pids)
-
-    def snapshot(self, final: bool = False) -> list[StatusCount]:
-        """The status of every state; ``final``: the run is over and nothing executes
-        (backends may still count abandoned execs as running)."""
-        now = asyncio.get_running_loop().time()
-        counts = [
-            lane.metrics.snapshot(
-                lane.name,
-                lane.terminal,
-                lane.count,
-                lane.backend.executing() if lane.backend is not None and not final else 0,
-                now,
-                lane.limit.capacity_seconds(now),
-                lane.limit.current,
-            )
-            for lane in self.lanes.values()
-        ]
-        if self.paused:  # (rare: no cost otherwise)
-            why = self.guard.status()
-            counts = [c if c.terminal else msgspec.structs.replace(c, paused=why) for c in counts]
-        return counts
-
     def store_report(self, outcome: str) -> None:
         """Keep the report for the processor and in the run (so in the checkpoint)."""
         try:
-            self.final_report = self.report(outcome)
+            self.final_report = self.status.report(self.run, outcome)
             self.run.report = msgspec.to_builtins(self.final_report)
             self.serializer.run_changed()
         except Exception:  # a report is never worth losing the final checkpoint
             log.exception("could not build the run report")
-
-    def report(self, outcome: str) -> RunReport:
-        """The end-of-run report: per-state figures, the bottleneck and a hint."""
-        now = asyncio.get_running_loop().time()
-        final = self.snapshot(final=True)
-        rows: list[tuple[StatusCount, int, str, LimitHistory | None]] = [
-            (count, lane.limit.maximum, lane.kind(), lane.limit.history())
-            for count, lane in zip(final, self.lanes.values(), strict=True)
-        ]
-        cpu = [lane.metrics.cpu_seconds for lane in self.lanes.values()]
-        report = build_report(self.run.name, outcome, now - self.started, rows, cpu, self.load.peak)
-        # Only jobs with errors reach the grouper: ~9 ms a 100k-job run without any.
-        jobs = [(j.id, j.state, e) for j in self.run.jobs.values() if (e := j.recorded_errors())]
-        return msgspec.structs.replace(
-            report,
-            timeline=self.timeline.timeline(now, final),
-            errors=group_errors(jobs, ERROR_GROUPS),
-        )
 
     def settle(self, lane: Lane) -> None:
         """After any event: schedule a pump of the lanes that gained jobs or slots, then
@@ -396,55 +337,3 @@ class Coordinator(Transitions):
                 lane.pump()
         except Exception as exc:
             self.fail(exc)
-
-    def executing(self) -> int:
-        return sum(lane.backend.executing() for lane in self.lanes.values() if lane.backend)
-
-    # -- stopping -------------------------------------------------------------------
-
-    def held(self) -> bool:
-        """No new dispatches: stopping, or paused while the checkpoint cannot be written."""
-        return self.stopping or self.paused
-
-    def checkpoint_changed(self) -> None:
-        """The guard paused or resumed dispatch: show it, and on resuming pump every lane
-        (jobs queued meanwhile) and see whether the run is complete."""
-        self.paused = self.guard.paused
-        self.changed = True
-        if not self.paused and not self.done.done():
-            for lane in self.lanes.values():
-                self.settle(lane)
-
-    def checkpoint_given_up(self, error: CheckpointSpaceError) -> None:
-        """No space for the checkpoint within its patience: stop gracefully; the final
-        write (`final_writes`) then raises ``error``."""
-        self.request_stop()
-
-    def request_stop(self) -> None:
-        """Stop dispatching; let in-flight execs finish within the grace period."""
-        if self.done.done():
-            self.stopping = True  # (ends a wait for space for the final write)
-            return
-        if self.stopping:
-            return
-        self.stopping = True
-        log.info("stopping: waiting up to %gs for %d executing jobs", self.grace, self.executing())
-        for lane in self.lanes.values():
-            if lane.gate_task is not None:
-                lane.gate_task.cancel()
-        if self.executing() == 0:
-            self.done.set_result("stopped")
-        else:
-            asyncio.get_running_loop().call_later(self.grace, self.abandon)
-
-    def abandon(self) -> None:
-        """Give up on executing jobs now; they stay in their prior state."""
-        self.stopping = True
-        if not self.done.done():
-            self.abandoning = True
-            self.done.set_result("stopped")
-
-    def fail(self, exc: BaseException) -> None:
-        self.stopping = True
-        if not self.done.done():
-            self.done.set_exception(exc)

@@ -14,8 +14,10 @@ takes results; its parts, each in a module of its own:
   replacements for the dead, spaced out while deaths get no job anywhere;
 - `jorbmp._pool_deaths`: which job a dead worker is charged with, what goes back;
 - `jorbmp._pool_recycle`: when a worker is replaced by a fresh one (after so many jobs,
-  or over so much memory), which the pool does by letting it go (`retire`) once what
-  it holds is back.
+  or over so much memory), which the pool does by letting it go once what it holds
+  is back;
+- `jorbmp._pool_exits`: how workers leave: let go (recycled, beyond a CPU budget's
+  share, idle in an adaptive state), lost (a death settled and replaced), or closed.
 
 The pool never blocks the coordinator on a busy worker and never hangs on a dead
 one: the socket and the process sentinel are both watched by the event loop, so a
@@ -32,7 +34,6 @@ next job.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from multiprocessing.context import BaseContext
@@ -46,14 +47,14 @@ from ._comms import CoordinatorEnd
 from ._log_relay import LogReceiver, levels_now
 from ._memory import PoolMemory
 from ._pool_budget import PoolBudget
-from ._pool_deaths import kill_blaming_nobody, kill_if_overdue, killed_by_stop, settle
+from ._pool_deaths import kill_if_overdue
+from ._pool_exits import Exits
 from ._pool_recycle import Recycler
 from ._pool_slots import MAX_DEPTH, Slots
 from ._pool_spawner import Spawner
 from ._pool_worker import Worker
 from ._protocol import (
     FAILED_ATTEMPT,
-    SLOT_CLOSING,
     Outcome,
     Results,
     Startup,
@@ -63,8 +64,6 @@ from ._protocol import (
 from .run import Job
 
 __all__ = ["MAX_BATCH", "MAX_DEPTH", "PIPELINE_SECONDS", "ProcessPool"]
-
-log = logging.getLogger("jorbmp")
 
 # Largest batch of jobs sent to one worker in one message. Bigger batches amortise
 # the cost of a message for tiny jobs; smaller ones return results sooner and send
@@ -92,12 +91,6 @@ POLL_SHARE = 1 / 8
 POLL_SECONDS = 0.002
 MIN_POLL_SECONDS = 0.001
 POLL_MIN_RESULTS = 2.0
-# Seconds to wait for a worker to exit on its own before it is killed.
-EXIT_WAIT = 2.0
-# An adaptive state's worker idle this long goes (a fixed state keeps its workers):
-# a state whose jobs ran out leaves no idle worker behind, and one that gets more
-# later forks again in a few milliseconds.
-IDLE_RETIRE_SECONDS = 1.0
 
 
 class ProcessPool(Backend):
@@ -129,15 +122,12 @@ class ProcessPool(Backend):
         self.logs = LogReceiver(spec.state)
         self.concurrency = concurrency
         self.limit = concurrency  # execs at once now (`set_limit`)
-        self.adaptive = False  # an adaptive state's pool: idle workers are let go
         self.ctx = ctx
         self.sink = sink
         self.timeout = timeout
         # The live workers, in the order they started (a dict as an ordered set: a
         # death removes one in O(1)).
         self.workers: dict[Worker, None] = {}
-        # Workers let go while idle (`retire`), until their exit is reaped.
-        self.leaving: dict[Worker, None] = {}
         # The state's part of the run's CPU budget (None: outside any): an idle worker
         # starts an exec only with a slot of it (`Slots`).
         self.cpu = cpu
@@ -150,9 +140,23 @@ class ProcessPool(Backend):
         self.spawner = Spawner(
             spec.state, concurrency, sink, self.workers, self._launch, self._guard
         )
+        self.exits = exits = Exits(
+            spec.state,
+            self.workers,
+            self.slots,
+            self.spawner,
+            sink,
+            recycler,
+            cpu,
+            concurrency,
+            self.forkserver,
+        )
+        # Bound once: called per batch (when recycling, or in a CPU budget).
+        self._recycle = exits.recycle
+        self._recycles = exits.recycles
+        self._trim = exits.trim
         self.poller: _comms.Poller | None = None
         self.closing = False
-        self.closed_at = 0.0  # monotonic time of `close`
         self.mean_seconds: float | None = None  # recent mean exec time
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_results = msgspec.msgpack.Decoder(Results).decode
@@ -171,6 +175,7 @@ class ProcessPool(Backend):
         if _comms.Poller.available():
             self.poller = _comms.Poller(self.loop, self._poll_delay, self._guard)
         self.spawner.start(self.loop)
+        self.exits.start(self.loop)
 
     def demand(self, waiting: int) -> None:
         cpu = self.cpu
@@ -200,11 +205,11 @@ class ProcessPool(Backend):
 
     def set_limit(self, limit: int) -> None:
         # Workers start only up to the limit. Those above a lowered one take no more
-        # work (`Slots`) and go once idle for IDLE_RETIRE_SECONDS, as any idle worker of
-        # an adaptive pool: not at once, so that a probe back up soon after, or a
+        # work (`Slots`) and go once idle for IDLE_RETIRE_SECONDS (`Exits`), as any
+        # idle worker of an adaptive pool: not at once, so that a probe back up soon after, or a
         # state whose workers take long to start, does not fork them all again.
         self.limit = limit
-        self.adaptive = True
+        self.exits.set_limit(limit)
         self.spawner.concurrency = limit
         if self.cpu is not None:
             self.cpu.cap(limit)
@@ -212,36 +217,21 @@ class ProcessPool(Backend):
     def starting(self) -> int:
         return self.spawner.unready + self.spawner.to_spawn
 
-    def retire(self, worker: Worker) -> None:
-        """Let an idle worker go: its socket closes (it exits on the EOF) and its exit
-        is reaped when it comes, charging nobody and replacing nobody."""
-        self.slots.withdraw(worker)
-        del self.workers[worker]
-        self.leaving[worker] = None
-        worker.retired = True
-        worker.slot[SLOT_CLOSING] = 1.0  # the EOF that follows is no death
-        worker.link.close()
-        worker.exit_timer = self.loop.call_later(EXIT_WAIT, worker.kill)
-        self.spawner.lost(True)
-        if self.sink.queued():
-            # Jobs wait (for a core of the budget, or a token): the lane pumps again,
-            # and starts a worker for them if it has none left.
-            self.sink.freed()
-
     def _launch(self, number: int) -> None:
         """Start worker ``number`` and watch its socket and its exit."""
         name = f"jorbmp-{self.spec.state}-{number}"
         worker, end = Worker.start(self.ctx, self.spec, name)
+        exits = self.exits
         worker.link = CoordinatorEnd(
             end,
             self.loop,
             lambda data: self._guard(self._message, worker, data),
-            lambda: self._guard(self._link_closed, worker),
-            lambda exc: self._guard(self._send_failed, worker, exc),
+            lambda: self._guard(exits.link_closed, worker),
+            lambda exc: self._guard(exits.send_failed, worker, exc),
             self.poller,
         )
         self.workers[worker] = None
-        self.loop.add_reader(worker.process.sentinel, self._guard, self._exited, worker)
+        self.loop.add_reader(worker.process.sentinel, self._guard, exits.exited, worker)
 
     def _guard(self, fn: Any, *args: Any) -> None:
         # Event-loop callbacks: the loop would only log an exception, so anything
@@ -358,9 +348,9 @@ class ProcessPool(Backend):
             self.slots.returned(worker, len(worker.batches) + 1)
             if self.recycler is not None and self._recycles(worker):
                 pass  # it goes once its last batch is back (and may just have)
-            elif not worker.batches and self.cpu is not None and self._staying() > self._keep():
-                # Inside a CPU budget: beyond its share and one spare, and idle now.
-                self.retire(worker)
+            elif not worker.batches and self.cpu is not None:
+                # Inside a CPU budget: idle now, it goes if beyond its share and one spare.
+                self._trim(worker)
             worker.reported = 0
             worker.completed += 1
             jobs = batch if start == 0 else batch[start:]
@@ -373,110 +363,8 @@ class ProcessPool(Backend):
         self.mean_seconds = batch_mean if mean is None else 0.8 * mean + 0.2 * batch_mean
         self.sink.done(jobs, results)
 
-    def _recycle(self, worker: Worker) -> None:
-        """``worker`` goes once what it holds is back (`jorbmp._pool_recycle`): it takes
-        no more work, and its replacement may start now."""
-        self.slots.withdraw(worker)
-        worker.recycling = True
-        self.spawner.outgoing += 1
-
-    def _recycles(self, worker: Worker) -> bool:
-        """A batch of ``worker``'s is all back: whether it is being recycled. One whose
-        last batch is back goes now, replacing nobody (its replacement started as jobs
-        waited for it)."""
-        recycler = self.recycler
-        assert recycler is not None
-        if not worker.recycling and recycler.over_memory(worker):
-            self._recycle(worker)
-        if worker.recycling and not worker.batches:
-            self.spawner.outgoing -= 1
-            self.sink.recycled()
-            self.retire(worker)
-        return worker.recycling
-
-    def _staying(self) -> int:
-        """Live workers that are not being recycled."""
-        return len(self.workers) - self.spawner.outgoing
-
-    def _send_failed(self, worker: Worker, exc: OSError) -> None:
-        # The worker may be alive but will never get its batch: replace it, blaming
-        # nobody (its jobs go back to the queue).
-        log.warning("state %r: cannot send to a worker (%s): replacing it", self.spec.state, exc)
-        self.slots.withdraw(worker)
-        kill_blaming_nobody(worker)
-
-    def _link_closed(self, worker: Worker) -> None:
-        # EOF: the worker is exiting. Its sentinel says when it is gone (and with what
-        # exit code); waiting for that here would block the loop.
-        if worker.exit_timer is None and worker in self.workers:
-            self.slots.withdraw(worker)  # it takes no more work (`takes_work`)
-            worker.exit_timer = self.loop.call_later(EXIT_WAIT, worker.kill)
-
-    def _exited(self, worker: Worker) -> None:
-        if worker.retired:
-            self.leaving.pop(worker, None)
-            worker.detach(self.loop)
-            worker.reap(0.1)  # (it has exited: its sentinel said so)
-            worker.process.close()
-            return
-        # Results the worker sent before it died may still sit in the socket: take
-        # them first, so that only the job it died in is charged.
-        worker.link.drain()
-        self._lost(worker)
-
-    def _lost(self, worker: Worker) -> None:
-        """A worker is gone: settle its death (`jorbmp._pool_deaths`), replace it."""
-        if worker not in self.workers:
-            return  # already handled
-        del self.workers[worker]
-        if worker.recycling:
-            self.spawner.outgoing -= 1  # (it was replaced already, or is as jobs wait)
-        self.slots.gone(worker)
-        self.spawner.lost(worker.ready)
-        worker.detach(self.loop)
-        worker.reap(0.1)
-        code = worker.process.exitcode
-        worker.process.close()
-        batches = list(worker.batches)
-        worker.batches.clear()
-        if self.closing:
-            return
-        reason = worker.kill_reason or f"worker died (exit code {code})"
-        if self.sink.halting() and batches and killed_by_stop(code, self.forkserver):
-            # Killed by the stop signal itself: it did nothing wrong, nothing is charged.
-            self.sink.unrun([job for batch in batches for job in batch])
-            return
-        log.debug("state %r: %s (pid %s)", self.spec.state, reason, worker.pid)
-        charged = settle(self.sink, worker, batches, reason, code) if batches else False
-        if worker.recycling:
-            # Died in its last batches: charged as any death, but its replacement
-            # starts as jobs wait for it (it may have already), not as a second one.
-            self.sink.freed()
-            return
-        self.spawner.replace(worker.ready, charged, reason)
-
-    def _keep(self) -> int:
-        """Workers the state keeps: its limit, and in a budget at most its share of it
-        plus one idle worker ready for the next slot it gets."""
-        if self.cpu is None:
-            return self.limit
-        return min(self.limit, self.cpu.share() + 1)
-
     def check_timeouts(self, now: float) -> None:
-        if self.cpu is not None:
-            keep = self._keep()
-            for worker in self.slots.idle():
-                if self._staying() <= keep:
-                    break
-                self.retire(worker)
-        if self.adaptive and not self.sink.queued():
-            # Jobs ran out (a fixed state keeps its workers, as it always has). Not
-            # while jobs wait, for a rate limit's token say: the last worker let go
-            # then left the queue with nothing to start one again (a hang).
-            idle_since = time.monotonic() - IDLE_RETIRE_SECONDS
-            for worker in self.slots.idle():
-                if worker.since < idle_since:
-                    self.retire(worker)
+        self.exits.trim_idle()  # (idle workers beyond the state's share, or idle long)
         if self.timeout is None:
             return
         for worker in self.workers:
@@ -485,25 +373,11 @@ class ProcessPool(Backend):
 
     def close(self, abandon: bool) -> None:
         self.closing = True
-        self.closed_at = time.monotonic()
         self.spawner.close()
         self.slots.close(list(self.workers))
-        for worker in self.workers:
-            if abandon:
-                worker.kill()
-            else:
-                worker.slot[SLOT_CLOSING] = 1.0  # the EOF that follows is no death
-            worker.detach(self.loop)
-        for worker in self.leaving:
-            worker.detach(self.loop)  # (reaped in `wait_closed`)
+        self.exits.close(abandon)
         if self.poller is not None:
             self.poller.close()
 
     def wait_closed(self) -> None:
-        """Reap the workers `close` sent away; kill any still there after `EXIT_WAIT`."""
-        deadline = self.closed_at + EXIT_WAIT
-        for worker in [*self.workers, *self.leaving]:
-            worker.reap(max(0.0, deadline - time.monotonic()))
-            worker.process.close()
-        self.workers.clear()
-        self.leaving.clear()
+        self.exits.wait_closed()

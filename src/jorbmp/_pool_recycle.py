@@ -11,10 +11,11 @@ The policy answers three questions; the pool does the rest:
   batch's results are all back, and before a worker that runs a batch is sent a
   second one to queue behind it (one over the limit gets none).
 
-A worker found to be over either limit takes no more work, and goes (the pool's
-`retire`) once what it holds is back: nothing it ran is lost, re-run or charged, and
-its exit is no death. It no longer counts against the state's concurrency, so its
-replacement starts as soon as jobs wait for it, while the old worker finishes.
+A worker found to be over either limit takes no more work, and goes (the pool lets
+it go: `jorbmp._pool_exits`) once what it holds is back: nothing it ran is lost,
+re-run or charged, and its exit is no death. It no longer counts against the
+state's concurrency, so its replacement starts as soon as jobs wait for it, while
+the old worker finishes.
 
 So a worker's RSS overshoots the limit by what the batches it holds leak: those
 sent before its RSS was seen over the limit (one, or two while a second is queued

@@ -62,7 +62,7 @@ class Worker:
         self.reported = 0  # jobs of the first batch whose results are back
         self.completed = 0  # batches whose results are all back (the next one's number)
         self.ready = False
-        self.retired = False  # let go while idle (`ProcessPool.retire`): its exit is no death
+        self.retired = False  # let go while idle (`Exits.retire`): its exit is no death
         # Recycled (`jorbmp._pool_recycle`): it takes no more work and is let go once
         # what it holds is back; ``sent`` counts the jobs it was sent; ``rss_probe`` is
         # its psutil handle, once its RSS is read.
