@@ -59,6 +59,12 @@ class Sink(Protocol):
         """Jobs of this state waiting to be handed out (held by a rate limit included)."""
         return 0
 
+    def rate_slots(self) -> int:
+        """Slots the state's rate limit keeps in use: its rate times its mean exec time,
+        rounded up (0 without a rate limit). A CPU budget keeps that many workers of it
+        however small its share while it waits for a token."""
+        return 0
+
     def recycled(self) -> None:
         """A worker was replaced by recycling (``max_jobs_per_worker``,
         ``max_worker_memory``): counted in the status and the run report."""

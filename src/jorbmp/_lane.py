@@ -8,6 +8,7 @@ Everything here runs on the coordinator's event loop thread.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -282,6 +283,14 @@ class Lane:
 
     def queued(self) -> int:
         return len(self.queue)
+
+    def rate_slots(self) -> int:
+        gate, metrics = self.gate, self.metrics
+        if gate is None:
+            return 0
+        if not metrics.processed:
+            return self.limit.current  # not timed yet: keep what the limit allows
+        return math.ceil(gate.rate() * metrics.total_seconds / metrics.processed)
 
     def recycled(self) -> None:
         self.metrics.recycled += 1

@@ -155,10 +155,14 @@ class Exits:
 
     def keep(self) -> int:
         """Workers the state keeps: its limit, and in a budget at most its share of it
-        plus one idle worker ready for the next slot it gets."""
+        plus one idle worker ready for the next slot it gets. A rate-limited state keeps
+        at least what its rate keeps busy: while it waits for a token its share drops to
+        what it runs (it asks the budget for nothing then), and each result let a
+        worker go that the next token started again (60 starts of a 0.3 s app context
+        for 200 jobs at 30/s on 4 workers, 19.6/s instead of 28.3/s)."""
         if self.cpu is None:
             return self.limit
-        return min(self.limit, self.cpu.share() + 1)
+        return min(self.limit, max(self.cpu.share(), self.sink.rate_slots()) + 1)
 
     def send_failed(self, worker: Worker, exc: OSError) -> None:
         # The worker may be alive but will never get its batch: replace it, blaming
