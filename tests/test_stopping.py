@@ -64,7 +64,13 @@ def test_stop_from_thread_then_reuse_and_resume(tmp_path: Path, mp_context: str)
     stop_called: list[float] = []
 
     def stopper() -> None:
-        time.sleep(1.0)
+        # Once some work is done (the run in memory has results), not after a fixed
+        # second: under load, spawned workers may not have finished an exec by then.
+        deadline = time.monotonic() + 20
+        while not sum(job.context.value for job in run.jobs.values()):
+            if time.monotonic() > deadline:
+                break  # (stop anyway: the test then fails on the saved work)
+            time.sleep(0.01)
         stop_called.append(time.monotonic())
         proc.stop()
 
