@@ -1,12 +1,23 @@
-"""Shared fixtures (status listeners that record what they see), and the test order."""
+"""Shared fixtures (status listeners that record what they see), the test order, and
+the Dask tests' lost-worker timeout."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 
 from jorbmp import StatusCount, StatusListener
+
+# A LocalCluster closes a worker's nanny for good when no worker of that name is
+# registered `lost-worker-timeout` (15 s) after one of its removals: a worker death or
+# a client.restart() 15 s after an earlier one, while that worker is still coming back,
+# left the cluster a worker short forever (a run waiting for it hung; a later test of a
+# module-scoped cluster timed out waiting for 2 workers). The Dask tests kill and
+# restart workers on purpose, often: every worker they lose comes back. Dask reads it
+# from the environment when first imported (and its workers inherit it).
+os.environ.setdefault("DASK_DISTRIBUTED__DEPLOY__LOST_WORKER_TIMEOUT", "600s")
 
 
 class RecordingListener(StatusListener):

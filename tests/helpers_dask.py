@@ -116,6 +116,7 @@ class LJob(msgspec.Struct):
     kill: bool = False
     hold: float = 0.0
     runs: int = 0
+    again: float = 0.0  # with it, a run after the first sleeps this long instead
 
 
 class LOC(msgspec.Struct):
@@ -130,13 +131,24 @@ def _note(path: str, what: str, n: int) -> None:
         os.close(fd)
 
 
+def _first_run(log: str, n: int) -> bool:
+    """Whether this is job ``n``'s first run: its marker beside ``log`` is new."""
+    try:
+        os.close(os.open(f"{log}.{n}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        return False
+    return True
+
+
 def noted(ac: object, oc: LOC, jc: LJob) -> tuple[LJob, str]:
     """Notes ``start n pid time`` and ``end ...`` in ``oc.log`` around a sleep. With
     ``freeze``, freezes its Dask worker as an exec holding the GIL does: its event loop
     runs nothing more (so no report leaves it), and the exec hangs. With ``kill``, kills
     its worker. With ``hold``, freezes its worker that many seconds, then returns (half
-    a second in: the results of the exec before it have left that worker by then)."""
+    a second in: the results of the exec before it have left that worker by then).
+    With ``again``, a run after the first (one whose result was lost) sleeps ``again``."""
     _note(oc.log, "start", jc.n)
+    sleep = jc.again if jc.again and not _first_run(oc.log, jc.n) else jc.sleep
     if jc.kill:
         os._exit(7)
     if jc.hold:
@@ -146,7 +158,7 @@ def noted(ac: object, oc: LOC, jc: LJob) -> tuple[LJob, str]:
 
         get_worker().loop.add_callback(time.sleep, jc.hold or 60)
         time.sleep(jc.hold or 60)
-    time.sleep(jc.sleep)
+    time.sleep(sleep)
     jc.runs += 1
     _note(oc.log, "end", jc.n)
     return jc, "done"

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,23 +281,44 @@ def test_suspects_after_a_worker_death_run_many_at_once(tmp_path: Path) -> None:
     them one job per task, one task at a time, for the whole state; now in smaller
     batches, several tasks at once, and still none is charged (no job killed it)."""
     log = tmp_path / "execs.log"
-    n = 3000
-    # (5 ms execs: with 1 ms ones, two reruns seldom overlapped on a loaded host, and
-    # a CI run saw them one at a time: peak 1.)
-    run = noted_run(log, [h.LJob(n=i, sleep=0.005) for i in range(n)])
+    n = 2000
+    # Tasks of 40 jobs, so suspects rerun in tasks of 5. A job's rerun sleeps 0.4 s
+    # (2 s a task of them), its first run 5 ms: reruns that may run at once do, once
+    # the other worker's threads are done with the tasks they held (about 0.2 s).
+    # (With every run 1 or 5 ms, the reruns were often over before those tasks were:
+    # a CI run saw them one at a time, peak 1.)
+    run = noted_run(log, [h.LJob(n=i, sleep=0.005, again=0.4) for i in range(n)])
     killed: list[int] = []
 
+    def in_flight() -> Counter[int]:
+        """Per worker pid, the jobs that started there and whose results are not in
+        (their tasks run there: they are lost with it)."""
+        rows = h.notes(log) if log.exists() else []
+        jobs = run.jobs
+        return Counter(
+            pid for what, job, pid, _ in rows if what == "start" and jobs[str(job)].state == "new"
+        )
+
     def kill_one() -> None:
-        wait_for(lambda: log.exists() and log.stat().st_size > 30_000, 60, "execs")
-        pid = h.notes(log)[-1][2]
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
+        # A worker with 15 to 30 jobs of its tasks started: 10 or more run again, and
+        # no task of it is about to end. (The worker that noted last, killed once the
+        # log had 30 kB, had sometimes just begun its tasks: 4 or 5 ran again, under
+        # load.)
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            for pid, k in in_flight().items():
+                if 15 <= k <= 30:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    break
+            time.sleep(0.02)
 
     with process_cluster(2, 2) as cluster:
         killer = threading.Thread(target=kill_one, daemon=True)
         killer.start()
+        backend = DaskBackend(cluster, batch_seconds=60, max_batch=40)
         states = [
-            State("new", h.noted, concurrency=4, backend=DaskBackend(cluster)),
+            State("new", h.noted, concurrency=4, backend=backend),
             State("done", terminal=True),
         ]
         Processor(None, states).exec(run)

@@ -61,20 +61,35 @@ def base_rss() -> int:
 
 class MostWorkers(Sampler):
     """The most child processes alive at once while entered, and every one seen
-    (sampled every 5 ms; those there before, a forkserver say, do not count)."""
+    (sampled every 5 ms; those there before, a forkserver say, do not count). Given
+    ``run``, a worker whose every job is done in it does not count towards ``most``: it
+    was let go as its last result came back, and is only exiting."""
 
-    def __init__(self) -> None:
+    def __init__(self, run: Run[h.ROC, h.RJob] | None = None) -> None:
         super().__init__(0.005)
+        self.run = run
         self.most = 0
         self.seen: set[int] = set()
         self._before = {p.pid for p in self.me.children()}
 
+    def _leaving(self) -> set[int]:
+        if self.run is None:
+            return set()
+        jobs = self.run.jobs
+        done: dict[int, bool] = {}
+        for key, pid in h.executions(self.run.overall.log):
+            job = jobs.get(key)
+            done[pid] = done.get(pid, True) and job is not None and job.state == "done"
+        return {pid for pid, all_done in done.items() if all_done}
+
     def sample(self) -> None:
         alive = 0
-        for p in self.me.children():
+        children = self.me.children()
+        leaving = self._leaving()
+        for p in children:
             try:
                 if p.pid not in self._before and p.status() != psutil.STATUS_ZOMBIE:
-                    alive += 1
+                    alive += p.pid not in leaving
                     self.seen.add(p.pid)
             except psutil.Error:
                 continue  # gone since it was listed
@@ -179,13 +194,16 @@ def test_a_batch_never_straddles_the_job_count(tmp_path: Path) -> None:
 def test_one_job_per_worker_with_concurrency_one(tmp_path: Path) -> None:
     run = make_run(tmp_path, 6)
     processor = Processor(None, states({"max_jobs_per_worker": 1}))
-    with MostWorkers() as alive:
+    with MostWorkers(run) as alive:
         processor.exec(run)
     assert all(job.state == "done" and not job.state_errors for job in run.jobs.values())
     assert sorted(per_pid(run).values()) == [1] * 6
     assert recycled(processor) == 6
-    # A replacement starts while the worker it replaces finishes: two at most.
+    # A replacement starts while the worker it replaces finishes: two at most, not
+    # counting the workers let go, which may still be exiting (3 alive were seen so,
+    # in a full run on a loaded host).
     assert alive.most <= 2
+    assert len(alive.seen) <= 6
 
 
 @pytest.mark.timeout(60)

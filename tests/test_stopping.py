@@ -64,7 +64,13 @@ def test_stop_from_thread_then_reuse_and_resume(tmp_path: Path, mp_context: str)
     stop_called: list[float] = []
 
     def stopper() -> None:
-        time.sleep(1.0)
+        # Once some work is done (the run in memory has results), not after a fixed
+        # second: under load, spawned workers may not have finished an exec by then.
+        deadline = time.monotonic() + 20
+        while not sum(job.context.value for job in run.jobs.values()):
+            if time.monotonic() > deadline:
+                break  # (stop anyway: the test then fails on the saved work)
+            time.sleep(0.01)
         stop_called.append(time.monotonic())
         proc.stop()
 
@@ -206,11 +212,25 @@ def start_coordinator(
     return proc, err
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_for(  # type: ignore[no-untyped-def]
+    predicate, timeout: float, what: str, coordinator: tuple[subprocess.Popen[bytes], Path]
+) -> None:
+    """Wait for ``predicate()``; fail at once if the coordinator exits meanwhile, and
+    with its stderr either way: one that failed at its start would read as a slow one,
+    20 s later (a full run on a loaded host timed out so, its stderr unseen)."""
+    proc, err = coordinator
     deadline = time.monotonic() + timeout
     while not predicate():
+        if proc.poll() is not None and not predicate():  # (it may have just come true)
+            raise AssertionError(
+                f"the coordinator exited ({proc.returncode}) before {what}: "
+                f"{err.read_text()[-2000:]}"
+            )
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(
+                f"timed out waiting for {what} (the coordinator still runs): "
+                f"{err.read_text()[-2000:]}"
+            )
         time.sleep(0.01)
 
 
@@ -253,7 +273,7 @@ def test_signal_stops_gracefully_and_run_resumes(
         tmp_path, "--jobs", str(n), "--sleep", "0.1", "--grace", "20", "--mp", mp_context
     )
     try:
-        wait_for(lambda: started_ids(tmp_path), 20, "the first exec to start")
+        wait_for(lambda: started_ids(tmp_path), 20, "the first exec to start", (proc, err))
         assert (tmp_path / "run.json").exists()  # written at the start of exec
         proc.send_signal(sig)
         signalled = time.monotonic()
@@ -295,7 +315,9 @@ def signal_group_midway(
         new_session=True,
     )  # fmt: skip
     try:
-        wait_for(lambda: len(started_ids(tmp_path)) >= 2, 20, "both workers to start a job")
+        wait_for(
+            lambda: len(started_ids(tmp_path)) >= 2, 20, "both workers to start a job", (proc, err)
+        )
         os.killpg(proc.pid, sig)
         rc = finish(proc, 20)
     finally:
@@ -348,7 +370,9 @@ def test_second_sigint_abandons_long_execs(tmp_path: Path, mp_context: str) -> N
         tmp_path, "--jobs", str(n), "--sleep", "60", "--grace", "60", "--mp", mp_context
     )
     try:
-        wait_for(lambda: len(started_ids(tmp_path)) >= 2, 20, "both workers to start a job")
+        wait_for(
+            lambda: len(started_ids(tmp_path)) >= 2, 20, "both workers to start a job", (proc, err)
+        )
         workers = psutil.Process(proc.pid).children()
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
@@ -388,7 +412,7 @@ def test_sigint_during_long_exec_with_short_grace_abandons(tmp_path: Path, mp_co
         tmp_path, "--jobs", str(n), "--sleep", "60", "--grace", "0.5", "--mp", mp_context
     )
     try:
-        wait_for(lambda: started_ids(tmp_path), 20, "a job to start")
+        wait_for(lambda: started_ids(tmp_path), 20, "a job to start", (proc, err))
         proc.send_signal(signal.SIGINT)
         signalled = time.monotonic()
         rc = finish(proc, 15)
@@ -408,9 +432,9 @@ def test_sigkill_of_coordinator_resumes_at_least_once(tmp_path: Path) -> None:
     """A coordinator killed with SIGKILL leaves a loadable checkpoint (and no lock); the
     re-run completes, and its workers do not outlive it."""
     n = 30
-    proc, _ = start_coordinator(tmp_path, "--jobs", str(n), "--sleep", "0.05", "--mp", "fork")
+    proc, err = start_coordinator(tmp_path, "--jobs", str(n), "--sleep", "0.05", "--mp", "fork")
     try:
-        wait_for(lambda: len(started_ids(tmp_path)) >= 4, 20, "some jobs to start")
+        wait_for(lambda: len(started_ids(tmp_path)) >= 4, 20, "some jobs to start", (proc, err))
         time.sleep(0.3)  # let a checkpoint interval pass
         workers = psutil.Process(proc.pid).children()
         assert workers
@@ -451,7 +475,7 @@ def test_ctrl_c_ends_exec_with_keyboard_interrupt_even_when_the_run_completes(
         tmp_path, "--jobs", "2", "--sleep", "1.0", "--concurrency", "2", "--grace", "20"
     )
     try:
-        wait_for(lambda: len(started_ids(tmp_path)) == 2, 20, "both jobs to start")
+        wait_for(lambda: len(started_ids(tmp_path)) == 2, 20, "both jobs to start", (proc, err))
         proc.send_signal(signal.SIGINT)
         rc = finish(proc, 20)
     finally:
