@@ -278,18 +278,18 @@ class Coordinator(Transitions, Stopping):
         now = loop.time()
         try:
             self.load.tick(now - self.tick_due)
-            self.delays.charge(now, self.lanes.values())  # (a run held up by retry delays)
-            lanes = [lane for lane in self.lanes.values() if lane.backend is not None]
-            for lane in lanes:
-                assert lane.backend is not None
-                lane.backend.check_timeouts(now)
+            lanes = self.lanes.values()
+            self.delays.charge(now, lanes)  # (a run held up by retry delays)
+            live = [(lane, lane.backend) for lane in lanes if lane.backend is not None]
+            for _, backend in live:
+                backend.check_timeouts(now)
             # Controllers judge a state's slots as the pump leaves them: a result that
             # came back in this loop iteration has freed a slot that the pump, due
             # next, fills (with 100 ms execs the 100 ms tick locked onto that instant
             # and saw no saturated window for seconds: the limit stayed put).
             if self.pending:
                 self.pump_pending()
-            for lane in lanes:
+            for lane, _ in live:
                 lane.adapt(now)
             if self.memory is not None:
                 self.memory.sample()

@@ -130,10 +130,8 @@ class Lane:
         """The CPU budget's view of this state's demand: its queue and mean exec time.
         None while stopping, nor while its rate limit holds the queue back (a state
         waiting for its next token kept a core from the others ~85% of the time)."""
-        metrics = self.metrics
-        mean = metrics.total_seconds / metrics.processed if metrics.processed else None
         held = self.gate_task is not None and not self.gate_tokens
-        cpu.demand(0 if self.coord.held() or held else len(self.queue), mean)
+        cpu.demand(0 if self.coord.held() or held else len(self.queue), self.metrics.mean_seconds())
 
     def adapt(self, now: float) -> None:
         """Let an adaptive state's controller see its metrics and move its limit (each
@@ -173,12 +171,11 @@ class Lane:
         load's scale times as much (`jorbmp._load`). One job until the first exec has
         been timed.
         """
-        metrics, max_batch = self.metrics, backend.max_batch
-        if max_batch == 1 or not metrics.processed:
+        max_batch, mean = backend.max_batch, self.metrics.mean_seconds()
+        if max_batch == 1 or mean is None:
             return 1
         if backend.job_bytes:  # and not too many bytes
             max_batch = min(max_batch, int(backend.batch_bytes / backend.job_bytes))
-        mean = metrics.total_seconds / metrics.processed
         seconds = backend.batch_seconds
         if backend.scale_with_load:
             seconds *= self.coord.load.scale
@@ -285,12 +282,12 @@ class Lane:
         return len(self.queue)
 
     def rate_slots(self) -> int:
-        gate, metrics = self.gate, self.metrics
+        gate, mean = self.gate, self.metrics.mean_seconds()
         if gate is None:
             return 0
-        if not metrics.processed:
+        if mean is None:
             return self.limit.current  # not timed yet: keep what the limit allows
-        return math.ceil(gate.rate() * metrics.total_seconds / metrics.processed)
+        return math.ceil(gate.rate() * mean)
 
     def recycled(self) -> None:
         self.metrics.recycled += 1

@@ -148,7 +148,6 @@ class ProcessPool(Backend):
             sink,
             recycler,
             cpu,
-            concurrency,
             self.forkserver,
         )
         # Bound once: called per batch (when recycling, or in a CPU budget).
@@ -206,11 +205,12 @@ class ProcessPool(Backend):
     def set_limit(self, limit: int) -> None:
         # Workers start only up to the limit. Those above a lowered one take no more
         # work (`Slots`) and go once idle for IDLE_RETIRE_SECONDS (`Exits`), as any
-        # idle worker of an adaptive pool: not at once, so that a probe back up soon after, or a
-        # state whose workers take long to start, does not fork them all again.
+        # idle worker of an adaptive pool: not at once, so that a probe back up soon
+        # after, or a state whose workers take long to start, does not fork them all
+        # again.
         self.limit = limit
-        self.exits.set_limit(limit)
-        self.spawner.concurrency = limit
+        self.exits.adaptive = True
+        self.spawner.concurrency = limit  # (also the workers `Exits.keep` keeps)
         if self.cpu is not None:
             self.cpu.cap(limit)
 

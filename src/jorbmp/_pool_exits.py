@@ -58,7 +58,6 @@ class Exits:
         sink: Sink,
         recycler: Recycler | None,
         cpu: PoolBudget | None,
-        limit: int,
         forkserver: bool,
     ) -> None:
         self.state = state
@@ -70,23 +69,17 @@ class Exits:
         self.sink = sink
         self.recycler = recycler
         self.cpu = cpu
-        # The pool's limit (a copy: the pool's own is read per batch); set with it.
-        self.limit = limit
-        self.adaptive = False  # an adaptive state's pool: idle workers are let go
+        # An adaptive state's pool (its limit was set): idle workers are let go.
+        self.adaptive = False
         self.forkserver = forkserver
         self.closing = False
         self.closed_at = 0.0  # monotonic time of `close`
 
     def __repr__(self) -> str:
-        return f"<Exits {self.state!r} leaving={len(self.leaving)} limit={self.limit}>"
+        return f"<Exits {self.state!r} leaving={len(self.leaving)}>"
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-
-    def set_limit(self, limit: int) -> None:
-        """An adaptive state's limit moved: idle workers go from now on (`trim_idle`)."""
-        self.limit = limit
-        self.adaptive = True
 
     def retire(self, worker: Worker) -> None:
         """Let an idle worker go: its socket closes (it exits on the EOF) and its exit
@@ -160,9 +153,10 @@ class Exits:
         what it runs (it asks the budget for nothing then), and each result let a
         worker go that the next token started again (60 starts of a 0.3 s app context
         for 200 jobs at 30/s on 4 workers, 19.6/s instead of 28.3/s)."""
+        limit = self.spawner.concurrency  # (the pool's limit: `ProcessPool.set_limit`)
         if self.cpu is None:
-            return self.limit
-        return min(self.limit, max(self.cpu.share(), self.sink.rate_slots()) + 1)
+            return limit
+        return min(limit, max(self.cpu.share(), self.sink.rate_slots()) + 1)
 
     def send_failed(self, worker: Worker, exc: OSError) -> None:
         # The worker may be alive but will never get its batch: replace it, blaming

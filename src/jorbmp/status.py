@@ -128,6 +128,10 @@ class StateMetrics:
         self._p95 = 0.0
         self._p95_at = -1  # `processed` when _p95 was computed
 
+    def mean_seconds(self) -> float | None:
+        """The mean exec wall time so far (None before the first)."""
+        return self.total_seconds / self.processed if self.processed else None
+
     def record(self, seconds: list[float]) -> None:
         """Count a batch of finished execs, given their wall times."""
         self.processed += len(seconds)
@@ -199,7 +203,7 @@ class StateMetrics:
             terminal=terminal,
             processed=self.processed,
             errors=self.errors,
-            mean_seconds=self.total_seconds / self.processed if self.processed else 0.0,
+            mean_seconds=self.mean_seconds() or 0.0,
             jobs_per_second=self.rate(now),
             cpu_percent=self._cpu,
             rss_bytes=self._rss,
