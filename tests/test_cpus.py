@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers_ratelimit import Clock
 
-from jorbmp._cpus import STARVE_SECONDS, CpuBudget, available_cpus
+from jorbmp._cpus import SLICE_SECONDS, STARVE_SECONDS, CpuBudget, available_cpus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -276,18 +276,46 @@ def test_caps_are_respected() -> None:
 
 def test_minimums_are_met_when_they_fit() -> None:
     b = budget(8, ("small", None, 16, 3), ("big", None, 16, 1))
-    b.demand("small", 10, 0.001)
+    b.demand("small", 10, 0.01)
     b.demand("big", 1000, 1.0)
     assert (b.share("small"), b.share("big")) == (3, 5)
-    b.demand("small", 2, 0.001)  # a minimum beyond what it can use is not kept for it
+    b.demand("small", 2, 0.1)  # a minimum beyond what it can use is not kept for it
     assert (b.share("small"), b.share("big")) == (2, 6)
+
+
+def test_a_minimum_guarantees_a_slot_per_slice_of_work_only() -> None:
+    """A state fed a job at a time (4 ms execs, 1-5 waiting) took a core from a busy one
+    for every job or two, and each hand-off left a core idle for a round trip: its
+    minimum holds a slot only for `SLICE_SECONDS` of work waiting. Free cores, and a
+    starving state, it still gets at once."""
+    clock = Clock()
+    b = CpuBudget(2, clock=clock)
+    b.add("transform", None, 16, 1)
+    b.add("render", None, 16, 1)
+    b.demand("transform", 500, 0.010)
+    b.demand("render", 3, 0.004)  # 12 ms of work: under a slice
+    assert SLICE_SECONDS > 3 * 0.004
+    assert (b.share("transform"), b.share("render")) == (2, 0)
+    assert b.acquire("transform") and b.acquire("transform")
+    assert not b.acquire("render") and not b.yields("transform")
+    b.demand("render", 7, 0.004)  # 28 ms: a slice's worth takes its minimum
+    assert (b.share("transform"), b.share("render")) == (1, 1) and b.yields("transform")
+    b.demand("render", 2, 0.004)
+    clock.now += STARVE_SECONDS * 1.1  # waited with nothing running: served next
+    assert b.share("render") == 1 and b.yields("transform")
+    b.release("transform")
+    assert b.acquire("render")
+    b.demand("transform", 0, 0.010)  # a free core nobody else needs: taken at once
+    b.demand("render", 1, 0.004)
+    b.release("transform")
+    assert b.acquire("render")
 
 
 def test_minimums_that_do_not_fit_give_way_to_work() -> None:
     """Three states with work on two cores: shares go by work (the state with the most
     gets both), not one each, which would hold it to one core."""
     b = budget(2, ("a", None, 16, 1), ("b", None, 16, 1), ("c", None, 16, 1))
-    b.demand("a", 10, 0.002)
+    b.demand("a", 20, 0.002)  # (each with a `SLICE_SECONDS` of work at least)
     b.demand("b", 100, 0.010)
     b.demand("c", 10, 0.004)
     assert [b.share(s) for s in "abc"] == [0, 2, 0]

@@ -35,11 +35,12 @@ not at the next tick:
   adaptive states share what they leave. Without ``cpus`` (``fixed_inside=False``) a
   fixed state is outside the budget: its share is its concurrency, nothing else.
 - Minimums (1 unless set) are met when those of all the states with work fit in what is
-  left; then the rest goes by work. When they do not fit (more states with work than
-  cores), they are dropped and shares go by work alone: equal shares of one core each
-  would cap the state with the most work at one, however deep its queue. Instead no
-  state starves: one with work and nothing running for `STARVE_SECONDS` is served one
-  slot ahead of everyone, the next slot that frees.
+  left, one slot per `SLICE_SECONDS` of work waiting at most (a slot taken for less
+  costs more in hand-offs than it brings); then the rest goes by work. When they do
+  not fit (more states with work than cores), they are dropped and shares go by work
+  alone: equal shares of one core each would cap the state with the most work at one,
+  however deep its queue. Instead no state starves: one with work and nothing running
+  for `STARVE_SECONDS` is served one slot ahead of everyone, the next slot that frees.
 - Admission is work-conserving: a state at its share may take a free slot that no other
   state with work waiting needs to reach its share, so a core never idles while work
   waits (shares are rounded, and demand can be a tick old).
@@ -76,6 +77,13 @@ DEFAULT_PERIOD_US = 100_000
 MIN_MEAN_SECONDS = 1e-6
 # The mean exec time assumed for states with work when none has been timed yet.
 UNTIMED_MEAN_SECONDS = 1.0
+# The least work, in exec seconds waiting, that a state's minimum guarantees a slot
+# for while others have work too: each slot a state takes from another costs a core
+# idle for a round trip or two (the other's worker runs dry, ~0.2-0.5 ms each), so a
+# state fed a job at a time by the one before it (4 ms execs, 1-5 waiting) took a core
+# for every job or two and left 6-7% of 2 cores idle. It waits for a slice's worth of
+# work instead, or for `STARVE_SECONDS`; free cores it takes at once as before.
+SLICE_SECONDS = 0.025
 
 
 def available_cpus(proc: str | Path = "/proc", cgroup: str | Path = "/sys/fs/cgroup") -> int:
@@ -443,8 +451,9 @@ class CpuBudget:
         for e in working:
             want = min(e.ceiling, e.running + e.waiting)
             mean = untimed if e.mean is None else max(MIN_MEAN_SECONDS, e.mean)
-            lo = max(0, min(e.minimum, want) - e.share)
-            item = (e, e.waiting * mean, lo, want - e.share)
+            work = e.waiting * mean
+            lo = max(0, min(e.minimum, want, int(work / SLICE_SECONDS)) - e.share)
+            item = (e, work, lo, want - e.share)
             (adaptive if e.fixed is None else fixed).append(item)
         if fixed:  # fixed states first: adaptive ones share what they leave
             pool = _apportion(pool, fixed)
