@@ -30,7 +30,6 @@ from ._adaptive_windows import Measurement, Windows
 
 __all__ = ["FAILED", "PASSED", "SlowStart"]
 
-
 # What an update showed of the level: it passed (double the limit), or it failed
 # (queueing, or flat throughput: back to the last level that passed).
 PASSED: Literal["passed"] = "passed"
