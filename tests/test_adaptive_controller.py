@@ -15,14 +15,22 @@ latency(n) finish per second, the model's rate), execs start whenever the state 
 saturated and fewer than the limit run, a lower limit lets running ones finish, and
 an exec's time is its wall time, start to finish. A raised limit thus shows only once
 the execs it started finish, as in the engine.
+
+With a `Fifo` model, execs are simulated one by one too, served first come first served
+by ``k`` servers (a remote service, a semaphore): an exec started when all are busy
+queues, its time is its wall time including the wait, and a lower limit lets running
+and queued ones finish. Unlike processor sharing, a raised limit leaves the execs
+already in flight as fast as before: only those started at it wait.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import random
 import statistics
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +74,19 @@ def scaling(latency: float) -> Model:
     return model
 
 
+@dataclass(frozen=True)
+class Fifo:
+    """``k`` servers taking ``service`` seconds an exec, first come first served (see the
+    module doc); as a model, its steady state: k / service jobs/s at most, and the
+    queue's wait beyond k in flight."""
+
+    k: int
+    service: float
+
+    def __call__(self, c: int) -> tuple[float, float]:
+        return min(c, self.k) / self.service, self.service * max(1.0, c / self.k)
+
+
 def best(model: Model, hi: int = 256) -> float:
     return max(model(c)[0] for c in range(1, hi + 1))
 
@@ -90,6 +111,10 @@ class Sim:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.running: list[list[float]] = []  # [work left, start time] per exec
+        # Fifo: the start times of execs waiting for a server, and (end, start) of those
+        # being served (a heap: the next to finish first).
+        self.waiting: deque[float] = deque()
+        self.serving: list[tuple[float, float]] = []
         self.ctl = ConcurrencyController(self.spec, clock=lambda: self.now, initial=self.initial)
 
     def step(self, saturated: bool = True, slow: float = 1.0) -> None:
@@ -97,7 +122,9 @@ class Sim:
         dt = 0.1 * self.rng.uniform(0.8, 1.2)
         x, latency = self.model(self.ctl.limit)
         before = int(self.done)
-        if self.execs:
+        if isinstance(self.model, Fifo):
+            self._serve(self.model, dt, saturated)
+        elif self.execs:
             self._advance(dt, saturated)
         elif self.tail > 0:
             n = self._poisson(x * slow * dt)
@@ -135,6 +162,21 @@ class Sim:
                 self.exec_seconds += t - r[1]
             if t >= end - 1e-12:
                 return
+
+    def _serve(self, fifo: Fifo, dt: float, saturated: bool) -> None:
+        """``dt`` seconds of execs served first come first served, event by event."""
+        t, end, waiting, serving = self.now, self.now + dt, self.waiting, self.serving
+        while True:
+            while saturated and len(waiting) + len(serving) < self.ctl.limit:
+                waiting.append(t)
+            while waiting and len(serving) < fifo.k:
+                work = self.rng.lognormvariate(-(self.tail**2) / 2, self.tail) if self.tail else 1.0
+                heapq.heappush(serving, (t + fifo.service * work, waiting.popleft()))
+            if not serving or serving[0][0] > end:
+                return
+            t, started = heapq.heappop(serving)
+            self.done += 1
+            self.exec_seconds += t - started
 
     def _poisson(self, mean: float) -> int:
         """A Poisson count: exponential gaps between completions until ``mean`` is used."""
@@ -422,3 +464,26 @@ def test_a_slow_contended_service_is_not_overshot_into_collapse() -> None:
     assert sim.ctl.history.max <= 16, sim.ctl.history.changes
     best_fixed = max(fixed_throughput(model, c, 60.0) for c in range(4, 17))
     assert sim.throughput(0.0) >= 0.7 * best_fixed
+
+
+@pytest.mark.parametrize("seed, tail", [(1, 0.0), (2, 0.0), (3, 0.0), (1, 0.3), (3, 0.3)])
+def test_a_fifo_service_is_not_overshot_by_the_slow_start(seed: int, tail: float) -> None:
+    """A service that serves 4 at a time, 200 ms each, first come first served (an
+    ``asyncio.Semaphore(4)``; with ``tail``, lognormal service times): raising the limit
+    leaves the execs in flight as fast as before, only those started at the new level
+    queue. Judged on those, the slow start stops at 8 and ends back at 4 (before, it
+    went on to 16 and the limit stayed at 8-16 for the 20 s: 2-4x the latency and the
+    load on the service for no throughput). Careful probing then revisits 8 once, for
+    about 2 s (the slow start's windows are short, its verdict is checked), and holds
+    3-6 after that; the 20 s get 0.9 of what a fixed 4 gets."""
+    model = Fifo(4, 0.2)
+    sim = Sim(model, AdaptiveConcurrency(1, 64), seed=seed, tail=tail)
+    sim.run(20.0)
+    changes = sim.ctl.history.changes
+    assert sim.ctl.history.max <= 8, changes
+    assert all(3 <= limit <= 6 for t, limit, *_ in sim.trace if 2.5 < t < 4.0), changes
+    assert sum(r[3] for r in sim.since(2.0) if r[1] > 6) <= 3.5, changes
+    assert all(3 <= limit <= 6 for limit in sim.limits(10.0)), changes
+    fixed = Sim(model, AdaptiveConcurrency(4, 4), tail=tail)
+    fixed.run(20.0)
+    assert sim.throughput(0.0) >= 0.9 * fixed.throughput(0.0)

@@ -87,6 +87,12 @@ class Noise:
         ``z`` times `DECISIVE` times the noise of both) above the reference's."""
         return self._excess(latency, n, ref.latency, ref.execs, z)
 
+    def clear(self, latency: float, n: float, ref: Measurement, z: float) -> bool:
+        """Whether a mean exec time over ``n`` execs lies ``z`` standard deviations (of
+        it and the reference's) below the `QUEUEING` bar over the reference's."""
+        spread = z * math.sqrt(self.lat * (1 / n + 1 / ref.execs))
+        return latency / ref.latency - 1 + spread <= QUEUEING if ref.latency > 0 else False
+
     def queueing(self, m: Measurement) -> bool:
         """Whether a level's execs take clearly longer than the least seen."""
         low = self.lat_min

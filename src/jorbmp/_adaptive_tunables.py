@@ -29,6 +29,15 @@ SETTLE_LATENCIES = 1.0
 # growth, more overshoot when queueing shows late.
 START_EXECS = 4
 START_UPDATES = 2
+# A doubled level is judged on its own execs, those started at it (after the execs in
+# flight at the change, which a first-come-first-served service finishes first, at the
+# old level's pace): once as many have finished as it added slots, it passes if their
+# mean exec time lies START_CLEAR standard deviations below the `QUEUEING` bar, else
+# once all its slots' worth have, unless they queue. The added slots' execs may have
+# waited little (the old ones about to finish at the change): those started after
+# them show the queue. Higher: fewer passes on that luck, slower growth where exec
+# times are noisy; at 0 (or the added slots' worth alone), FIFO services overshoot.
+START_CLEAR = 0.5
 # A level's measurement keeps BASE_WINDOWS windows' worth of seconds at most (older
 # ones fade in proportion): more, less noise; fewer, fresher after a change.
 BASE_WINDOWS = 30

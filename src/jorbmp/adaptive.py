@@ -45,13 +45,18 @@ every comparison a statistical one, against the measured noise:
 - **Slow start.** The first climb doubles the limit after a short window at each
   level (TCP's slow start, with HyStart's exit on a rise in delay): once `START_EXECS`
   execs, and as many as the limit, have finished since the change, and one mean exec
-  time has passed, saturated throughout. It ends at the first sign of queueing: execs
-  taking clearly (`QUEUEING`, and beyond their noise, learnt from the updates) longer
-  than at the levels before, over two windows at the level (twice that clearly: at
-  any update), or throughput not growing with the limit. The limit then goes back to
-  the last level that passed, and careful probing starts there, its first probe the
-  level that failed (the windows were short: their verdict may be their noise's).
-  With 1 s execs, windows of `WINDOW_EXECS` execs at a limit of 2 take 10 s each.
+  time has passed, saturated throughout. A level is judged on its own execs, those
+  started at it: the execs in flight at the change finish first, and a first-come-
+  first-served service serves them at the old level's pace (`_adaptive_start`). It
+  passes once its added slots' worth of them are clear of queueing (`START_CLEAR`),
+  or all its slots' worth are not clearly queued. It ends at the first sign of
+  queueing: its own execs taking clearly (`QUEUEING`, and beyond their noise, learnt
+  from the updates of levels that passed) longer than at the levels before, at two
+  looks (twice that clearly: at any update), or throughput not growing with the
+  limit. The limit then goes back to the last level that passed, and careful probing
+  starts there, its first probe the level that failed (the windows were short: their
+  verdict may be their noise's). With 1 s execs, windows of `WINDOW_EXECS` execs at a
+  limit of 2 take 10 s each.
 - **Fast growth, then fine steps.** The first careful probe doubles the limit, and
   each probe that wins clearly doubles the step in the same direction (2, 4, 8, 16).
   A lost probe returns to its level and retries that side with the base step
