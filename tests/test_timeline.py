@@ -177,7 +177,10 @@ def test_a_real_run_stores_its_timeline_in_the_checkpoint(tmp_path: Any, fmt: st
     assert len(timeline.t) >= 1 and timeline.t[-1] == pytest.approx(report.wall_seconds, abs=0.002)
     new, done, _ = timeline.states
     assert sum(new.finished) == 100 and max(new.executing) > 0.5
-    assert done.jobs[-1] > 50 and done.terminal
+    # Done only grows: its interval means never fall (the last interval's mean depends on
+    # how much of the run it covers: 41 of 100 once on a loaded host).
+    assert done.terminal and done.jobs[-1] > 0
+    assert all(a <= b for a, b in zip(done.jobs, done.jobs[1:], strict=False))
     loaded = cls(path, job_type=JC).deserialize()
     assert loaded.report is not None
     assert msgspec.convert(loaded.report, RunReport) == report
