@@ -470,3 +470,43 @@ def test_workers_slow_to_start_are_not_forked_again_and_again(
     assert all(job.state == "done" for job in run.jobs.values())
     started = len(starts.read_text().split())
     assert started <= 10, started
+
+
+class Servers:
+    """A service of ``k`` servers, first come first served, ``seconds`` a call."""
+
+    def __init__(self, k: int, seconds: float) -> None:
+        self.k, self.seconds = k, seconds
+        self.sem: asyncio.Semaphore | None = None
+
+
+async def queue_for_a_server(ac: Servers, oc: Any, jc: Job) -> tuple[Job, str]:
+    if ac.sem is None:
+        ac.sem = asyncio.Semaphore(ac.k)
+    async with ac.sem:
+        await asyncio.sleep(ac.seconds)
+    return jc, "done"
+
+
+async def refuse(ac: Any, oc: Any, jc: Job) -> tuple[Job, str]:
+    await asyncio.sleep(0.02)
+    raise ConnectionRefusedError("the service sheds load")
+
+
+def test_failed_attempts_are_no_throughput() -> None:
+    """Attempts that fail (raise, time out, are rate limited) count their time, not as
+    work done: a state whose every exec fails does not climb. Counting them, a service
+    overloaded into timeouts "finished" more attempts the more it was sent (a semaphore
+    of 4 behind a 0.25 s timeout stayed at 16 with more timeouts than jobs), and this
+    one went up to its max."""
+    run = _run(400)
+    spec = AdaptiveConcurrency(1, 64)
+    states = [State("call", refuse, concurrency=spec, max_retries=0), State("done", terminal=True)]
+    processor = Processor(None, states)
+    processor.exec(run)
+    assert all(job.state == "failed" for job in run.jobs.values())
+    report = processor.last_report
+    assert report is not None
+    call = next(s for s in report.states if s.state == "call")
+    assert call.errors == 400
+    assert call.concurrency_max <= 4, (call.concurrency_min, call.concurrency_max)
