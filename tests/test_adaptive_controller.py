@@ -487,3 +487,15 @@ def test_a_fifo_service_is_not_overshot_by_the_slow_start(seed: int, tail: float
     fixed = Sim(model, AdaptiveConcurrency(4, 4), tail=tail)
     fixed.run(20.0)
     assert sim.throughput(0.0) >= 0.9 * fixed.throughput(0.0)
+
+
+def test_execs_of_no_measurable_time_divide_nothing_by_zero() -> None:
+    """Cumulative exec seconds that stay 0 (a backend whose clock cannot see its execs)
+    raised ZeroDivisionError in the slow start; the limit just climbs on throughput."""
+    now = [0.0]
+    ctl = ConcurrencyController(AdaptiveConcurrency(1, 64), clock=lambda: now[0])
+    done = 0
+    for _ in range(300):
+        now[0] += 0.1
+        done += 10 * ctl.limit
+        assert 1 <= ctl.update(done, 0.0, True) <= 64

@@ -63,7 +63,7 @@ class Noise:
 
     def learn_lat(self, m: Measurement, n: int, e: float) -> None:
         """Learn the exec-time noise from a window against the others of its level."""
-        if m.windows >= 2:
+        if m.windows >= 2 and n > 0 and m.latency > 0:  # (execs of no measurable time)
             lat_var = (e / n / m.latency - 1) ** 2 / (1 / n + 1 / m.execs)
             w = max(NOISE_WEIGHT, 1 / (m.windows + 1))
             self.lat = (1 - w) * self.lat + w * lat_var
