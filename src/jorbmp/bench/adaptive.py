@@ -396,6 +396,13 @@ def _cpu_scenario(quick: bool, rounds: int) -> list[Row]:
             ok=most <= bound + 1,
             extra=extra,
         ),
+        Row(
+            f"{title}: limits settled at (the three together)",
+            float(sum(settled)),
+            "execs at once",
+            ", ".join(f"{name} {limit}" for name, limit in zip(CPU_STATES, settled, strict=False)),
+            extra=extra,
+        ),
         _within_row(title, within, extra),
     ]
 
