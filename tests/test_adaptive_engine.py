@@ -472,22 +472,6 @@ def test_workers_slow_to_start_are_not_forked_again_and_again(
     assert started <= 10, started
 
 
-class Servers:
-    """A service of ``k`` servers, first come first served, ``seconds`` a call."""
-
-    def __init__(self, k: int, seconds: float) -> None:
-        self.k, self.seconds = k, seconds
-        self.sem: asyncio.Semaphore | None = None
-
-
-async def queue_for_a_server(ac: Servers, oc: Any, jc: Job) -> tuple[Job, str]:
-    if ac.sem is None:
-        ac.sem = asyncio.Semaphore(ac.k)
-    async with ac.sem:
-        await asyncio.sleep(ac.seconds)
-    return jc, "done"
-
-
 async def refuse(ac: Any, oc: Any, jc: Job) -> tuple[Job, str]:
     await asyncio.sleep(0.02)
     raise ConnectionRefusedError("the service sheds load")
